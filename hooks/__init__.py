@@ -1,0 +1,23 @@
+"""lensdyn.hooks: everything that touches TransformerLens hook points.
+
+Hooks read and write activations; they never compute statistics (that is ``lensdyn.analyses``).
+"""
+from lensdyn.hooks.capture import STREAMS, Capture, capture
+from lensdyn.hooks.circuits import (
+    CircuitSpectra,
+    circuit_spectra,
+    layer_ov_circuit,
+    ov_circuits,
+    value_matrix,
+)
+
+__all__ = [
+    "STREAMS",
+    "Capture",
+    "capture",
+    "CircuitSpectra",
+    "circuit_spectra",
+    "layer_ov_circuit",
+    "ov_circuits",
+    "value_matrix",
+]

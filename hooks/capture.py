@@ -1,0 +1,378 @@
+"""One forward pass per batch, caching only the hook points an analysis needs.
+
+``capture(model, prompts)`` returns a ``Capture``: the residual stream and the sublayer
+contributions of every block, stacked by layer, with the masks that say which positions are
+real tokens and which enter aggregates.
+
+Layer convention (DESIGN.md, convention 1): ``resid[l]`` for ``l < n_layers`` is the input of
+block ``l`` (``blocks.l.hook_resid_pre``); ``resid[n_layers]`` is the output of the last block
+*before* the final norm. The post-final-norm state is never a layer.
+
+Pre-norm models (Llama, GPT-2, Gemma, ...): ``resid_pre + attn_out == resid_mid`` and
+``resid_mid + mlp_out == resid_post`` exactly.
+
+Post-norm models (BERT): each block computes ``mid = LN1(pre + attn_out)`` and
+``post = LN2(mid + mlp_out)``. ``resid`` holds the states between blocks (Hugging Face's
+``hidden_states``; there is no final norm), ``resid_mid`` the state after ``LN1``,
+``attn_out``/``mlp_out`` the sublayer outputs that are added *before* each norm. The bridge's
+own ``hook_attn_out``/``hook_resid_mid`` on BERT hold other things (``LN1``'s output and a sum
+no block computes), so lensdyn reads ``ln1.hook_in``/``ln1.hook_out`` instead.
+
+``ln{1,2}_normalized`` is the norm's output before its learned gain (``ln.hook_normalized``),
+the direction each sublayer reads; ``ln{1,2}_scale`` the divisor the norm applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lensdyn.errors import (
+    NonFiniteActivationError,
+    PromptError,
+    PromptTooLongError,
+    UnsupportedArchitectureError,
+)
+from lensdyn.models import ModelInfo, model_info
+from lensdyn.prompts import PromptSet, resolve_prompts
+
+STREAMS = (
+    "resid",
+    "resid_mid",
+    "attn_out",
+    "mlp_out",
+    "ln1_normalized",
+    "ln2_normalized",
+    "ln1_scale",
+    "ln2_scale",
+)
+EXCLUDE_RULES = ("first", "bos", "special")
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Activations of one set of prompts, padded to a common length.
+
+    Shapes: ``layer = n_layers + 1`` states, ``block = n_layers`` sublayer outputs. Streams not
+    asked for are None; ``require(name)`` returns one or says how to capture it.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    token_mask: Bool[Tensor, "batch pos"]  # real tokens (False at padding)
+    mask: Bool[Tensor, "batch pos"]  # positions that enter aggregates: real and not excluded
+    str_tokens: tuple[tuple[str, ...], ...]
+    prompts: PromptSet
+    model: ModelInfo
+    exclude: tuple[str, ...]
+    truncated: tuple[int, ...]  # indices of prompts cut to the context length (truncate=True)
+    n_layers: int
+    resid: Float[Tensor, "layer batch pos d_model"] | None = None
+    resid_mid: Float[Tensor, "block batch pos d_model"] | None = None
+    attn_out: Float[Tensor, "block batch pos d_model"] | None = None
+    mlp_out: Float[Tensor, "block batch pos d_model"] | None = None
+    ln1_normalized: Float[Tensor, "block batch pos d_model"] | None = None
+    ln2_normalized: Float[Tensor, "block batch pos d_model"] | None = None
+    ln1_scale: Float[Tensor, "block batch pos"] | None = None
+    ln2_scale: Float[Tensor, "block batch pos"] | None = None
+    attention: Float[Tensor, "block batch head query key"] | None = None
+
+    def require(self, stream: str) -> Tensor:
+        """The named stream, or a clear error saying how to capture it."""
+        value = getattr(self, stream)
+        if value is None:
+            how = "attention=True" if stream == "attention" else f"streams=(..., {stream!r})"
+            raise PromptError(f"this capture holds no {stream!r}: capture again with {how}")
+        return value
+
+    @property
+    def n_prompts(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens that enter aggregates (``mask.sum()``)."""
+        return int(self.mask.sum())
+
+
+def capture(
+    model,
+    prompts,
+    *,
+    exclude: Sequence[str] = ("first",),
+    batch_size: int = 8,
+    attention: bool = False,
+    streams: Sequence[str] = STREAMS,
+    truncate: bool = False,
+    progress: bool = False,
+    store_device: str | torch.device = "cpu",
+) -> Capture:
+    """Run ``prompts`` through ``model`` once, batch by batch, and return the activations.
+
+    Args:
+        model: a TransformerBridge (from ``ld.load_model`` or your own).
+        prompts: a PromptSet, a built-in set name, a path, a string, a list of strings, or
+            pre-tokenised ids (a list of int lists or an int tensor ``[batch, pos]``).
+        exclude: positions left out of ``mask``: ``"first"`` (position 0, where BOS and
+            attention sinks carry norms up to 10^5 times the rest), ``"bos"`` (wherever the BOS
+            id appears), ``"special"`` (all tokenizer special tokens, e.g. BERT's [CLS]/[SEP]).
+            Use ``()`` to keep every position.
+        batch_size: prompts per forward pass. Prompts are batched by length (right padding,
+            with the attention mask) and written back in their original order.
+        attention: also cache attention patterns ``[block, batch, head, query, key]``.
+        streams: which of ``STREAMS`` to cache; fewer streams, less memory.
+        truncate: cut prompts longer than the model's context to its first ``n_ctx`` tokens
+            (recorded in ``Capture.truncated``); by default such a prompt is an error.
+        progress: show a progress bar over batches.
+        store_device: where captured tensors live (CPU by default, so GPU memory stays free).
+
+    Example:
+        >>> model = ld.load_model("smollm2-135m")                          # doctest: +SKIP
+        >>> cap = ld.capture(model, "diverse", streams=("resid",))       # doctest: +SKIP
+        >>> cap.resid.shape   # (31, 9, 459, 576): 30 blocks + the pre-final-norm output
+    """
+    unknown = set(streams) - set(STREAMS)
+    if unknown:
+        raise PromptError(f"unknown stream(s) {sorted(unknown)}: choose from {', '.join(STREAMS)}")
+    bad_rules = set(exclude) - set(EXCLUDE_RULES)
+    if bad_rules:
+        raise PromptError(f"unknown exclude rule(s) {sorted(bad_rules)}: choose from {', '.join(EXCLUDE_RULES)}")
+    if batch_size < 1:
+        raise PromptError(f"batch_size must be at least 1, not {batch_size}")
+
+    info = model_info(model)
+    prompt_set, token_lists = _tokenize(model, prompts)
+    token_lists, truncated = _fit_context(token_lists, prompt_set, model.cfg.n_ctx, truncate)
+
+    n_prompts, max_len = len(token_lists), max(len(t) for t in token_lists)
+    tokens = torch.zeros(n_prompts, max_len, dtype=torch.long)
+    token_mask = torch.zeros(n_prompts, max_len, dtype=torch.bool)
+    for i, ids in enumerate(token_lists):
+        tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        token_mask[i, : len(ids)] = True
+
+    buffers = _Buffers(model, streams, attention, n_prompts, max_len, store_device)
+    device = next(model.parameters()).device
+    order = sorted(range(n_prompts), key=lambda i: -len(token_lists[i]))
+    batches = [order[i : i + batch_size] for i in range(0, n_prompts, batch_size)]
+    with torch.inference_mode():
+        for rows in tqdm(batches, desc="capture", unit="batch", disable=not progress):
+            length = max(len(token_lists[i]) for i in rows)
+            row_index = torch.tensor(rows, dtype=torch.long)
+            batch_tokens = tokens[row_index, :length].to(device)
+            batch_mask = token_mask[row_index, :length]
+            buffers.run(model, batch_tokens, batch_mask, row_index)
+
+    str_tokens = _str_tokens(model, token_lists)
+    return Capture(
+        tokens=tokens,
+        token_mask=token_mask,
+        mask=token_mask & ~_excluded(model, tokens, token_mask, exclude),
+        str_tokens=str_tokens,
+        prompts=prompt_set,
+        model=info,
+        exclude=tuple(exclude),
+        truncated=tuple(truncated),
+        n_layers=model.cfg.n_layers,
+        **buffers.tensors,
+    )
+
+
+class _CaptureComplete(Exception):
+    """Raised by the last hook needed, so the pass skips the final norm and the unembedding."""
+
+
+@dataclass
+class _Buffers:
+    """Preallocated outputs and the hook functions that fill them."""
+
+    model: object
+    streams: Sequence[str]
+    attention: bool
+    n_prompts: int
+    max_len: int
+    store_device: str | torch.device
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        cfg = self.model.cfg
+        dtype = next(self.model.parameters()).dtype
+        n, shape = cfg.n_layers, (self.n_prompts, self.max_len)
+        for stream in self.streams:
+            n_states = n + 1 if stream == "resid" else n
+            trailing = () if stream.endswith("_scale") else (cfg.d_model,)
+            self.tensors[stream] = torch.zeros(n_states, *shape, *trailing, dtype=dtype, device=self.store_device)
+        if self.attention:
+            self.tensors["attention"] = torch.zeros(
+                n, self.n_prompts, cfg.n_heads, self.max_len, self.max_len, dtype=dtype, device=self.store_device
+            )
+
+    def run(self, model, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor) -> None:
+        fwd_hooks = self._hooks(batch_mask, rows)
+        last_hook = fwd_hooks[-1][0]
+        try:
+            model.run_with_hooks(
+                batch_tokens,
+                attention_mask=batch_mask.to(batch_tokens.device).long(),
+                fwd_hooks=fwd_hooks,
+            )
+        except _CaptureComplete:
+            pass
+        else:
+            raise RuntimeError(f"capture: hook {last_hook} never fired; the bridge did not run every block")
+
+    def _hooks(self, batch_mask: Tensor, rows: Tensor) -> list[tuple[str, Callable]]:
+        """(hook name, function) pairs in the order the forward pass reaches them."""
+        n = self.model.cfg.n_layers
+        post_norm = model_info(self.model).layout == "post-norm"
+        length = batch_mask.shape[1]
+        resid_pre: dict[int, Tensor] = {}
+
+        def store(stream: str, index: int, transform: Callable[[Tensor], Tensor] | None = None):
+            def hook_fn(x: Tensor, hook) -> Tensor:
+                value = x if transform is None else transform(x)
+                _check_finite(value, hook.name, batch_mask, rows)
+                if stream.endswith("_scale"):
+                    value = value.squeeze(-1)
+                if stream == "attention":
+                    target = self.tensors[stream][index, :, :, :length, :length]
+                else:
+                    target = self.tensors[stream][index, :, :length]
+                target.index_copy_(0, rows, value.to(self.store_device, target.dtype))
+                return x
+
+            return hook_fn
+
+        def remember_pre(layer: int, inner: Callable | None):
+            def hook_fn(x: Tensor, hook) -> Tensor:
+                resid_pre[layer] = x
+                return inner(x, hook) if inner is not None else x
+
+            return hook_fn
+
+        def finish(inner: Callable | None):
+            def hook_fn(x: Tensor, hook) -> Tensor:
+                if inner is not None:
+                    inner(x, hook)
+                raise _CaptureComplete
+
+            return hook_fn
+
+        wanted = set(self.tensors)
+        hooks: list[tuple[str, Callable]] = []
+        for layer in range(n):
+            block = f"blocks.{layer}"
+            pre = store("resid", layer) if "resid" in wanted else None
+            if post_norm and "attn_out" in wanted:
+                hooks.append((f"{block}.hook_resid_pre", remember_pre(layer, pre)))
+            elif pre is not None:
+                hooks.append((f"{block}.hook_resid_pre", pre))
+            if post_norm:
+                if "attn_out" in wanted:
+                    hooks.append(
+                        (f"{block}.ln1.hook_in", store("attn_out", layer, lambda x, l=layer: x - resid_pre.pop(l)))
+                    )
+                if "resid_mid" in wanted:
+                    hooks.append((f"{block}.ln1.hook_out", store("resid_mid", layer)))
+            else:
+                if "attn_out" in wanted:
+                    hooks.append((f"{block}.hook_attn_out", store("attn_out", layer)))
+                if "resid_mid" in wanted:
+                    hooks.append((f"{block}.hook_resid_mid", store("resid_mid", layer)))
+            for norm in ("ln1", "ln2"):
+                if f"{norm}_scale" in wanted:
+                    hooks.append((f"{block}.{norm}.hook_scale", store(f"{norm}_scale", layer)))
+                if f"{norm}_normalized" in wanted:
+                    hooks.append((f"{block}.{norm}.hook_normalized", store(f"{norm}_normalized", layer)))
+            if "attention" in wanted:
+                hooks.append((f"{block}.attn.hook_pattern", store("attention", layer)))
+            if "mlp_out" in wanted:
+                hooks.append((f"{block}.hook_mlp_out", store("mlp_out", layer)))
+        last = store("resid", n) if "resid" in wanted else None
+        hooks.append((f"blocks.{n - 1}.hook_resid_post", finish(last)))
+        return _check_hooks_exist(self.model, hooks)
+
+
+def _check_hooks_exist(model, hooks: list[tuple[str, Callable]]) -> list[tuple[str, Callable]]:
+    missing = [name for name, _ in hooks if name not in model.hook_dict]
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no hook point(s) {missing[:3]}: lensdyn needs "
+            "TransformerLens 4 bridge hook names (blocks.{l}.hook_resid_pre, ...)"
+        )
+    return hooks
+
+
+def _check_finite(x: Tensor, hook_name: str, batch_mask: Tensor, rows: Tensor) -> None:
+    if bool(torch.isfinite(x).all()):
+        return
+    # Only real tokens count: padding positions may legitimately hold anything.
+    bad = ~torch.isfinite(x)
+    if hook_name.endswith("hook_pattern"):  # [batch, head, query, key] -> [batch, query]
+        bad = bad.any(dim=-1).any(dim=1)
+    else:  # [batch, pos, ...] -> [batch, pos]
+        bad = bad.reshape(*bad.shape[:2], -1).any(dim=-1)
+    bad = bad.cpu() & batch_mask
+    if bool(bad.any()):
+        prompts = sorted(int(rows[i]) for i in torch.nonzero(bad.any(dim=1)).flatten())
+        raise NonFiniteActivationError(hook_name, int(bad.sum()), prompts)
+
+
+def _tokenize(model, prompts) -> tuple[PromptSet, list[list[int]]]:
+    if isinstance(prompts, Tensor) or (
+        isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, (list, tuple)) for p in prompts)
+    ):
+        token_lists = [list(map(int, p)) for p in prompts]
+        if not token_lists:
+            raise PromptError("empty prompt set: give at least one prompt")
+        if any(len(t) == 0 for t in token_lists):
+            raise PromptError("a pre-tokenised prompt is empty")
+        prompt_set = PromptSet(
+            name="token-ids",
+            texts=tuple(f"<{len(t)} token ids>" for t in token_lists),
+            labels=tuple(f"ids[{i}]" for i in range(len(token_lists))),
+        )
+        return prompt_set, token_lists
+    prompt_set = resolve_prompts(prompts)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise PromptError("this model has no tokenizer: pass token ids (a list of int lists or an int tensor)")
+    token_lists = [list(tokenizer(text)["input_ids"]) for text in prompt_set.texts]
+    for label, ids in zip(prompt_set.labels, token_lists):
+        if not ids:
+            raise PromptError(f"prompt {label!r} tokenises to nothing")
+    return prompt_set, token_lists
+
+
+def _fit_context(token_lists, prompt_set: PromptSet, n_ctx: int, truncate: bool):
+    truncated = [i for i, ids in enumerate(token_lists) if len(ids) > n_ctx]
+    if truncated and not truncate:
+        i = truncated[0]
+        raise PromptTooLongError(
+            f"prompt {prompt_set.labels[i]!r} has {len(token_lists[i])} tokens but the model's context "
+            f"is {n_ctx}; pass truncate=True (CLI: --truncate) to keep its first {n_ctx} tokens"
+        )
+    return [ids[:n_ctx] for ids in token_lists], truncated
+
+
+def _excluded(model, tokens: Tensor, token_mask: Tensor, exclude: Sequence[str]) -> Tensor:
+    excluded = torch.zeros_like(token_mask)
+    if "first" in exclude:
+        excluded[:, 0] = True
+    tokenizer = getattr(model, "tokenizer", None)
+    if "bos" in exclude and tokenizer is not None and tokenizer.bos_token_id is not None:
+        excluded |= tokens == tokenizer.bos_token_id
+    if "special" in exclude and tokenizer is not None:
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        excluded |= torch.isin(tokens, special)
+    return excluded & token_mask
+
+
+def _str_tokens(model, token_lists: list[list[int]]) -> tuple[tuple[str, ...], ...]:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return tuple(tuple(str(t) for t in ids) for ids in token_lists)
+    return tuple(tuple(tokenizer.decode([t]) for t in ids) for ids in token_lists)

@@ -1,0 +1,122 @@
+"""OV circuits and value matrices read from a bridge's attention weights.
+
+TransformerLens multiplies row vectors: a residual ``x`` is moved by head ``h`` along
+``x @ W_V[h] @ W_O[h]``. So the per-head OV circuit is the ``d_model x d_model`` matrix
+``W_V[h] @ W_O[h]`` (``W_O W_V`` in the column-vector notation of the write-ups; same
+eigenvalues), and the layer's total is the sum over heads,
+``OV = sum_h W_V[h] @ W_O[h] = V @ O`` with ``V = [W_V[0] ... W_V[H-1]]`` (``d_model x H d_head``)
+and ``O`` the heads' ``W_O`` stacked row-wise. Both are returned as ``FactoredMatrix`` so
+nothing ``d_model x d_model`` is formed until asked for.
+
+Grouped-query attention (SmolLM2: 9 query heads share 3 KV heads): query head ``h`` reads KV
+head ``h // (n_heads / n_kv_heads)``, so ``W_V`` is expanded to one copy per query head.
+
+The layer's value matrix ``value_matrix(model, l) = V`` is square when
+``n_heads * d_head == d_model`` (GPT-2, BERT, SmolLM2); its spectral radius is the metastability
+write-up's rho(V). Biases and the pre-attention norm's gain are not folded in: these are the raw
+weights, as every lensdyn measurement uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import einops
+import numpy as np
+import torch
+from jaxtyping import Complex, Float
+from torch import Tensor
+from transformer_lens.FactoredMatrix import FactoredMatrix
+
+from lensdyn.errors import UnsupportedArchitectureError
+
+
+def _value_and_output(model, layer: int) -> tuple[Float[Tensor, "head d_model d_head"], Float[Tensor, "head d_head d_model"]]:
+    attn = model.blocks[layer].attn
+    try:
+        W_V, W_O = attn.W_V, attn.W_O
+    except AttributeError as err:
+        raise UnsupportedArchitectureError(f"block {layer}'s attention exposes no W_V/W_O: {err}") from err
+    n_heads = W_O.shape[0]
+    if W_V.shape[0] != n_heads:  # grouped-query attention: one KV head serves several query heads
+        W_V = W_V.repeat_interleave(n_heads // W_V.shape[0], dim=0)
+    return W_V.detach(), W_O.detach()
+
+
+def ov_circuits(model, layer: int) -> FactoredMatrix:
+    """Per-head OV circuits ``W_V[h] @ W_O[h]`` of one layer, shape ``[head, d_model, d_model]``.
+
+    >>> ov = ov_circuits(model, 0)         # doctest: +SKIP
+    >>> ov.AB.shape                        # (9, 576, 576) on smollm2-135m
+    """
+    W_V, W_O = _value_and_output(model, layer)
+    return FactoredMatrix(W_V, W_O)
+
+
+def layer_ov_circuit(model, layer: int) -> FactoredMatrix:
+    """The layer's OV circuit summed over heads, ``sum_h W_V[h] @ W_O[h]``, shape ``[d_model, d_model]``."""
+    return _sum_over_heads(*_value_and_output(model, layer))
+
+
+def _sum_over_heads(W_V: Float[Tensor, "head d_model d_head"], W_O: Float[Tensor, "head d_head d_model"]) -> FactoredMatrix:
+    # sum_h W_V[h] @ W_O[h] is one product of the heads laid side by side.
+    return FactoredMatrix(
+        einops.rearrange(W_V, "head d_model d_head -> d_model (head d_head)"),
+        einops.rearrange(W_O, "head d_head d_model -> (head d_head) d_model"),
+    )
+
+
+def value_matrix(model, layer: int) -> Float[Tensor, "d_model d_model"]:
+    """The layer's value map ``V = [W_V[0] ... W_V[H-1]]`` (one block per query head), when square."""
+    V = layer_ov_circuit(model, layer).A
+    if V.shape[0] != V.shape[1]:
+        raise UnsupportedArchitectureError(
+            f"the value map of layer {layer} is {tuple(V.shape)}, not square (n_heads * d_head != d_model); "
+            "use the OV circuit instead"
+        )
+    return V
+
+
+@dataclass(frozen=True)
+class CircuitSpectra:
+    """Eigenvalues and spectral radii of V and OV, per layer, computed in float64.
+
+    ``ov_eigenvalues`` are the eigenvalues of ``O @ V`` (``H d_head`` of them), which are the
+    nonzero eigenvalues of the ``d_model x d_model`` OV circuit. ``v_*`` are None when V is not square.
+    """
+
+    ov_eigenvalues: Complex[np.ndarray, "layer rank"]
+    ov_radius: Float[np.ndarray, " layer"]
+    ov_head_radius: Float[np.ndarray, "layer head"]
+    v_eigenvalues: Complex[np.ndarray, "layer d_model"] | None
+    v_radius: Float[np.ndarray, " layer"] | None
+
+    @property
+    def ov_complex_fraction(self) -> Float[np.ndarray, " layer"]:
+        """Fraction of OV eigenvalues off the real axis (relative imaginary part above 1e-9)."""
+        eig = self.ov_eigenvalues
+        return (np.abs(eig.imag) > 1e-9 * np.maximum(np.abs(eig), 1e-300)).mean(axis=1)
+
+
+def circuit_spectra(model) -> CircuitSpectra:
+    """Eigenvalues of every layer's V and OV, and per-head OV spectral radii.
+
+    >>> spectra = circuit_spectra(model)   # doctest: +SKIP
+    >>> spectra.ov_radius                  # one spectral radius per layer
+    """
+    ov_eig, ov_head, v_eig = [], [], []
+    for layer in range(model.cfg.n_layers):
+        W_V, W_O = (w.to(torch.float64) for w in _value_and_output(model, layer))
+        layer_ov = _sum_over_heads(W_V, W_O)
+        ov_eig.append(torch.linalg.eigvals(layer_ov.BA).numpy())
+        head_eig = torch.linalg.eigvals(FactoredMatrix(W_V, W_O).BA)  # [head, d_head]
+        ov_head.append(head_eig.abs().amax(dim=-1).numpy())
+        V = layer_ov.A
+        v_eig.append(torch.linalg.eigvals(V).numpy() if V.shape[0] == V.shape[1] else None)
+    square = all(e is not None for e in v_eig)
+    return CircuitSpectra(
+        ov_eigenvalues=np.stack(ov_eig),
+        ov_radius=np.abs(np.stack(ov_eig)).max(axis=1),
+        ov_head_radius=np.stack(ov_head),
+        v_eigenvalues=np.stack(v_eig) if square else None,
+        v_radius=np.abs(np.stack(v_eig)).max(axis=1) if square else None,
+    )

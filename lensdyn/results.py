@@ -1,0 +1,172 @@
+"""The base every analysis result builds on.
+
+A result is a frozen dataclass of numbers (numpy arrays with documented shapes, floats,
+strings) plus ``conventions`` (how it was measured) and ``provenance`` (what it was measured
+on). It serialises to plain JSON (lists and numbers, no pickles) and loads back:
+
+>>> result.to_json("norms.json")            # doctest: +SKIP
+>>> load_result("norms.json") == result     # doctest: +SKIP
+
+Subclasses register themselves by class name, which ``to_dict`` writes as ``"kind"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+LAYER_CONVENTION = (
+    "state l (l < n_layers) is the input of block l (hook_resid_pre); state n_layers is the "
+    "last block's output before the final norm; the post-final-norm state is not a layer"
+)
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How a number was measured (DESIGN.md, measurement conventions)."""
+
+    aggregation: str
+    excluded_positions: tuple[str, ...] = ("first",)
+    layer_convention: str = LAYER_CONVENTION
+    weights: str = "raw (no fold_ln, no centering)"
+    dtype: str = "float64 statistics"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a number was measured on."""
+
+    model: str
+    weights: str
+    seed: int
+    layout: str
+    prompt_set: str
+    n_prompts: int
+    n_tokens: int
+    lensdyn_version: str
+    created: str
+
+    @classmethod
+    def from_capture(cls, capture) -> "Provenance":
+        from lensdyn import __version__
+
+        return cls(
+            model=capture.model.name,
+            weights=capture.model.weights,
+            seed=capture.model.seed,
+            layout=capture.model.layout,
+            prompt_set=capture.prompts.name,
+            n_prompts=capture.n_prompts,
+            n_tokens=capture.n_tokens,
+            lensdyn_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+
+
+_REGISTRY: dict[str, type["Result"]] = {}
+
+
+@dataclass(frozen=True)
+class Result:
+    """Base of every ``...Result``: conventions, provenance, JSON, figure, summary."""
+
+    conventions: Conventions
+    provenance: Provenance
+
+    kind: ClassVar[str] = "Result"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.kind = cls.__name__
+        _REGISTRY[cls.__name__] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: ``{"kind": ..., field: value, ...}``."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Result":
+        """Rebuild a result from ``to_dict()`` output (of this class or, from ``Result``, any registered one)."""
+        target = _REGISTRY.get(data.get("kind", ""), cls) if cls is Result else cls
+        if target is Result:
+            raise ValueError(f"unknown result kind {data.get('kind')!r}; known: {sorted(_REGISTRY)}")
+        hints = typing.get_type_hints(target)
+        values = {f.name: _rebuild(hints[f.name], data[f.name]) for f in dataclasses.fields(target)}
+        return target(**values)
+
+    def figure(self):
+        """A plotly Figure of the result."""
+        raise NotImplementedError(f"{self.kind} has no figure")
+
+    def summary(self) -> str:
+        """A short text table of the result."""
+        raise NotImplementedError(f"{self.kind} has no summary")
+
+    def __eq__(self, other: object) -> bool:
+        # Arrays make the dataclass __eq__ ambiguous; compare the plain data instead.
+        if type(other) is not type(self):
+            return NotImplemented
+        return json.dumps(self.to_dict(), sort_keys=True) == json.dumps(other.to_dict(), sort_keys=True)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def load_result(path: str | Path) -> Result:
+    """Load any result written by ``Result.to_json``."""
+    return Result.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        if np.iscomplexobj(value):
+            return {"real": value.real.tolist(), "imag": value.imag.tolist()}
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _rebuild(hint: Any, value: Any) -> Any:
+    """Undo ``_plain`` using the field's type hint."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _rebuild(options[0], value)
+    if getattr(hint, "array_type", None) is np.ndarray:  # a jaxtyping numpy annotation
+        if isinstance(value, dict) and set(value) == {"real", "imag"}:
+            return np.asarray(value["real"]) + 1j * np.asarray(value["imag"])
+        dtypes = set(getattr(hint, "dtypes", ()))
+        dtype = np.int64 if "int64" in dtypes else bool if dtypes == {"bool"} else np.float64
+        return np.asarray(value, dtype=dtype)
+    if dataclasses.is_dataclass(hint):
+        field_hints = typing.get_type_hints(hint)
+        return hint(**{f.name: _rebuild(field_hints[f.name], value[f.name]) for f in dataclasses.fields(hint)})
+    if origin is tuple:
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        return tuple(_rebuild(inner, v) for v in value)
+    return value
