@@ -24,7 +24,7 @@ the direction each sublayer reads; ``ln{1,2}_scale`` the divisor the norm applie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -57,8 +57,9 @@ EXCLUDE_RULES = ("first", "bos", "special")
 class Capture:
     """Activations of one set of prompts, padded to a common length.
 
-    Shapes: ``layer = n_layers + 1`` states, ``block = n_layers`` sublayer outputs. Streams not
-    asked for are None; ``require(name)`` returns one or says how to capture it.
+    Shapes: ``layer = n_layers + 1`` states, ``block = n_layers`` sublayer outputs. Padding
+    positions (``token_mask`` False) hold zeros. Streams not asked for are None;
+    ``require(name)`` returns one or says how to capture it.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -107,6 +108,7 @@ def capture(
     attention: bool = False,
     streams: Sequence[str] = STREAMS,
     truncate: bool = False,
+    prepend_bos: bool | None = None,
     progress: bool = False,
     store_device: str | torch.device = "cpu",
 ) -> Capture:
@@ -126,6 +128,9 @@ def capture(
         streams: which of ``STREAMS`` to cache; fewer streams, less memory.
         truncate: cut prompts longer than the model's context to its first ``n_ctx`` tokens
             (recorded in ``Capture.truncated``); by default such a prompt is an error.
+        prepend_bos: for text prompts, put the BOS token first (True), never (False), or as the checkpoint's own
+            tokenizer does (None, the default; SmolLM2: no BOS). TransformerLens turns BOS on
+            for every tokenizer it wraps; lensdyn does not follow it silently.
         progress: show a progress bar over batches.
         store_device: where captured tensors live (CPU by default, so GPU memory stays free).
 
@@ -144,7 +149,9 @@ def capture(
         raise PromptError(f"batch_size must be at least 1, not {batch_size}")
 
     info = model_info(model)
-    prompt_set, token_lists = _tokenize(model, prompts)
+    if prepend_bos is None:
+        prepend_bos = info.prepend_bos
+    prompt_set, token_lists = _tokenize(model, prompts, prepend_bos)
     token_lists, truncated = _fit_context(token_lists, prompt_set, model.cfg.n_ctx, truncate)
 
     n_prompts, max_len = len(token_lists), max(len(t) for t in token_lists)
@@ -165,6 +172,7 @@ def capture(
             batch_tokens = tokens[row_index, :length].to(device)
             batch_mask = token_mask[row_index, :length]
             buffers.run(model, batch_tokens, batch_mask, row_index)
+    buffers.zero_padding(token_mask)
 
     str_tokens = _str_tokens(model, token_lists)
     return Capture(
@@ -224,86 +232,85 @@ class _Buffers:
         else:
             raise RuntimeError(f"capture: hook {last_hook} never fired; the bridge did not run every block")
 
+    def zero_padding(self, token_mask: Bool[Tensor, "batch pos"]) -> None:
+        """Padding positions hold whatever the batch computed there; make them zeros, whatever the batching."""
+        pad = ~token_mask.to(self.store_device)
+        for stream, tensor in self.tensors.items():
+            if stream == "attention":
+                tensor.masked_fill_(pad[:, None, :, None] | pad[:, None, None, :], 0)
+            elif stream.endswith("_scale"):
+                tensor.masked_fill_(pad, 0)
+            else:
+                tensor.masked_fill_(pad[..., None], 0)
+
     def _hooks(self, batch_mask: Tensor, rows: Tensor) -> list[tuple[str, Callable]]:
-        """(hook name, function) pairs in the order the forward pass reaches them."""
-        n = self.model.cfg.n_layers
         post_norm = model_info(self.model).layout == "post-norm"
-        length = batch_mask.shape[1]
+        plan = _check_hooks_exist(self.model, _hook_plan(self.model.cfg.n_layers, post_norm, set(self.tensors)))
+        length, last_hook = batch_mask.shape[1], plan[-1][0]
         resid_pre: dict[int, Tensor] = {}
 
-        def store(stream: str, index: int, transform: Callable[[Tensor], Tensor] | None = None):
+        def write(stream: str, index: int, value: Tensor) -> None:
+            if stream.endswith("_scale"):
+                value = value.squeeze(-1)
+            if stream == "attention":
+                target = self.tensors[stream][index, :, :, :length, :length]
+            else:
+                target = self.tensors[stream][index, :, :length]
+            target.index_copy_(0, rows, value.to(self.store_device, target.dtype))
+
+        def make(name: str, stream: str | None, index: int) -> Callable:
             def hook_fn(x: Tensor, hook) -> Tensor:
-                value = x if transform is None else transform(x)
-                _check_finite(value, hook.name, batch_mask, rows)
-                if stream.endswith("_scale"):
-                    value = value.squeeze(-1)
-                if stream == "attention":
-                    target = self.tensors[stream][index, :, :, :length, :length]
-                else:
-                    target = self.tensors[stream][index, :, :length]
-                target.index_copy_(0, rows, value.to(self.store_device, target.dtype))
+                if name.endswith("hook_resid_pre"):
+                    resid_pre[index] = x
+                if stream is not None:
+                    # Post-norm attn_out is what LN1 reads minus the residual it was added to.
+                    value = x - resid_pre.pop(index) if post_norm and stream == "attn_out" else x
+                    _check_finite(value, name, batch_mask, rows)
+                    write(stream, index, value)
+                if name == last_hook:
+                    raise _CaptureComplete
                 return x
 
             return hook_fn
 
-        def remember_pre(layer: int, inner: Callable | None):
-            def hook_fn(x: Tensor, hook) -> Tensor:
-                resid_pre[layer] = x
-                return inner(x, hook) if inner is not None else x
-
-            return hook_fn
-
-        def finish(inner: Callable | None):
-            def hook_fn(x: Tensor, hook) -> Tensor:
-                if inner is not None:
-                    inner(x, hook)
-                raise _CaptureComplete
-
-            return hook_fn
-
-        wanted = set(self.tensors)
-        hooks: list[tuple[str, Callable]] = []
-        for layer in range(n):
-            block = f"blocks.{layer}"
-            pre = store("resid", layer) if "resid" in wanted else None
-            if post_norm and "attn_out" in wanted:
-                hooks.append((f"{block}.hook_resid_pre", remember_pre(layer, pre)))
-            elif pre is not None:
-                hooks.append((f"{block}.hook_resid_pre", pre))
-            if post_norm:
-                if "attn_out" in wanted:
-                    hooks.append(
-                        (f"{block}.ln1.hook_in", store("attn_out", layer, lambda x, l=layer: x - resid_pre.pop(l)))
-                    )
-                if "resid_mid" in wanted:
-                    hooks.append((f"{block}.ln1.hook_out", store("resid_mid", layer)))
-            else:
-                if "attn_out" in wanted:
-                    hooks.append((f"{block}.hook_attn_out", store("attn_out", layer)))
-                if "resid_mid" in wanted:
-                    hooks.append((f"{block}.hook_resid_mid", store("resid_mid", layer)))
-            for norm in ("ln1", "ln2"):
-                if f"{norm}_scale" in wanted:
-                    hooks.append((f"{block}.{norm}.hook_scale", store(f"{norm}_scale", layer)))
-                if f"{norm}_normalized" in wanted:
-                    hooks.append((f"{block}.{norm}.hook_normalized", store(f"{norm}_normalized", layer)))
-            if "attention" in wanted:
-                hooks.append((f"{block}.attn.hook_pattern", store("attention", layer)))
-            if "mlp_out" in wanted:
-                hooks.append((f"{block}.hook_mlp_out", store("mlp_out", layer)))
-        last = store("resid", n) if "resid" in wanted else None
-        hooks.append((f"blocks.{n - 1}.hook_resid_post", finish(last)))
-        return _check_hooks_exist(self.model, hooks)
+        return [(name, make(name, stream, index)) for name, stream, index in plan]
 
 
-def _check_hooks_exist(model, hooks: list[tuple[str, Callable]]) -> list[tuple[str, Callable]]:
-    missing = [name for name, _ in hooks if name not in model.hook_dict]
+def _hook_plan(n_layers: int, post_norm: bool, wanted: set[str]) -> list[tuple[str, str | None, int]]:
+    """(hook point, stream it fills or None, layer index), in the order the forward pass reaches them.
+
+    The last entry is always the last block's ``hook_resid_post``: the pass stops there.
+    """
+    plan: list[tuple[str, str | None, int]] = []
+    for layer in range(n_layers):
+        block = f"blocks.{layer}"
+        if "resid" in wanted or (post_norm and "attn_out" in wanted):
+            plan.append((f"{block}.hook_resid_pre", "resid" if "resid" in wanted else None, layer))
+        if post_norm:
+            sublayer = [("attn_out", f"{block}.ln1.hook_in"), ("resid_mid", f"{block}.ln1.hook_out")]
+        else:
+            sublayer = [("attn_out", f"{block}.hook_attn_out"), ("resid_mid", f"{block}.hook_resid_mid")]
+        sublayer += [
+            ("ln1_scale", f"{block}.ln1.hook_scale"),
+            ("ln1_normalized", f"{block}.ln1.hook_normalized"),
+            ("ln2_scale", f"{block}.ln2.hook_scale"),
+            ("ln2_normalized", f"{block}.ln2.hook_normalized"),
+            ("attention", f"{block}.attn.hook_pattern"),
+            ("mlp_out", f"{block}.hook_mlp_out"),
+        ]
+        plan += [(hook, stream, layer) for stream, hook in sublayer if stream in wanted]
+    plan.append((f"blocks.{n_layers - 1}.hook_resid_post", "resid" if "resid" in wanted else None, n_layers))
+    return plan
+
+
+def _check_hooks_exist(model, plan: list[tuple[str, str | None, int]]) -> list[tuple[str, str | None, int]]:
+    missing = [name for name, _, _ in plan if name not in model.hook_dict]
     if missing:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no hook point(s) {missing[:3]}: lensdyn needs "
             "TransformerLens 4 bridge hook names (blocks.{l}.hook_resid_pre, ...)"
         )
-    return hooks
+    return plan
 
 
 def _check_finite(x: Tensor, hook_name: str, batch_mask: Tensor, rows: Tensor) -> None:
@@ -321,7 +328,7 @@ def _check_finite(x: Tensor, hook_name: str, batch_mask: Tensor, rows: Tensor) -
         raise NonFiniteActivationError(hook_name, int(bad.sum()), prompts)
 
 
-def _tokenize(model, prompts) -> tuple[PromptSet, list[list[int]]]:
+def _tokenize(model, prompts, prepend_bos: bool | None) -> tuple[PromptSet, list[list[int]]]:
     if isinstance(prompts, Tensor) or (
         isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, (list, tuple)) for p in prompts)
     ):
@@ -340,11 +347,22 @@ def _tokenize(model, prompts) -> tuple[PromptSet, list[list[int]]]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise PromptError("this model has no tokenizer: pass token ids (a list of int lists or an int tensor)")
-    token_lists = [list(tokenizer(text)["input_ids"]) for text in prompt_set.texts]
+    token_lists = [_with_bos(list(tokenizer(text)["input_ids"]), tokenizer.bos_token_id, prepend_bos) for text in prompt_set.texts]
     for label, ids in zip(prompt_set.labels, token_lists):
         if not ids:
             raise PromptError(f"prompt {label!r} tokenises to nothing")
     return prompt_set, token_lists
+
+
+def _with_bos(ids: list[int], bos: int | None, prepend_bos: bool | None) -> list[int]:
+    if bos is None or prepend_bos is None:
+        return ids
+    has_bos = bool(ids) and ids[0] == bos
+    if prepend_bos and not has_bos:
+        return [bos, *ids]
+    if not prepend_bos and has_bos:
+        return ids[1:]
+    return ids
 
 
 def _fit_context(token_lists, prompt_set: PromptSet, n_ctx: int, truncate: bool):

