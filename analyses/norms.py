@@ -37,7 +37,7 @@ def layer_statistics(
     """
     if not bool(mask.any()):
         raise ValueError("no tokens left after masking: every position is padding or excluded")
-    tokens = masked_tokens(norms, mask)
+    tokens = masked_tokens(norms, mask).to(torch.float64)
     q = torch.quantile(tokens, torch.tensor(QUANTILES, dtype=tokens.dtype), dim=1)
     std = tokens.std(dim=1) if tokens.shape[1] > 1 else torch.full_like(tokens[:, 0], float("nan"))
     return {

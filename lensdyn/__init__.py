@@ -8,6 +8,7 @@
 __version__ = "0.1.0"
 
 from lensdyn.errors import (
+    ArgumentError,
     LensdynError,
     MissingModelPackageError,
     NonFiniteActivationError,
@@ -25,6 +26,7 @@ __all__ = [
     "__version__",
     "DEFAULT_MODEL",
     "STREAMS",
+    "ArgumentError",
     "Capture",
     "Conventions",
     "LensdynError",

@@ -10,6 +10,10 @@ class LensdynError(Exception):
     """Bad input or an unsupported situation; the message says what to do."""
 
 
+class ArgumentError(LensdynError, ValueError):
+    """An argument outside the values a function accepts."""
+
+
 class UnknownModelError(LensdynError, ValueError):
     """A model name that is neither embedded, a local directory, nor reachable on the hub."""
 

@@ -35,7 +35,12 @@ from typing import Literal
 
 import torch
 
-from lensdyn.errors import MissingModelPackageError, UnknownModelError, UnsupportedArchitectureError
+from lensdyn.errors import (
+    ArgumentError,
+    MissingModelPackageError,
+    UnknownModelError,
+    UnsupportedArchitectureError,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 Weights = Literal["pretrained", "random"]
@@ -162,7 +167,7 @@ def cache_dir() -> Path:
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
-    weights: Weights = "pretrained",
+    weights: str = "pretrained",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
@@ -186,7 +191,7 @@ def load_model(
         >>> control = load_model("smollm2-135m", weights="random")  # doctest: +SKIP
     """
     if weights not in ("pretrained", "random"):
-        raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}")
+        raise ArgumentError(f"weights must be 'pretrained' or 'random', not {weights!r}")
     if name_or_path in EMBEDDED_MODELS:
         hf_model, tokenizer, source = _load_embedded_hf(
             EMBEDDED_MODELS[name_or_path], weights=weights, seed=seed, dtype=dtype

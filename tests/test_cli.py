@@ -1,0 +1,64 @@
+"""The lensdyn command: exit codes, files written, a self-contained HTML page."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lensdyn import load_result
+from lensdyn.cli import main
+
+
+def test_models_lists_embedded_models(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "[default]" in out and "minilm-l6" in out
+
+
+def test_help_is_readable():
+    out = subprocess.run([sys.executable, "-m", "lensdyn.cli", "norms", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for option in ("--model", "--prompts", "--out", "--control", "--exclude", "--truncate"):
+        assert option in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["norms", "--model", "no-such-model", "--out", "x"], "unknown model 'no-such-model'"),
+        (["norms", "--prompts", "divers", "--out", "x"], "unknown prompt set 'divers'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, reason, capsys, tmp_path):
+    argv = [a if a != "x" else str(tmp_path / "out") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and reason in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_argparse_errors_exit_2():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["norms", "--weights", "trained", "--out", "x"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_norms_writes_json_and_self_contained_html(tmp_path, capsys):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "a.txt").write_text("The river rose to the fourth step of the mill.")
+    (prompts / "b.txt").write_text("Le boulanger ouvre sa boutique avant le lever du soleil.")
+    out = tmp_path / "report"
+    code = main(["norms", "--model", "minilm-l6", "--prompts", str(prompts), "--exclude", "special", "--out", str(out)])
+    assert code == 0
+    model, control = load_result(out / "norms.json"), load_result(out / "norms_control.json")
+    assert model.provenance.weights == "pretrained" and control.provenance.weights == "random"
+    assert model.prompt_labels == ("a", "b") and len(model.mean) == 7
+    assert model.conventions.excluded_positions == ("special",)
+    html = (out / "norms.html").read_text()
+    assert "Plotly.newPlot" in html and len(html) > 1_000_000  # plotly.js is inlined
+    assert not re.search(r"<script[^>]+src=", html), "no external scripts: the page must open offline"
+    assert json.loads((out / "norms.json").read_text())["kind"] == "NormsResult"
+    assert "wrote" in capsys.readouterr().out

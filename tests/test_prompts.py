@@ -1,0 +1,77 @@
+"""Built-in prompt sets and loaders."""
+import json
+
+import pytest
+
+from lensdyn.errors import PromptError
+from lensdyn.prompts import PromptSet, get_prompts, load_prompts, resolve_prompts
+
+
+def test_diverse_set_covers_the_required_kinds():
+    diverse = get_prompts("diverse")
+    for label in ("prose-short", "prose-very-long", "python", "latex", "french", "german", "list"):
+        assert label in diverse.labels
+    assert "def " in diverse.texts[diverse.labels.index("python")]
+    assert "\\begin{theorem}" in diverse.texts[diverse.labels.index("latex")]
+
+
+@pytest.mark.slow
+def test_diverse_lengths_span_20_to_450_tokens(smollm2_diverse):
+    lengths = smollm2_diverse.token_mask.sum(1)
+    assert lengths.min() <= 25 and 420 <= lengths.max() <= 512
+
+
+@pytest.mark.slow
+def test_repeated_prompts_are_one_token_repeated(smollm2):
+    import lensdyn as ld
+
+    cap = ld.capture(smollm2, "repeated", streams=("resid",))
+    for i in range(cap.n_prompts):
+        ids = cap.tokens[i][cap.token_mask[i]]
+        assert len(set(ids.tolist())) == 1 and len(ids) >= 64
+
+
+def test_unknown_set_names_the_built_in_sets():
+    with pytest.raises(PromptError, match="diverse, repeated"):
+        get_prompts("nope")
+    with pytest.raises(PromptError, match="diverse, repeated"):
+        resolve_prompts("divers", allow_literal=False)
+    assert resolve_prompts("divers").texts == ("divers",)
+
+
+def test_loaders(tmp_path):
+    (tmp_path / "one.txt").write_text("First text.", encoding="utf-8")
+    (tmp_path / "two.txt").write_text("Second text.", encoding="utf-8")
+    folder = load_prompts(tmp_path)
+    assert folder.labels == ("one", "two") and folder.texts == ("First text.", "Second text.")
+    assert load_prompts(tmp_path / "one.txt").texts == ("First text.",)
+    jsonl = tmp_path / "set.jsonl"
+    jsonl.write_text(json.dumps({"text": "a b c", "label": "abc"}) + "\n\n" + json.dumps({"text": "d e"}) + "\n")
+    loaded = resolve_prompts(str(jsonl))
+    assert loaded.texts == ("a b c", "d e") and loaded.labels == ("abc", "set[1]")
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(PromptError, match="no .txt files"):
+        load_prompts(tmp_path)
+    with pytest.raises(PromptError, match="no such prompt file"):
+        load_prompts(tmp_path / "missing.txt")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "oops"}\n')
+    with pytest.raises(PromptError, match='bad.jsonl:1: expected a JSON object with a "text" field'):
+        load_prompts(bad)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(PromptError, match="empty"):
+        load_prompts(empty)
+
+
+def test_prompt_set_validation():
+    with pytest.raises(PromptError, match="empty"):
+        PromptSet("none", (), ())
+    with pytest.raises(PromptError, match="2 texts but 1 labels"):
+        PromptSet("x", ("a", "b"), ("a",))
+    with pytest.raises(PromptError, match="empty prompt list"):
+        resolve_prompts([])
+    with pytest.raises(PromptError, match="cannot read prompts"):
+        resolve_prompts(42)

@@ -1,0 +1,65 @@
+"""Results: plain JSON out, the same result back in."""
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from jaxtyping import Complex, Float, Int
+
+from lensdyn.results import Conventions, Provenance, Result, load_result
+
+
+@dataclass(frozen=True, eq=False)
+class SpectrumResult(Result):
+    eigenvalues: Complex[np.ndarray, " n"]
+    radius: Float[np.ndarray, " layer"]
+    counts: Int[np.ndarray, " layer"]
+    labels: tuple[str, ...]
+    note: str | None = None
+
+    def summary(self) -> str:
+        return f"radius {self.radius.max():.3f}"
+
+
+def make_result(**changes):
+    values = dict(
+        conventions=Conventions(aggregation="max over layers", excluded_positions=("first", "bos")),
+        provenance=Provenance(
+            model="m", weights="random", seed=3, layout="pre-norm", prompt_set="diverse",
+            n_prompts=2, n_tokens=10, lensdyn_version="0", created="2026-01-01T00:00:00+00:00",
+        ),
+        eigenvalues=np.array([1 + 2j, 0.5 - 0.25j]),
+        radius=np.array([1.5, float("nan"), 2.0]),
+        counts=np.array([1, 2, 3]),
+        labels=("a", "b"),
+    )
+    values.update(changes)
+    return SpectrumResult(**values)
+
+
+def test_json_round_trip_gives_the_same_result(tmp_path):
+    result = make_result()
+    path = result.to_json(tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    assert data["kind"] == "SpectrumResult"
+    assert data["eigenvalues"] == {"real": [1.0, 0.5], "imag": [2.0, -0.25]}
+    assert data["conventions"]["excluded_positions"] == ["first", "bos"]
+    loaded = load_result(path)
+    assert isinstance(loaded, SpectrumResult) and loaded == result
+    assert loaded.counts.dtype == np.int64 and np.iscomplexobj(loaded.eigenvalues)
+    assert loaded.conventions.excluded_positions == ("first", "bos") and loaded.labels == ("a", "b")
+    assert np.isnan(loaded.radius[1])
+
+
+def test_results_differ_when_numbers_differ():
+    assert make_result() != make_result(radius=np.array([1.5, 1.0, 2.0]))
+
+
+def test_unknown_kind_is_an_error():
+    with pytest.raises(ValueError, match="unknown result kind"):
+        Result.from_dict({"kind": "NoSuchResult"})
+
+
+def test_base_figure_is_not_silently_empty():
+    with pytest.raises(NotImplementedError):
+        make_result().figure()
