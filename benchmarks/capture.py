@@ -1,0 +1,58 @@
+"""Capture overhead on smollm2-135m, 512 tokens: bare HF forward vs bare bridge forward vs ld.capture.
+
+    python benchmarks/capture.py [--tokens 512] [--repeats 5]
+
+Prints times (best of N) and ratios to the bare Hugging Face forward in the same run.
+Target (issue 2): ld.capture of resid + attn_out + mlp_out for all layers <= 1.25x bare HF.
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import lensdyn as ld  # noqa: E402
+from _timing import best_of  # noqa: E402
+from lensdyn.models import embedded_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    bridge = ld.load_model("smollm2-135m")
+    hf = AutoModelForCausalLM.from_pretrained(embedded_checkpoint("smollm2-135m"), attn_implementation="eager").eval()
+    text = " ".join(ld.get_prompts("diverse").texts * 3)
+    ids = bridge.tokenizer(text)["input_ids"]
+    tokens = torch.tensor([ids[: args.tokens]])
+    assert tokens.shape[1] == args.tokens, "not enough text for the requested length"
+
+    with torch.inference_mode():
+        rows = [
+            ("bare HF forward (eager attention, logits)", best_of(lambda: hf(tokens), args.repeats)),
+            ("bare bridge forward (logits)", best_of(lambda: bridge(tokens), args.repeats)),
+        ]
+    streams = {
+        "ld.capture resid + attn_out + mlp_out": ("resid", "attn_out", "mlp_out"),
+        "ld.capture resid only": ("resid",),
+        "ld.capture all streams": ld.STREAMS,
+    }
+    for label, chosen in streams.items():
+        rows.append((label, best_of(lambda: ld.capture(bridge, tokens, streams=chosen, exclude=()), args.repeats)))
+
+    base = rows[0][1]
+    print(f"smollm2-135m, {args.tokens} tokens, batch 1, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"{'path':<45} {'time (s)':>9} {'x bare HF':>10}")
+    for label, seconds in rows:
+        print(f"{label:<45} {seconds:>9.3f} {seconds / base:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
