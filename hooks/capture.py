@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lensdyn.errors import (
+    ArgumentError,
     NonFiniteActivationError,
     PromptError,
     PromptTooLongError,
@@ -86,7 +87,7 @@ class Capture:
         value = getattr(self, stream)
         if value is None:
             how = "attention=True" if stream == "attention" else f"streams=(..., {stream!r})"
-            raise PromptError(f"this capture holds no {stream!r}: capture again with {how}")
+            raise ArgumentError(f"this capture holds no {stream!r}: capture again with {how}")
         return value
 
     @property
@@ -137,16 +138,18 @@ def capture(
     Example:
         >>> model = ld.load_model("smollm2-135m")                          # doctest: +SKIP
         >>> cap = ld.capture(model, "diverse", streams=("resid",))       # doctest: +SKIP
-        >>> cap.resid.shape   # (31, 9, 459, 576): 30 blocks + the pre-final-norm output
+        >>> cap.resid.shape   # (31, 9, 456, 576): 30 blocks + the pre-final-norm output
     """
     unknown = set(streams) - set(STREAMS)
     if unknown:
-        raise PromptError(f"unknown stream(s) {sorted(unknown)}: choose from {', '.join(STREAMS)}")
+        raise ArgumentError(f"unknown stream(s) {sorted(unknown)}: choose from {', '.join(STREAMS)}")
     bad_rules = set(exclude) - set(EXCLUDE_RULES)
     if bad_rules:
-        raise PromptError(f"unknown exclude rule(s) {sorted(bad_rules)}: choose from {', '.join(EXCLUDE_RULES)}")
+        raise ArgumentError(f"unknown exclude rule(s) {sorted(bad_rules)}: choose from {', '.join(EXCLUDE_RULES)}")
     if batch_size < 1:
-        raise PromptError(f"batch_size must be at least 1, not {batch_size}")
+        raise ArgumentError(f"batch_size must be at least 1, not {batch_size}")
+    if model.training:
+        raise ArgumentError("the model is in training mode (dropout would perturb every activation): call model.eval()")
 
     info = model_info(model)
     if prepend_bos is None:

@@ -20,6 +20,7 @@ untrained control every analysis compares against.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -278,14 +279,34 @@ def _load_embedded_hf(spec: EmbeddedModel, *, weights: Weights, seed: int, dtype
     model_dir = embedded_checkpoint(spec.name)
     hf_class = getattr(transformers, spec.hf_class)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    if weights == "pretrained":
-        hf_model = hf_class.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype)
-    else:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            hf_model = hf_class.from_config(config, attn_implementation="eager", dtype=dtype)
+    with _quiet_transformers():
+        if weights == "pretrained":
+            hf_model = hf_class.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype)
+        else:
+            config = transformers.AutoConfig.from_pretrained(model_dir)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                hf_model = hf_class.from_config(config, attn_implementation="eager", dtype=dtype)
     return hf_model, tokenizer, model_dir
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence load reports and progress bars of sub-second loads of known checkpoints.
+
+    minilm-l6 has no MLM head by design (see the module docstring); its load report would only alarm.
+    """
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def _dequantised_cache(spec: EmbeddedModel, gguf_dir: Path, gguf_file: str) -> Path:

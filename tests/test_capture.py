@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lensdyn as ld
-from lensdyn.errors import NonFiniteActivationError, PromptError, PromptTooLongError
+from lensdyn.errors import ArgumentError, NonFiniteActivationError, PromptError, PromptTooLongError
 
 IDS = [[1, 5, 7, 9, 11, 13, 2, 4, 6, 8], [3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1]]
 
@@ -52,9 +52,9 @@ def test_masks_mark_padding_and_excluded_positions(tiny_model):
 def test_streams_subset_and_require(tiny_model):
     cap = ld.capture(tiny_model, IDS, streams=("resid",))
     assert cap.attn_out is None and cap.resid is not None
-    with pytest.raises(PromptError, match="attn_out"):
+    with pytest.raises(ArgumentError, match="attn_out"):
         cap.require("attn_out")
-    with pytest.raises(PromptError, match="unknown stream"):
+    with pytest.raises(ArgumentError, match="unknown stream"):
         ld.capture(tiny_model, IDS, streams=("resid", "logits"))
 
 
@@ -111,10 +111,13 @@ def test_text_prompts_need_a_tokenizer(tiny_model):
 
 
 def test_bad_options_are_errors(tiny_model):
-    with pytest.raises(PromptError, match="exclude"):
+    with pytest.raises(ArgumentError, match="exclude"):
         ld.capture(tiny_model, IDS, exclude=("last",))
-    with pytest.raises(PromptError, match="batch_size"):
+    with pytest.raises(ArgumentError, match="batch_size"):
         ld.capture(tiny_model, IDS, batch_size=0)
+    tiny_model.train()
+    with pytest.raises(ArgumentError, match="training mode"):
+        ld.capture(tiny_model, IDS)
 
 
 # --- smollm2-135m: the embedded decoder ---------------------------------------------------------
