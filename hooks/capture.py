@@ -14,9 +14,10 @@ Pre-norm models (Llama, GPT-2, Gemma, ...): ``resid_pre + attn_out == resid_mid`
 Post-norm models (BERT): each block computes ``mid = LN1(pre + attn_out)`` and
 ``post = LN2(mid + mlp_out)``. ``resid`` holds the states between blocks (Hugging Face's
 ``hidden_states``; there is no final norm), ``resid_mid`` the state after ``LN1``,
-``attn_out``/``mlp_out`` the sublayer outputs that are added *before* each norm. The bridge's
-own ``hook_attn_out``/``hook_resid_mid`` on BERT hold other things (``LN1``'s output and a sum
-no block computes), so lensdyn reads ``ln1.hook_in``/``ln1.hook_out`` instead.
+``attn_out``/``mlp_out`` the sublayer outputs that are added *before* each norm. On BERT the
+bridge's own ``hook_attn_out`` holds ``LN1``'s output and its ``hook_resid_mid`` is not the
+post-attention state, so lensdyn reads ``ln1.hook_in``/``ln1.hook_out`` instead (tested against
+the Hugging Face modules).
 
 ``ln{1,2}_normalized`` is the norm's output before its learned gain (``ln.hook_normalized``),
 the direction each sublayer reads; ``ln{1,2}_scale`` the divisor the norm applied.

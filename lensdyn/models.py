@@ -21,6 +21,7 @@ untrained control every analysis compares against.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -57,7 +58,7 @@ class ModelInfo:
     """What was loaded and how; every capture and result carries a copy."""
 
     name: str
-    weights: Weights
+    weights: str  # "pretrained", "random", or "unknown" for a bridge lensdyn did not load
     seed: int
     dtype: str
     source: str
@@ -241,14 +242,14 @@ def layout_of(model) -> Literal["pre-norm", "post-norm"]:
 
 
 def model_info(model) -> ModelInfo:
-    """The ``ModelInfo`` of a model from ``load_model``, or a best guess for any other bridge."""
+    """The ``ModelInfo`` of a model from ``load_model``; for any other bridge, what can be read off it."""
     info = getattr(model, "lensdyn_info", None)
     if info is not None:
         return info
     dtype = next(model.parameters()).dtype
     return ModelInfo(
         name=getattr(model.cfg, "model_name", None) or type(model).__name__,
-        weights="pretrained",
+        weights="unknown",
         seed=0,
         dtype=str(dtype).removeprefix("torch."),
         source="in-memory",
@@ -366,18 +367,18 @@ def _resolve_external(name_or_path: str) -> str:
         return str(Path(name_or_path).expanduser())
     if _in_hub_cache(name_or_path):
         return name_or_path
-    embedded = ", ".join(EMBEDDED_MODELS)
     if _hub_offline():
-        raise UnknownModelError(
-            f"unknown model {name_or_path!r}: not an embedded model ({embedded}), not a local "
-            "directory, and the Hugging Face hub is offline (HF_HUB_OFFLINE is set)"
-        )
-    if not _hub_reachable():
-        raise UnknownModelError(
-            f"unknown model {name_or_path!r}: not an embedded model ({embedded}), not a local "
-            "directory, and the Hugging Face hub cannot be reached"
-        )
-    return name_or_path
+        why = "the Hugging Face hub is offline (HF_HUB_OFFLINE is set)"
+    elif not _hub_reachable():
+        why = "the Hugging Face hub cannot be reached"
+    else:
+        return name_or_path
+    close = difflib.get_close_matches(name_or_path, EMBEDDED_MODELS, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model {name_or_path!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+        f"not a local directory, and {why}{hint}"
+    )
 
 
 def _hub_offline() -> bool:

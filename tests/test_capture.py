@@ -207,3 +207,35 @@ def test_minilm_post_norm_capture_matches_hugging_face(minilm, minilm_reference)
             ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
             torch.testing.assert_close(ln1(cap.resid[l] + cap.attn_out[l])[m], cap.resid_mid[l][m], atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(ln2(cap.resid_mid[l] + cap.mlp_out[l])[m], cap.resid[l + 1][m], atol=1e-4, rtol=1e-5)
+
+
+def test_capture_record_checks_its_shapes():
+    """Capture is shape-checked at construction under the test suite's jaxtyping + beartype hook."""
+    from jaxtyping import TypeCheckError
+
+    from lensdyn.hooks.capture import Capture
+    from lensdyn.models import ModelInfo
+    from lensdyn.prompts import PromptSet
+
+    with pytest.raises(TypeCheckError):
+        Capture(
+            tokens=torch.zeros(2, 5, dtype=torch.long),
+            token_mask=torch.ones(2, 5, dtype=torch.bool),
+            mask=torch.ones(2, 5, dtype=torch.bool),
+            str_tokens=(),
+            prompts=PromptSet.from_texts(["a", "b"]),
+            model=ModelInfo("m", "pretrained", 0, "float32", "none", "pre-norm"),
+            exclude=(),
+            truncated=(),
+            n_layers=1,
+            resid=torch.zeros(2, 3, 5, 8),  # 3 prompts where tokens has 2
+        )
+
+
+@pytest.mark.slow
+def test_smollm2_forward_is_intact_after_a_capture(smollm2, smollm2_reference):
+    """The capture stops the pass early from inside a hook; the bridge must be unharmed for the next call."""
+    tokens = torch.tensor([[504, 3045, 8326, 1686, 28, 260, 2378]])
+    ld.capture(smollm2, tokens, streams=("resid",))
+    with torch.inference_mode():
+        torch.testing.assert_close(smollm2(tokens), smollm2_reference(tokens).logits, atol=1e-3, rtol=1e-4)

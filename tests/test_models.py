@@ -22,6 +22,8 @@ def test_unknown_name_offline_fails_fast_naming_the_embedded_models():
     with pytest.raises(UnknownModelError, match="smollm2-135m, minilm-l6"):
         ld.load_model("no-such-org/no-such-model")
     assert time.perf_counter() - started < 2.0
+    with pytest.raises(UnknownModelError, match="did you mean 'smollm2-135m'"):
+        ld.load_model("smollm2")
 
 
 def test_unknown_name_without_offline_flag_fails_fast_when_the_hub_is_unreachable(monkeypatch):
