@@ -14,7 +14,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from lensdyn.hooks.capture import Capture, capture as run_capture
+from lensdyn.hooks.capture import Capture
+from lensdyn.hooks.capture import capture as run_capture
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 

@@ -24,8 +24,8 @@ the direction each sublayer reads; ``ln{1,2}_scale`` the divisor the norm applie
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -351,7 +351,8 @@ def _tokenize(model, prompts, prepend_bos: bool | None) -> tuple[PromptSet, list
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise PromptError("this model has no tokenizer: pass token ids (a list of int lists or an int tensor)")
-    token_lists = [_with_bos(list(tokenizer(text)["input_ids"]), tokenizer.bos_token_id, prepend_bos) for text in prompt_set.texts]
+    bos = tokenizer.bos_token_id
+    token_lists = [_with_bos(list(tokenizer(text)["input_ids"]), bos, prepend_bos) for text in prompt_set.texts]
     for label, ids in zip(prompt_set.labels, token_lists):
         if not ids:
             raise PromptError(f"prompt {label!r} tokenises to nothing")

@@ -17,10 +17,10 @@ from lensdyn.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from lensdyn.hooks.capture import STREAMS, Capture, capture
 from lensdyn.models import DEFAULT_MODEL, ModelInfo, available_models, load_model
 from lensdyn.prompts import PromptSet, get_prompts, load_prompts
 from lensdyn.results import Conventions, Provenance, Result, load_result
-from lensdyn.hooks.capture import STREAMS, Capture, capture
 
 __all__ = [
     "__version__",

@@ -3,7 +3,12 @@ import pytest
 import torch
 
 import lensdyn as ld
-from lensdyn.errors import ArgumentError, NonFiniteActivationError, PromptError, PromptTooLongError
+from lensdyn.errors import (
+    ArgumentError,
+    NonFiniteActivationError,
+    PromptError,
+    PromptTooLongError,
+)
 
 IDS = [[1, 5, 7, 9, 11, 13, 2, 4, 6, 8], [3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1]]
 
@@ -171,7 +176,8 @@ def test_smollm2_post_norm_views(smollm2, smollm2_diverse):
         torch.testing.assert_close(normalized * scale[:, None], x, atol=1e-4, rtol=1e-4)
         ms = x.double().pow(2).mean(-1)
         torch.testing.assert_close(normalized.double().pow(2).mean(-1), ms / (ms + eps), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cap.ln2_normalized[l][m] * cap.ln2_scale[l][m][:, None], cap.resid_mid[l][m], atol=1e-4, rtol=1e-4)
+        mid = cap.ln2_normalized[l][m] * cap.ln2_scale[l][m][:, None]
+        torch.testing.assert_close(mid, cap.resid_mid[l][m], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -5,7 +5,12 @@ import torch
 
 from conftest import tiny_bridge
 from lensdyn.errors import UnsupportedArchitectureError
-from lensdyn.hooks.circuits import circuit_spectra, layer_ov_circuit, ov_circuits, value_matrix
+from lensdyn.hooks.circuits import (
+    circuit_spectra,
+    layer_ov_circuit,
+    ov_circuits,
+    value_matrix,
+)
 
 
 def dense_layer_ov(model, layer):
