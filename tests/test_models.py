@@ -123,3 +123,13 @@ def test_optional_gemma3_loads_offline_with_its_bos_and_exact_identities():
     cap = ld.capture(model, ["The lighthouse keeper counted the ships."], exclude=("bos",))
     assert cap.tokens[0, 0] == model.tokenizer.bos_token_id and not cap.mask[0, 0]
     assert_pre_norm_identities(cap)
+
+
+@pytest.mark.slow
+def test_float64_models_capture_in_float64(minilm):
+    wide = ld.load_model("minilm-l6", dtype=torch.float64)
+    assert wide.lensdyn_info.dtype == "float64"
+    narrow_cap = ld.capture(minilm, "A quiet evening by the river.", streams=("resid",))
+    wide_cap = ld.capture(wide, "A quiet evening by the river.", streams=("resid",))
+    assert wide_cap.resid.dtype == torch.float64
+    torch.testing.assert_close(wide_cap.resid.float(), narrow_cap.resid, atol=1e-4, rtol=1e-4)

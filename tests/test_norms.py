@@ -104,3 +104,13 @@ def test_smollm2_norms_equal_norms_of_hugging_face_hidden_states(smollm2_diverse
     reference = np.array([torch.cat(p).mean().item() for p in pooled])
     np.testing.assert_allclose(result.mean[:-1], reference, rtol=1e-5)
     assert result.provenance.model == "smollm2-135m" and result.provenance.n_tokens == cap.n_tokens
+
+
+@pytest.mark.slow
+def test_untrained_post_norm_encoder_has_norm_sqrt_d_at_every_state():
+    """Fresh LayerNorms have gain 1 and bias 0, so every BERT state is a zero-mean, unit-variance vector:
+    ||x|| = sqrt(d_model * var / (var + eps)) ~ sqrt(384)."""
+    control = ld.load_model("minilm-l6", weights="random", seed=0)
+    result = norms.measure(control, "diverse", exclude=())
+    np.testing.assert_allclose(result.mean, np.sqrt(384), rtol=1e-4)
+    np.testing.assert_allclose(result.q05, np.sqrt(384), rtol=1e-4)
