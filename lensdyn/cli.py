@@ -130,7 +130,11 @@ def _norms(args) -> int:
             args.out / "norms.html",
             title=f"lensdyn: residual norms of {args.model}",
             subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights",
-            sections=[Section("Residual-stream norm per layer", results["model"].figure(control=results.get("control")), text)],
+            sections=[Section(
+                f"{args.model}" + (" beside its untrained control" if "control" in results else ""),
+                results["model"].figure(control=results.get("control")),
+                text,
+            )],
         )
     )
     print(results["model"].summary())

@@ -7,7 +7,10 @@ on). It serialises to plain JSON (lists and numbers, no pickles) and loads back:
 >>> result.to_json("norms.json")            # doctest: +SKIP
 >>> load_result("norms.json") == result     # doctest: +SKIP
 
-Subclasses register themselves by class name, which ``to_dict`` writes as ``"kind"``.
+Subclasses register themselves by class name, which ``to_dict`` writes as ``"kind"``. Declare
+them ``@dataclass(frozen=True, eq=False)`` (so the base's array-safe ``__eq__`` is kept) and
+annotate arrays with jaxtyping numpy types (``Float[np.ndarray, " layer"]``): the loader reads
+those hints to rebuild arrays, complex ones included.
 """
 from __future__ import annotations
 
