@@ -55,7 +55,7 @@ STREAMS = (
 EXCLUDE_RULES = ("first", "bos", "special")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Capture:
     """Activations of one set of prompts, padded to a common length.
 
@@ -90,6 +90,18 @@ class Capture:
             how = "attention=True" if stream == "attention" else f"streams=(..., {stream!r})"
             raise ArgumentError(f"this capture holds no {stream!r}: capture again with {how}")
         return value
+
+    def __repr__(self) -> str:
+        # The default dataclass repr would print every tensor; a notebook wants the shapes.
+        held = ", ".join(
+            f"{name}={tuple(value.shape)}" for name in (*STREAMS, "attention")
+            if (value := getattr(self, name)) is not None
+        )
+        return (
+            f"Capture(model={self.model.name!r} ({self.model.weights}), prompts={self.prompts.name!r} "
+            f"x{self.n_prompts}, tokens={self.n_tokens} of {int(self.token_mask.sum())}, "
+            f"exclude={self.exclude}, {held})"
+        )
 
     @property
     def n_prompts(self) -> int:

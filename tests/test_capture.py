@@ -57,6 +57,7 @@ def test_masks_mark_padding_and_excluded_positions(tiny_model):
 def test_streams_subset_and_require(tiny_model):
     cap = ld.capture(tiny_model, IDS, streams=("resid",))
     assert cap.attn_out is None and cap.resid is not None
+    assert "resid=(4, 3, 10, 32)" in repr(cap) and "attn_out" not in repr(cap)
     with pytest.raises(ArgumentError, match="attn_out"):
         cap.require("attn_out")
     with pytest.raises(ArgumentError, match="unknown stream"):
