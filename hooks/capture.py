@@ -177,7 +177,7 @@ def capture(
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         token_mask[i, : len(ids)] = True
 
-    buffers = _Buffers(model, streams, attention, n_prompts, max_len, store_device)
+    buffers = _Buffers(model, info.layout == "post-norm", streams, attention, n_prompts, max_len, store_device)
     device = next(model.parameters()).device
     order = sorted(range(n_prompts), key=lambda i: -len(token_lists[i]))
     batches = [order[i : i + batch_size] for i in range(0, n_prompts, batch_size)]
@@ -187,7 +187,7 @@ def capture(
             row_index = torch.tensor(rows, dtype=torch.long)
             batch_tokens = tokens[row_index, :length].to(device)
             batch_mask = token_mask[row_index, :length]
-            buffers.run(model, batch_tokens, batch_mask, row_index)
+            buffers.run(batch_tokens, batch_mask, row_index)
     buffers.zero_padding(token_mask)
 
     str_tokens = _str_tokens(model, token_lists)
@@ -214,15 +214,20 @@ class _Buffers:
     """Preallocated outputs and the hook functions that fill them."""
 
     model: object
+    post_norm: bool
     streams: Sequence[str]
     attention: bool
     n_prompts: int
     max_len: int
     store_device: str | torch.device
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    plan: list[tuple[str, str | None, int]] = field(default_factory=list)
 
     def __post_init__(self):
         cfg = self.model.cfg
+        wanted = set(self.streams) | ({"attention"} if self.attention else set())
+        # Checked before anything is allocated or run: a bridge without these hooks fails at once.
+        self.plan = _check_hooks_exist(self.model, _hook_plan(cfg.n_layers, self.post_norm, wanted))
         dtype = next(self.model.parameters()).dtype
         n, shape = cfg.n_layers, (self.n_prompts, self.max_len)
         for stream in self.streams:
@@ -234,11 +239,11 @@ class _Buffers:
                 n, self.n_prompts, cfg.n_heads, self.max_len, self.max_len, dtype=dtype, device=self.store_device
             )
 
-    def run(self, model, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor) -> None:
+    def run(self, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor) -> None:
         fwd_hooks = self._hooks(batch_mask, rows)
         last_hook = fwd_hooks[-1][0]
         try:
-            model.run_with_hooks(
+            self.model.run_with_hooks(
                 batch_tokens,
                 attention_mask=batch_mask.to(batch_tokens.device).long(),
                 fwd_hooks=fwd_hooks,
@@ -260,9 +265,7 @@ class _Buffers:
                 tensor.masked_fill_(pad[..., None], 0)
 
     def _hooks(self, batch_mask: Tensor, rows: Tensor) -> list[tuple[str, Callable]]:
-        post_norm = model_info(self.model).layout == "post-norm"
-        plan = _check_hooks_exist(self.model, _hook_plan(self.model.cfg.n_layers, post_norm, set(self.tensors)))
-        length, last_hook = batch_mask.shape[1], plan[-1][0]
+        post_norm, length, last_hook = self.post_norm, batch_mask.shape[1], self.plan[-1][0]
         resid_pre: dict[int, Tensor] = {}
 
         def write(stream: str, index: int, value: Tensor) -> None:
@@ -289,7 +292,7 @@ class _Buffers:
 
             return hook_fn
 
-        return [(name, make(name, stream, index)) for name, stream, index in plan]
+        return [(name, make(name, stream, index)) for name, stream, index in self.plan]
 
 
 def _hook_plan(n_layers: int, post_norm: bool, wanted: set[str]) -> list[tuple[str, str | None, int]]:

@@ -246,3 +246,13 @@ def test_smollm2_forward_is_intact_after_a_capture(smollm2, smollm2_reference):
     ld.capture(smollm2, tokens, streams=("resid",))
     with torch.inference_mode():
         torch.testing.assert_close(smollm2(tokens), smollm2_reference(tokens).logits, atol=1e-3, rtol=1e-4)
+
+
+def test_missing_hook_points_fail_before_any_forward_pass(tiny_model, monkeypatch):
+    from lensdyn.errors import UnsupportedArchitectureError
+    from lensdyn.hooks import capture as capture_module
+
+    monkeypatch.setattr(capture_module, "_hook_plan", lambda *args: [("blocks.0.hook_not_there", "resid", 0)])
+    monkeypatch.setattr(tiny_model, "run_with_hooks", lambda *a, **k: pytest.fail("a forward pass ran"))
+    with pytest.raises(UnsupportedArchitectureError, match="blocks.0.hook_not_there"):
+        ld.capture(tiny_model, IDS)
