@@ -249,8 +249,11 @@ def test_smollm2_forward_is_intact_after_a_capture(smollm2, smollm2_reference):
 
 
 def test_missing_hook_points_fail_before_any_forward_pass(tiny_model, monkeypatch):
+    import importlib
+
     from lensdyn.errors import UnsupportedArchitectureError
-    from lensdyn.hooks import capture as capture_module
+
+    capture_module = importlib.import_module("lensdyn.hooks.capture")  # the package re-exports the function
 
     monkeypatch.setattr(capture_module, "_hook_plan", lambda *args: [("blocks.0.hook_not_there", "resid", 0)])
     monkeypatch.setattr(tiny_model, "run_with_hooks", lambda *a, **k: pytest.fail("a forward pass ran"))
