@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/lensdyn norms --model smollm2-135m --prompts diverse --out reports/demo
+	HF_HUB_OFFLINE=1 $(BIN)/lensdyn report --model smollm2-135m --prompts diverse --out reports/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

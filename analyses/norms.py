@@ -20,6 +20,7 @@ from lensdyn.ops import masked_mean, masked_tokens, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 
 QUANTILES = (0.05, 0.5, 0.95)
+STREAMS = ("resid",)
 
 
 def residual_norms(resid: Float[Tensor, "layer batch pos d_model"]) -> Float[Tensor, "layer batch pos"]:
@@ -133,7 +134,7 @@ def measure(capture_or_model, prompts="diverse", **capture_kwargs) -> NormsResul
     cap: Capture = (
         capture_or_model
         if isinstance(capture_or_model, Capture)
-        else run_capture(capture_or_model, prompts, streams=("resid",), **capture_kwargs)
+        else run_capture(capture_or_model, prompts, streams=STREAMS, **capture_kwargs)
     )
     norms = residual_norms(cap.require("resid"))
     stats = layer_statistics(norms, cap.mask)

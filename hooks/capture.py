@@ -19,8 +19,10 @@ bridge's own ``hook_attn_out`` holds ``LN1``'s output and its ``hook_resid_mid``
 post-attention state, so lensdyn reads ``ln1.hook_in``/``ln1.hook_out`` instead (tested against
 the Hugging Face modules).
 
-``ln{1,2}_normalized`` is the norm's output before its learned gain (``ln.hook_normalized``),
-the direction each sublayer reads; ``ln{1,2}_scale`` the divisor the norm applied.
+``attn_in``/``mlp_in`` are what each sublayer reads: on pre-norm models the norm's output with
+its learned gain (``ln{1,2}.hook_out``), on post-norm models the residual itself (``resid_pre``,
+and ``LN1``'s output for the MLP). ``ln{1,2}_normalized`` is the norm's output before its learned
+gain (``ln.hook_normalized``); ``ln{1,2}_scale`` the divisor the norm applied.
 """
 from __future__ import annotations
 
@@ -45,7 +47,9 @@ from lensdyn.prompts import PromptSet, resolve_prompts
 STREAMS = (
     "resid",
     "resid_mid",
+    "attn_in",
     "attn_out",
+    "mlp_in",
     "mlp_out",
     "ln1_normalized",
     "ln2_normalized",
@@ -75,6 +79,8 @@ class Capture:
     n_layers: int
     resid: Float[Tensor, "layer batch pos d_model"] | None = None
     resid_mid: Float[Tensor, "block batch pos d_model"] | None = None
+    attn_in: Float[Tensor, "block batch pos d_model"] | None = None  # what attention reads (after ln1)
+    mlp_in: Float[Tensor, "block batch pos d_model"] | None = None  # what the MLP reads (after ln2)
     attn_out: Float[Tensor, "block batch pos d_model"] | None = None
     mlp_out: Float[Tensor, "block batch pos d_model"] | None = None
     ln1_normalized: Float[Tensor, "block batch pos d_model"] | None = None
@@ -306,9 +312,20 @@ def _hook_plan(n_layers: int, post_norm: bool, wanted: set[str]) -> list[tuple[s
         if "resid" in wanted or (post_norm and "attn_out" in wanted):
             plan.append((f"{block}.hook_resid_pre", "resid" if "resid" in wanted else None, layer))
         if post_norm:
-            sublayer = [("attn_out", f"{block}.ln1.hook_in"), ("resid_mid", f"{block}.ln1.hook_out")]
+            # A post-norm block reads its residual directly; one hook point may fill two streams.
+            sublayer = [
+                ("attn_in", f"{block}.hook_resid_pre"),
+                ("attn_out", f"{block}.ln1.hook_in"),
+                ("resid_mid", f"{block}.ln1.hook_out"),
+                ("mlp_in", f"{block}.ln1.hook_out"),
+            ]
         else:
-            sublayer = [("attn_out", f"{block}.hook_attn_out"), ("resid_mid", f"{block}.hook_resid_mid")]
+            sublayer = [
+                ("attn_in", f"{block}.ln1.hook_out"),
+                ("attn_out", f"{block}.hook_attn_out"),
+                ("resid_mid", f"{block}.hook_resid_mid"),
+                ("mlp_in", f"{block}.ln2.hook_out"),
+            ]
         sublayer += [
             ("ln1_scale", f"{block}.ln1.hook_scale"),
             ("ln1_normalized", f"{block}.ln1.hook_normalized"),

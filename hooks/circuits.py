@@ -18,6 +18,7 @@ weights, as every lensdyn measurement uses.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import einops
@@ -28,6 +29,7 @@ from torch import Tensor
 from transformer_lens.FactoredMatrix import FactoredMatrix
 
 from lensdyn.errors import UnsupportedArchitectureError
+from lensdyn.metric import CausalMetric, causal_metric
 
 
 def _value_and_output(model, layer: int) -> tuple[Float[Tensor, "head d_model d_head"], Float[Tensor, "head d_head d_model"]]:
@@ -120,3 +122,30 @@ def circuit_spectra(model) -> CircuitSpectra:
         v_eigenvalues=np.stack(v_eig) if square else None,
         v_radius=np.abs(np.stack(v_eig)).max(axis=1) if square else None,
     )
+
+
+def unembedding(model) -> Float[Tensor, "d_model vocab"]:
+    """The unembedding ``W_U`` (``[d_model, vocab]``), detached; tied models share it with the embedding."""
+    try:
+        W_U = model.W_U
+    except AttributeError as err:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} exposes no unembedding W_U: {err}") from err
+    return W_U.detach()
+
+
+_METRIC_CACHE: "weakref.WeakKeyDictionary[object, tuple[tuple, CausalMetric]]" = weakref.WeakKeyDictionary()
+
+
+def model_causal_metric(model, ridge: float = 1e-6) -> CausalMetric:
+    """``causal_metric(unembedding(model))``, computed once per model and ridge.
+
+    Building it costs a ``[vocab, d_model]`` float64 covariance (half a second on SmolLM2); the
+    cache is keyed on the weight tensor's storage and version, so editing ``W_U`` in place rebuilds it.
+    """
+    W_U = unembedding(model)
+    key = (W_U.data_ptr(), W_U._version, tuple(W_U.shape), ridge)
+    cached = _METRIC_CACHE.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, causal_metric(W_U, ridge=ridge))
+        _METRIC_CACHE[model] = cached
+    return cached[1]

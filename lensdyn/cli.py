@@ -1,7 +1,8 @@
 """The ``lensdyn`` command.
 
     lensdyn models                                   list embedded models and how to install them
-    lensdyn norms --model smollm2-135m --prompts diverse --out reports/norms
+    lensdyn report --model smollm2-135m --prompts diverse --out reports/demo
+    lensdyn norms | expansion | gains --model ... --prompts ... --out DIR   one analysis
 
 Exit status: 0 on success, 2 on bad input (with a one-line reason on stderr).
 """
@@ -13,10 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from lensdyn.errors import LensdynError
+from lensdyn.errors import ArgumentError, LensdynError
 
 EPILOG = """examples:
   lensdyn models
+  lensdyn report --model smollm2-135m --prompts diverse --out reports/demo
+  lensdyn expansion --model smollm2-135m --prompts diverse --fit-space linear --out reports/expansion
+  lensdyn gains --model smollm2-135m --reference resid --tokens last --out reports/gains
   lensdyn norms --model smollm2-135m --prompts diverse --out reports/norms
   lensdyn norms --model minilm-l6 --prompts my_texts/ --exclude special --control none --out reports/bert
 
@@ -52,15 +56,50 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the embedded offline models and whether each is installed")
     models.set_defaults(command="models", run=_models)
 
-    norms = sub.add_parser(
-        "norms",
-        help="per-layer residual-stream norms: JSON + self-contained HTML",
-        description="Per-layer residual-stream norms of a model (and its untrained control) on a prompt set.",
+    report = sub.add_parser(
+        "report",
+        help="every analysis from one capture per model: one JSON per analysis + report.html",
+        description="Run several analyses on a model (and its untrained control) from one forward pass per batch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_run_options(norms)
-    norms.set_defaults(command="norms", run=_norms)
+    _add_run_options(report)
+    report.add_argument(
+        "--analyses", default=",".join(ANALYSES), help=f"comma-separated subset of {', '.join(ANALYSES)}",
+    )
+    report.set_defaults(command="report", run=_report)
+
+    for name, help_text in ANALYSES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_run_options(p)
+        p.set_defaults(command=name, run=_report, analyses=name)
+    _add_expansion_options(sub.choices["expansion"])
+    _add_expansion_options(report)
+    _add_gains_options(sub.choices["gains"])
+    _add_gains_options(report)
     return parser
+
+
+ANALYSES = {
+    "norms": "per-layer residual-stream norms",
+    "expansion": "scale factor a(l), Hubble rate, comoving CV with its null, causal metric, post-LN norms, covariance shape",
+    "gains": "attention / MLP / residual gain per block, with MLP phases",
+}
+
+
+def _add_expansion_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("expansion")
+    g.add_argument("--aggregation", choices=("ratio_of_means", "mean_of_ratios"), default="ratio_of_means",
+                   help="how a(l) (and gains) aggregate over tokens")
+    g.add_argument("--fit-space", choices=("log", "linear"), default="log", help="space of the exponential fits")
+    g.add_argument("--permutations", type=int, default=100, help="draws of the comoving-CV permutation null")
+
+
+def _add_gains_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("gains")
+    g.add_argument("--reference", choices=("ln_output", "resid"), default="ln_output", help="what a sublayer's output is compared to")
+    g.add_argument("--tokens", choices=("all", "last"), default="all", help="all included tokens or each prompt's last")
+    if not any(a.dest == "aggregation" for a in p._actions):
+        g.add_argument("--aggregation", choices=("ratio_of_means", "mean_of_ratios"), default="ratio_of_means")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -96,51 +135,85 @@ def _models(args) -> int:
     return 0
 
 
-def _norms(args) -> int:
+def _report(args) -> int:
     import torch
 
-    from lensdyn.analyses import norms
     from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
     from lensdyn.prompts import resolve_prompts
-    from lensdyn.report import Section, write_html
+    from lensdyn.report import write_html
 
+    chosen = [a.strip() for a in args.analyses.split(",") if a.strip()]
+    unknown = sorted(set(chosen) - set(ANALYSES))
+    if unknown or not chosen:
+        raise ArgumentError(f"unknown analysis {unknown or chosen}: choose from {', '.join(ANALYSES)}")
     torch.set_num_threads(os.cpu_count() or 1)
     prompts = resolve_prompts(args.prompts, allow_literal=False)
-    runs = [("model", args.weights)] + ([("control", "random")] if args.control == "random" and args.weights != "random" else [])
-    results = {}
+    streams = sorted({s for name in chosen for s in _analysis(name).STREAMS})
+    runs = [("control", "random")] if args.control == "random" and args.weights != "random" else []
+    runs.append(("model", args.weights))
+    results: dict[str, dict[str, object]] = {}
     for role, weights in runs:
         started = time.perf_counter()
         model = load_model(args.model, weights=weights, seed=args.seed, device=args.device)
         cap = capture(
             model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size,
-            streams=("resid",), truncate=args.truncate, progress=True,
+            streams=streams, truncate=args.truncate, progress=True,
         )
-        results[role] = norms.measure(cap)
+        for name in chosen:
+            control = results.get(name, {}).get("control")
+            results.setdefault(name, {})[role] = _analysis(name).measure(cap, **_options(name, model, control, args))
         print(f"{role}: {args.model} ({weights}) measured in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         del model, cap
 
     args.out.mkdir(parents=True, exist_ok=True)
-    written = [results["model"].to_json(args.out / "norms.json")]
-    if "control" in results:
-        written.append(results["control"].to_json(args.out / "norms_control.json"))
-    text = "\n\n".join(r.summary() for r in results.values())
-    written.append(
-        write_html(
-            args.out / "norms.html",
-            title=f"lensdyn: residual norms of {args.model}",
-            subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights",
-            sections=[Section(
-                f"{args.model}" + (" beside its untrained control" if "control" in results else ""),
-                results["model"].figure(control=results.get("control")),
-                text,
-            )],
-        )
-    )
-    print(results["model"].summary())
+    written, sections = [], []
+    for name in chosen:
+        result = results[name]["model"]
+        written.append(result.to_json(args.out / f"{name}.json"))
+        if name == "norms" and "control" in results[name]:
+            written.append(results[name]["control"].to_json(args.out / "norms_control.json"))
+        sections.append(_section(name, results[name]))
+        print(result.summary(), end="\n\n")
+    page = "report.html" if len(chosen) > 1 else f"{chosen[0]}.html"
+    written.append(write_html(
+        args.out / page,
+        title=f"lensdyn: {', '.join(chosen)} of {args.model}",
+        subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights"
+        + (", untrained control in grey" if args.control == "random" else ""),
+        sections=sections,
+    ))
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _section(name: str, by_role: dict):
+    from lensdyn.report import Section
+
+    model = by_role["model"]
+    if name == "norms":
+        control = by_role.get("control")
+        text = "\n\n".join(r.summary() for r in (model, control) if r is not None)
+        return Section(f"Residual norms of {model.provenance.model}", model.figure(control=control), text)
+    heading = {"expansion": "Expansion", "gains": "Sublayer gains"}[name]
+    return Section(f"{heading} of {model.provenance.model}", model.figure(), model.summary())
+
+
+def _analysis(name: str):
+    import importlib
+
+    return importlib.import_module(f"lensdyn.analyses.{name}")
+
+
+def _options(name: str, model, control, args) -> dict:
+    """Keyword arguments of ``<analysis>.measure(capture, ...)`` from the command line."""
+    if name == "expansion":
+        return dict(model=model, control=control, aggregation=args.aggregation, fit_space=args.fit_space,
+                    n_permutations=args.permutations, seed=args.seed)
+    if name == "gains":
+        return dict(control=control, reference=args.reference, aggregation=args.aggregation, tokens=args.tokens)
+    return {}
 
 
 if __name__ == "__main__":

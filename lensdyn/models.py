@@ -66,6 +66,12 @@ class ModelInfo:
     # The checkpoint tokenizer's own BOS behaviour. TransformerLens switches BOS on for every
     # tokenizer it wraps; lensdyn keeps the checkpoint's choice unless a capture asks otherwise.
     prepend_bos: bool | None = None
+    n_params: int | None = None  # every distinct parameter tensor, embeddings included (tied ones once)
+
+
+def count_parameters(model) -> int:
+    """Number of parameters, each tied tensor counted once (SmolLM2: 134,515,008)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,7 @@ def load_model(
         source=str(source),
         layout=layout_of(bridge),
         prepend_bos=prepend_bos,
+        n_params=count_parameters(bridge),
     )
     return bridge
 
@@ -254,6 +261,7 @@ def model_info(model) -> ModelInfo:
         dtype=str(dtype).removeprefix("torch."),
         source="in-memory",
         layout=layout_of(model),
+        n_params=count_parameters(model),
     )
 
 
@@ -439,3 +447,17 @@ def _boot_external(source: str, *, weights: Weights, seed: int, dtype, device):
         bridge.to(dtype=dtype, **({"device": device} if device is not None else {}))
     return bridge
 
+
+
+def random_control(model):
+    """The untrained control of a model from ``load_model``: same architecture, random weights.
+
+    Uses the model's own seed, dtype and device, so the control is reproducible.
+    """
+    info = model_info(model)
+    if info.weights == "unknown":
+        raise ArgumentError(
+            "a random control needs a model from ld.load_model (to rebuild it with random weights); pass control=None"
+        )
+    device = next(model.parameters()).device
+    return load_model(info.name, weights="random", seed=info.seed, dtype=getattr(torch, info.dtype), device=device)

@@ -20,8 +20,10 @@ def token_norms(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead"]:
     return torch.linalg.vector_norm(x.to(torch.float64), dim=-1)
 
 
-def masked_tokens(values: Float[Tensor, "layer batch pos"], mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, "layer token"]:
-    """Per layer, the values at positions where ``mask`` is True, flattened in (batch, pos) order.
+def masked_tokens(
+    values: Float[Tensor, "layer batch pos *rest"], mask: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, "layer token *rest"]:
+    """Per layer, the values (scalars or vectors) where ``mask`` is True, flattened in (batch, pos) order.
 
     >>> v = torch.arange(8.).reshape(2, 2, 2)                 # 2 layers, 2 prompts, 2 positions
     >>> masked_tokens(v, torch.tensor([[False, True], [True, True]]))
@@ -39,3 +41,40 @@ def masked_mean(values: Float[Tensor, "layer batch pos"], mask: Bool[Tensor, "ba
     """
     weights = mask.to(torch.float64)
     return (values.to(torch.float64) * weights).sum(-1) / weights.sum(-1)
+
+
+def aggregate_ratio(
+    numerator: Float[Tensor, "layer token"],
+    denominator: Float[Tensor, "layer token"],
+    aggregation: str = "ratio_of_means",
+) -> Float[Tensor, " layer"]:
+    """How much larger ``numerator`` is than ``denominator`` per layer, over tokens.
+
+    ``"ratio_of_means"``: ``sum_t n_lt / sum_t d_lt`` (large tokens weigh more).
+    ``"mean_of_ratios"``: ``mean_t (n_lt / d_lt)`` (every token weighs the same).
+
+    >>> n, d = torch.tensor([[2., 9.]]), torch.tensor([[1., 3.]])
+    >>> aggregate_ratio(n, d), aggregate_ratio(n, d, "mean_of_ratios")
+    (tensor([2.7500], dtype=torch.float64), tensor([2.5000], dtype=torch.float64))
+    """
+    num, den = numerator.to(torch.float64), denominator.to(torch.float64)
+    if num.shape[-1] == 0:
+        raise ValueError("no tokens left after masking: every position is padding or excluded")
+    if aggregation == "ratio_of_means":
+        return num.mean(dim=-1) / den.mean(dim=-1)
+    if aggregation == "mean_of_ratios":
+        return (num / den).mean(dim=-1)
+    raise ValueError(f"aggregation must be 'ratio_of_means' or 'mean_of_ratios', not {aggregation!r}")
+
+
+def last_token_mask(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """True only at each prompt's last real token (right padding).
+
+    >>> last_token_mask(torch.tensor([[True, True, False], [True, True, True]]))
+    tensor([[False,  True, False],
+            [False, False,  True]])
+    """
+    last = token_mask.sum(dim=1) - 1
+    out = torch.zeros_like(token_mask)
+    out[torch.arange(token_mask.shape[0]), last.clamp(min=0)] = True
+    return out & token_mask

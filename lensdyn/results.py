@@ -55,6 +55,7 @@ class Provenance:
     n_tokens: int
     lensdyn_version: str
     created: str
+    n_params: int | None = None
 
     @classmethod
     def from_capture(cls, capture) -> "Provenance":
@@ -70,6 +71,7 @@ class Provenance:
             n_tokens=capture.n_tokens,
             lensdyn_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            n_params=capture.model.n_params,
         )
 
 

@@ -1,0 +1,556 @@
+"""Residual-stream expansion: the FLRW-style write-up's claims, each with the test it never ran.
+
+The write-up (Qwen3-4B, 512 tokens of one text) reads the growth of token norms through the
+layers as a cosmological scale factor. lensdyn measures every quantity it names, on any model,
+under the layer convention of ``lensdyn.hooks.capture`` (state ``n_layers`` is the last block's
+output *before* the final norm, so the write-up's "final contraction" is not a layer here).
+
+Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the capture's mask):
+
+- norms: Euclidean ``||h||_2`` and causal ``||h||_M`` (``lensdyn.metric``).
+- scale factor ``a(l) = mean_t n_lt / mean_t n_0t`` (ratio of means; ``"mean_of_ratios"``
+  averages ``n_lt / n_0t`` instead), so ``a(0) = 1``.
+- Hubble rate ``H(l) = log a(l+1) - log a(l)``: the growth rate across block ``l`` (exact for
+  ``a = exp(H0 l)``; one value per block).
+- ``h0``: the rate of ``a(l) = exp(c + H0 l)`` fitted over all states, with its standard error
+  and ``r2``, in log space (OLS on ``log a``) or linear space (least squares on ``a``).
+- per-token ``H``: the same fit to each token's own ``n_lt``; its mean, std, CV, and Spearman
+  correlation with position.
+- comoving coordinates: ``n_lt / a(l)``. ``physical_cv`` is the mean over tokens of the
+  coefficient of variation (std / mean over states) of ``n_lt``; ``comoving_cv`` the same of
+  ``n_lt / a(l)``; ``cv_reduction = 1 - comoving_cv / physical_cv``. Dividing by the layer mean
+  removes most of the variation of *any* set of growing numbers, so ``cv_reduction_null`` repeats
+  the computation after permuting tokens independently within each state (token identity across
+  layers destroyed, every layer's distribution kept). Only a reduction beyond the null says
+  tokens keep their comoving norm.
+- ``post_ln_norms``: mean norm of what attention reads (``attn_in``: the pre-attention norm's
+  output with its gain), per block: the write-up's "LayerNorm artifact" test.
+- metric shape: per-state covariance ``C_l`` of the residual (centred, float64); overlap of top-k
+  eigenvector subspaces ``||U_i^T U_j||_F^2 / k``; eigenvalue growth ``lambda_k(l) / lambda_k(0)``
+  against ``a(l)^2``; variance growth along the fixed layer-0 eigendirections against ``a(l)^2``
+  (all ones if expansion is isotropic); participation ratio ``(sum lambda)^2 / sum lambda^2``
+  (``d_model`` for a Euclidean-isotropic cloud) and condition number of ``C_0``.
+- growth per sublayer: ``||h + d||^2 - ||h||^2 = 2 h.d + ||d||^2`` for the residual ``h`` a
+  sublayer output ``d`` is added to; ``attn_share`` is attention's part of the summed growth.
+- redshift ``z(l1 -> l2) = a(l2) / a(l1) - 1``.
+
+>>> model = ld.load_model("smollm2-135m")                 # doctest: +SKIP
+>>> result = expansion.measure(model, "diverse")          # with the untrained control
+>>> print(result.summary())
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from scipy import stats
+from torch import Tensor
+
+from lensdyn.errors import ArgumentError
+from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit
+from lensdyn.hooks.capture import Capture
+from lensdyn.hooks.capture import capture as run_capture
+from lensdyn.hooks.circuits import model_causal_metric
+from lensdyn.metric import CausalMetric, metric_norms
+from lensdyn.ops import aggregate_ratio, masked_tokens, token_norms
+from lensdyn.results import Conventions, Provenance, Result
+
+STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_out")
+
+
+# --- pure functions of tensors -------------------------------------------------------------
+
+
+def scale_factor(norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means") -> Float[np.ndarray, " state"]:
+    """``a(l)``: how much larger norms are at state ``l`` than at state 0.
+
+    >>> scale_factor(torch.tensor([[1., 3.], [2., 6.], [4., 12.]]))
+    array([1., 2., 4.])
+    """
+    return aggregate_ratio(norms, norms[:1].expand_as(norms), aggregation).numpy()
+
+
+def hubble(a: Float[np.ndarray, " state"]) -> Float[np.ndarray, " block"]:
+    """``H(l) = log a(l+1) - log a(l)``, the growth rate across block ``l``.
+
+    >>> hubble(np.exp(0.5 * np.arange(4))).round(12)
+    array([0.5, 0.5, 0.5])
+    """
+    return np.diff(np.log(a))
+
+
+def fit_h0(a: Float[np.ndarray, " state"], space: FitSpace = "log") -> ExponentialFit:
+    """Fit ``a(l) = exp(c + H0 l)`` over every state (one series).
+
+    >>> round(float(fit_h0(np.exp(0.1 * np.arange(10))).rate[0]), 9)
+    0.1
+    """
+    return exponential_fit(np.arange(len(a), dtype=np.float64), a[None, :], space)
+
+
+def per_token_h(norms: Float[Tensor, "state token"], space: FitSpace = "log") -> Float[np.ndarray, " token"]:
+    """Each token's own rate: the fit of ``n_lt = exp(c_t + H_t l)`` over states.
+
+    >>> per_token_h(torch.exp(torch.outer(torch.arange(5.), torch.tensor([0.1, 0.3])))).round(6)
+    array([0.1, 0.3])
+    """
+    values = norms.to(torch.float64).numpy()
+    return exponential_fit(np.arange(values.shape[0], dtype=np.float64), values.T, space).rate
+
+
+def trajectory_cv(values: Float[Tensor, "state token"]) -> float:
+    """Mean over tokens of ``std_l / mean_l`` of each token's trajectory (population std).
+
+    >>> trajectory_cv(torch.tensor([[1., 5.], [3., 5.]]))      # token 0: CV 0.5; token 1: 0
+    0.25
+    """
+    v = values.to(torch.float64)
+    return float((v.std(dim=0, correction=0) / v.mean(dim=0)).mean())
+
+
+def comoving_cv(norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means") -> tuple[float, float, float]:
+    """``(physical_cv, comoving_cv, cv_reduction)`` with ``a(l)`` taken from the same norms.
+
+    >>> comoving_cv(torch.tensor([[1., 2.], [10., 20.]]))      # pure expansion: comoving CV 0
+    (0.8181818181818182, 0.0, 1.0)
+    """
+    a = torch.from_numpy(scale_factor(norms, aggregation))
+    physical = trajectory_cv(norms)
+    comoving = trajectory_cv(norms.to(torch.float64) / a[:, None])
+    return physical, comoving, 1.0 - comoving / physical
+
+
+def cv_reduction_null(
+    norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means", n_permutations: int = 100, seed: int = 0
+) -> Float[np.ndarray, " permutation"]:
+    """``cv_reduction`` after permuting tokens independently within each state, ``n_permutations`` times.
+
+    Each state keeps its distribution of norms (so ``a(l)`` is unchanged under ratio of means);
+    only the identity of a token across states is lost.
+    """
+    rng = np.random.default_rng(seed)
+    values = norms.to(torch.float64).numpy()
+    out = np.empty(n_permutations)
+    for i in range(n_permutations):
+        out[i] = comoving_cv(torch.from_numpy(rng.permuted(values, axis=1)), aggregation)[2]
+    return out
+
+
+def growth_terms(
+    h: Float[Tensor, "*lead d_model"], d: Float[Tensor, "*lead d_model"]
+) -> tuple[Float[Tensor, "*lead"], Float[Tensor, "*lead"]]:
+    """``(2 h.d, ||d||^2)``: the two terms of ``||h + d||^2 - ||h||^2``, in float64.
+
+    >>> growth_terms(torch.tensor([3., 0.]), torch.tensor([1., 1.]))
+    (tensor(6., dtype=torch.float64), tensor(2., dtype=torch.float64))
+    """
+    # Dot products in the activations' dtype (one pass, no float64 copies); float64 from here on.
+    cross = 2.0 * torch.linalg.vecdot(h, d).to(torch.float64)
+    return cross, torch.linalg.vecdot(d, d).to(torch.float64)
+
+
+def redshift(a: Float[np.ndarray, " state"], l1: int, l2: int) -> float:
+    """``z(l1 -> l2) = a(l2) / a(l1) - 1``: how much a vector written at ``l1`` is outgrown by ``l2``.
+
+    >>> redshift(np.array([1.0, 2.0, 8.0]), 1, 2)
+    3.0
+    """
+    return float(a[l2] / a[l1] - 1.0)
+
+
+def redshift_table(a: Float[np.ndarray, " state"]) -> Float[np.ndarray, "state state"]:
+    """``z[l1, l2]`` for every pair of states.
+
+    >>> redshift_table(np.array([1.0, 2.0]))
+    array([[ 0. ,  1. ],
+           [-0.5,  0. ]])
+    """
+    return a[None, :] / a[:, None] - 1.0
+
+
+@dataclass(frozen=True)
+class CovarianceShape:
+    """Shape of the residual covariance across states (see the module docstring).
+
+    ``rank`` counts eigenvalues above ``RANK_TOLERANCE * lambda_max``; the condition number and
+    the layer-0 directions use only those (embeddings of a few hundred distinct tokens span fewer
+    than ``d_model`` directions, and a zero-variance direction has no growth ratio).
+    """
+
+    top_eigenvalues: Float[np.ndarray, "state k"]
+    subspace_overlap: Float[np.ndarray, "state state"]
+    eigenvalue_growth: Float[np.ndarray, "state k"]  # lambda_k(l) / lambda_k(0)
+    directional_growth: Float[np.ndarray, "state quantile"]  # 5/50/95% of u^T C_l u / u^T C_0 u, layer-0 directions
+    participation_ratio: Float[np.ndarray, " state"]
+    condition_number: Float[np.ndarray, " state"]  # lambda_max / smallest eigenvalue within the rank
+    rank: Int[np.ndarray, " state"]
+
+
+RANK_TOLERANCE = 1e-9
+
+
+def covariance_shape(vectors: Float[Tensor, "state token d_model"], k: int = 10) -> CovarianceShape:
+    """Eigen-structure of each state's token covariance, compared across states (float64).
+
+    An isotropically scaled cloud ``x_l = c_l x_0`` has overlap 1 everywhere and eigenvalue and
+    directional growth exactly ``c_l^2`` (tested).
+    """
+    n_states, n_tokens, d = vectors.shape
+    if n_tokens < 2:
+        raise ValueError("a covariance needs at least 2 tokens")
+    k = min(k, d)
+    eigenvalues, tops, directional, ranks, conditions = [], [], [], [], []
+    u0 = var0 = None
+    for l in range(n_states):
+        x = vectors[l].to(torch.float64)
+        x = x - x.mean(dim=0)
+        cov = x.T @ x / (n_tokens - 1)
+        s, U = torch.linalg.eigh(cov)
+        s, U = s.flip(0).clamp(min=0.0), U.flip(1)
+        rank = int((s > RANK_TOLERANCE * s[0]).sum())
+        if u0 is None:
+            u0, var0 = U[:, :rank], s[:rank]
+        directional.append(((u0 * (cov @ u0)).sum(dim=0) / var0).numpy())
+        eigenvalues.append(s.numpy())
+        tops.append(U[:, :k])
+        ranks.append(rank)
+        conditions.append(float(s[0] / s[rank - 1]) if rank else float("nan"))
+    lam = np.stack(eigenvalues)
+    top = torch.stack(tops)  # [state, d, k]
+    overlap = (torch.einsum("idk,jdm->ijkm", top, top) ** 2).sum(dim=(-1, -2)).numpy() / k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        growth = lam[:, :k] / lam[:1, :k]
+        participation = lam.sum(1) ** 2 / (lam**2).sum(1)
+    return CovarianceShape(
+        top_eigenvalues=lam[:, :k],
+        subspace_overlap=overlap,
+        eigenvalue_growth=growth,
+        directional_growth=np.quantile(np.stack(directional), [0.05, 0.5, 0.95], axis=1).T,
+        participation_ratio=participation,
+        condition_number=np.array(conditions),
+        rank=np.array(ranks, dtype=np.int64),
+    )
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpansionTrack:
+    """Every expansion quantity under one norm (``metric``: ``"euclidean"`` or ``"causal"``)."""
+
+    metric: str
+    norms: Float[np.ndarray, "state token"]
+    mean_norm: Float[np.ndarray, " state"]
+    scale_factor: Float[np.ndarray, " state"]
+    hubble: Float[np.ndarray, " block"]
+    h0: float
+    h0_se: float
+    h0_intercept: float
+    r2: float
+    per_token_h: Float[np.ndarray, " token"]
+    per_token_h_mean: float
+    per_token_h_std: float
+    per_token_h_cv: float
+    per_token_h_position_spearman: float
+    per_token_h_position_p: float
+    physical_cv: float
+    comoving_cv: float
+    cv_reduction: float
+    cv_reduction_null: Float[np.ndarray, " permutation"]
+    redshift: Float[np.ndarray, "state state"]
+
+    @property
+    def cv_reduction_null_mean(self) -> float:
+        return float(np.mean(self.cv_reduction_null))
+
+    @property
+    def cv_reduction_p(self) -> float:
+        """One-sided permutation p-value of the reduction exceeding its null, ``(1 + #null >= real) / (1 + n)``."""
+        null = self.cv_reduction_null
+        return float((1 + np.sum(null >= self.cv_reduction)) / (1 + len(null)))
+
+
+def expansion_track(
+    norms: Float[Tensor, "state token"],
+    positions: Int[Tensor, " token"],
+    metric: str,
+    aggregation: str = "ratio_of_means",
+    fit_space: FitSpace = "log",
+    n_permutations: int = 100,
+    seed: int = 0,
+) -> ExpansionTrack:
+    """All of the track's numbers from one ``[state, token]`` matrix of norms."""
+    a = scale_factor(norms, aggregation)
+    fit = fit_h0(a, fit_space)
+    rates = per_token_h(norms, fit_space)
+    physical, comoving, reduction = comoving_cv(norms, aggregation)
+    if len(rates) > 2 and np.ptp(positions.numpy()) > 0:
+        rho, p = stats.spearmanr(rates, positions.numpy())
+    else:
+        rho, p = float("nan"), float("nan")
+    return ExpansionTrack(
+        metric=metric,
+        norms=norms.to(torch.float64).numpy(),
+        mean_norm=norms.to(torch.float64).mean(dim=1).numpy(),
+        scale_factor=a,
+        hubble=hubble(a),
+        h0=float(fit.rate[0]),
+        h0_se=float(fit.rate_se[0]),
+        h0_intercept=float(fit.intercept[0]),
+        r2=float(fit.r2[0]),
+        per_token_h=rates,
+        per_token_h_mean=float(rates.mean()),
+        per_token_h_std=float(rates.std(ddof=1)) if len(rates) > 1 else float("nan"),
+        per_token_h_cv=float(rates.std(ddof=1) / abs(rates.mean())) if len(rates) > 1 else float("nan"),
+        per_token_h_position_spearman=float(rho),
+        per_token_h_position_p=float(p),
+        physical_cv=physical,
+        comoving_cv=comoving,
+        cv_reduction=reduction,
+        cv_reduction_null=cv_reduction_null(norms, aggregation, n_permutations, seed),
+        redshift=redshift_table(a),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ExpansionResult(Result):
+    """Expansion of one model on one prompt set; ``control`` holds the untrained model's, measured alike.
+
+    Arrays over ``state`` have ``n_layers + 1`` entries, over ``block`` ``n_layers``; ``token``
+    runs over the capture's included tokens in (prompt, position) order.
+    """
+
+    euclidean: ExpansionTrack
+    causal: ExpansionTrack
+    causal_metric_condition_number: float
+    causal_metric_ridge: float
+    fit_space: str
+    token_position: Int[np.ndarray, " token"]
+    token_prompt: Int[np.ndarray, " token"]
+    post_ln_norms: Float[np.ndarray, " block"]
+    post_ln_cv: float  # std / mean of post_ln_norms across blocks
+    post_ln_growth: float  # post_ln_norms[-1] / post_ln_norms[0]
+    pre_ln_growth: float  # mean_norm[-1] / mean_norm[0] of the raw residual, for comparison
+    attn_growth: Float[np.ndarray, " block"]  # mean over tokens of ||h + d||^2 - ||h||^2
+    attn_growth_cross: Float[np.ndarray, " block"]  # mean 2 h.d
+    mlp_growth: Float[np.ndarray, " block"]
+    mlp_growth_cross: Float[np.ndarray, " block"]
+    attn_share: float  # sum attn_growth / sum (attn_growth + mlp_growth)
+    covariance: CovarianceShape
+    control: "ExpansionResult | None" = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.euclidean.scale_factor) - 1
+
+    def track(self, metric: str) -> ExpansionTrack:
+        if metric not in ("euclidean", "causal"):
+            raise ArgumentError(f"metric must be 'euclidean' or 'causal', not {metric!r}")
+        return getattr(self, metric)
+
+    def summary(self) -> str:
+        p = self.provenance
+        lines = [
+            f"Expansion: {p.model} ({p.weights}), prompts {p.prompt_set!r}: {p.n_prompts} prompts, "
+            f"{p.n_tokens} tokens; {self.conventions.aggregation}; fits in {self.fit_space} space",
+            f"{'':34}{'euclidean':>14}{'causal':>14}{'control eucl.':>15}   write-up (Qwen3-4B, causal)",
+        ]
+        c = self.control
+
+        def row(label: str, get, fmt: str, claim: str = "") -> None:
+            ctrl = f"{get(c.euclidean):>15{fmt}}" if c is not None else f"{'-':>15}"
+            lines.append(f"{label:34}{get(self.euclidean):>14{fmt}}{get(self.causal):>14{fmt}}{ctrl}   {claim}")
+
+        row(f"a({self.n_layers}) = total growth", lambda t: t.scale_factor[-1], ".2f", "76.9 over 36 layers")
+        row("H0 [1/layer]", lambda t: t.h0, ".4f", "0.1288")
+        row("H0 standard error", lambda t: t.h0_se, ".4f", "0.0007")
+        row("R^2 of the fit", lambda t: t.r2, ".4f", "0.9728")
+        row("per-token H mean", lambda t: t.per_token_h_mean, ".4f", "0.1150")
+        row("per-token H std", lambda t: t.per_token_h_std, ".4f", "0.0079")
+        row("per-token H CV", lambda t: t.per_token_h_cv, ".2%", "6.85%")
+        row("Spearman(per-token H, position)", lambda t: t.per_token_h_position_spearman, ".3f", "'no dependence'")
+        row("physical CV", lambda t: t.physical_cv, ".1%", "125%")
+        row("comoving CV", lambda t: t.comoving_cv, ".1%", "12.7%")
+        row("cv_reduction", lambda t: t.cv_reduction, ".1%", "89.8%")
+        row("cv_reduction_null (permuted)", lambda t: t.cv_reduction_null_mean, ".1%", "not run")
+        row("permutation p (reduction > null)", lambda t: t.cv_reduction_p, ".3f", "")
+        cc = f"{c.post_ln_cv:>15.1%}" if c is not None else f"{'-':>15}"
+        lines.append(f"{'post-LN norm CV across blocks':34}{self.post_ln_cv:>14.1%}{'':>14}{cc}   'constant if artifact'")
+        cs = f"{c.attn_share:>15.1%}" if c is not None else f"{'-':>15}"
+        cg = f"{c.post_ln_growth:>15.2f}" if c is not None else f"{'-':>15}"
+        lines.append(f"{'post-LN norm, last / first block':34}{self.post_ln_growth:>14.2f}{'':>14}{cg}   (raw residual: {self.pre_ln_growth:.1f})")
+        lines.append(f"{'attention share of growth':34}{self.attn_share:>14.1%}{'':>14}{cs}")
+        cov = self.covariance
+        lines.append(
+            f"covariance: top-{cov.top_eigenvalues.shape[1]} subspace overlap state 0 vs {self.n_layers}: "
+            f"{cov.subspace_overlap[0, -1]:.3f}; participation ratio {cov.participation_ratio[0]:.1f} -> "
+            f"{cov.participation_ratio[-1]:.1f} (isotropic: d_model); C_0 rank {cov.rank[0]}, condition number {cov.condition_number[0]:.3g}"
+        )
+        lines.append(
+            f"variance growth along the {cov.rank[0]} layer-0 directions at state {self.n_layers}, / a^2: "
+            f"5% {cov.directional_growth[-1, 0] / self.euclidean.scale_factor[-1] ** 2:.3g}, "
+            f"median {cov.directional_growth[-1, 1] / self.euclidean.scale_factor[-1] ** 2:.3g}, "
+            f"95% {cov.directional_growth[-1, 2] / self.euclidean.scale_factor[-1] ** 2:.3g} (isotropic: all 1)"
+        )
+        lines.append(f"causal metric condition number {self.causal_metric_condition_number:.3g} (ridge {self.causal_metric_ridge:g})")
+        return "\n".join(lines)
+
+    def figure(self):
+        """Six panels: a(l), H(l), per-token H vs position, comoving CV vs null, post-LN norms, sublayer growth."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(
+            rows=3, cols=2, vertical_spacing=0.09, horizontal_spacing=0.1,
+            subplot_titles=(
+                "scale factor a(l) (log) with exp fit", "Hubble rate H(l) = d log a / dl per block",
+                "per-token H vs position", "comoving CV reduction vs permutation null",
+                "norm of what each block reads (post-LN) vs raw residual", "growth of ||h||^2 per sublayer (mean over tokens)",
+            ),
+        )
+        runs = [(self, "#1f77b4", "#d62728")] + ([(self.control, "#7f7f7f", "#bbbbbb")] if self.control else [])
+        for r, colour, colour2 in runs:
+            tag = f"{r.provenance.model} ({r.provenance.weights})"
+            states = np.arange(r.n_layers + 1)
+            for track, dash in ((r.euclidean, "solid"), (r.causal, "dot")):
+                fig.add_trace(go.Scatter(x=states, y=track.scale_factor, mode="lines+markers", line={"color": colour, "dash": dash},
+                                         name=f"{tag}: a(l) {track.metric}"), row=1, col=1)
+                fig.add_trace(go.Scatter(x=states, y=np.exp(track.h0_intercept + track.h0 * states), mode="lines",
+                                         line={"color": colour, "dash": "dash", "width": 1},
+                                         name=f"{tag}: fit {track.metric}, H0={track.h0:.4f}, R2={track.r2:.3f}"), row=1, col=1)
+                fig.add_trace(go.Scatter(x=np.arange(r.n_layers) + 0.5, y=track.hubble, mode="lines+markers",
+                                         line={"color": colour, "dash": dash}, name=f"{tag}: H {track.metric}",
+                                         showlegend=False), row=1, col=2)
+            fig.add_trace(go.Scatter(x=r.token_position, y=r.euclidean.per_token_h, mode="markers",
+                                     marker={"color": colour, "size": 3, "opacity": 0.5},
+                                     name=f"{tag}: per-token H (euclidean), rho={r.euclidean.per_token_h_position_spearman:.2f}"),
+                          row=2, col=1)
+            for track, x0 in ((r.euclidean, 0), (r.causal, 1)):
+                x = x0 + (0.2 if r is self.control else -0.2)
+                fig.add_trace(go.Box(y=track.cv_reduction_null, x=np.full(len(track.cv_reduction_null), x), marker_color=colour2,
+                                     name=f"{tag}: null ({track.metric})", showlegend=False, width=0.15), row=2, col=2)
+                fig.add_trace(go.Scatter(x=[x], y=[track.cv_reduction], mode="markers", marker={"color": colour, "size": 12, "symbol": "diamond"},
+                                         name=f"{tag}: cv_reduction {track.metric}", showlegend=False), row=2, col=2)
+            blocks = np.arange(r.n_layers)
+            fig.add_trace(go.Scatter(x=blocks, y=r.post_ln_norms, mode="lines+markers", line={"color": colour},
+                                     name=f"{tag}: ||attn_in|| (post-LN)"), row=3, col=1)
+            fig.add_trace(go.Scatter(x=states, y=r.euclidean.mean_norm, mode="lines", line={"color": colour, "dash": "dot"},
+                                     name=f"{tag}: ||resid|| (raw)"), row=3, col=1)
+            fig.add_trace(go.Bar(x=blocks, y=r.attn_growth, marker_color=colour, name=f"{tag}: attention"), row=3, col=2)
+            fig.add_trace(go.Bar(x=blocks, y=r.mlp_growth, marker_color=colour2, name=f"{tag}: MLP"), row=3, col=2)
+        fig.update_yaxes(type="log", row=1, col=1)
+        fig.update_yaxes(type="log", row=3, col=1)
+        fig.update_xaxes(tickvals=[0, 1], ticktext=["euclidean", "causal"], row=2, col=2)
+        fig.update_xaxes(title_text="state l", row=1, col=1)
+        fig.update_xaxes(title_text="block l", row=1, col=2)
+        fig.update_xaxes(title_text="position", row=2, col=1)
+        fig.update_xaxes(title_text="block l", row=3, col=1)
+        fig.update_xaxes(title_text="block l", row=3, col=2)
+        fig.update_layout(title="Residual-stream expansion (trained in colour, untrained control in grey)",
+                          template="plotly_white", height=1150, barmode="group", legend={"font": {"size": 10}})
+        return fig
+
+
+def measure(
+    capture_or_model,
+    prompts="diverse",
+    *,
+    model=None,
+    control="random",
+    aggregation: str = "ratio_of_means",
+    fit_space: FitSpace = "log",
+    n_permutations: int = 100,
+    top_k: int = 10,
+    ridge: float = 1e-6,
+    seed: int = 0,
+    **capture_kwargs,
+) -> ExpansionResult:
+    """Expansion of a model (captured here) or of an existing ``Capture`` (pass ``model=`` for its unembedding).
+
+    Args:
+        capture_or_model: a ``Capture`` holding ``STREAMS``, or a model to run ``prompts`` through.
+        model: the model a ``Capture`` came from (the causal metric reads its ``W_U``).
+        control: ``"random"`` (default) measures the same architecture with random weights on the
+            same prompts (needs a model lensdyn loaded); an ``ExpansionResult`` is attached as is;
+            None skips it.
+        aggregation: ``"ratio_of_means"`` or ``"mean_of_ratios"`` for ``a(l)``.
+        fit_space: ``"log"`` or ``"linear"`` for ``h0`` and per-token ``H``.
+        n_permutations: draws of the within-state token permutation null.
+        top_k: eigenvectors compared across states.
+        ridge: regularisation of the causal metric (``lensdyn.metric``).
+    """
+    if isinstance(capture_or_model, Capture):
+        cap = capture_or_model
+        if model is None:
+            raise ArgumentError("expansion.measure(capture) needs model= too: the causal metric reads the model's unembedding")
+    else:
+        model = capture_or_model
+        cap = run_capture(model, prompts, streams=STREAMS, **capture_kwargs)
+    metric = model_causal_metric(model, ridge)
+    result = _measure_capture(cap, metric, aggregation, fit_space, n_permutations, top_k, seed)
+    if isinstance(control, str):
+        if control != "random":
+            raise ArgumentError(f"control must be 'random', an ExpansionResult, or None, not {control!r}")
+        control = _measure_control(model, cap, aggregation, fit_space, n_permutations, top_k, ridge, seed)
+    if control is not None and not isinstance(control, ExpansionResult):
+        raise ArgumentError(f"control must be 'random', an ExpansionResult, or None, not {type(control).__name__}")
+    return dataclasses.replace(result, control=control)
+
+
+def _measure_control(model, cap: Capture, aggregation, fit_space, n_permutations, top_k, ridge, seed) -> ExpansionResult:
+    from lensdyn.models import random_control
+
+    random_model = random_control(model)
+    control_cap = run_capture(random_model, cap.prompts, streams=STREAMS, exclude=cap.exclude, truncate=bool(cap.truncated))
+    metric = model_causal_metric(random_model, ridge)
+    return _measure_capture(control_cap, metric, aggregation, fit_space, n_permutations, top_k, seed)
+
+
+def _measure_capture(
+    cap: Capture, metric: CausalMetric, aggregation: str, fit_space: FitSpace, n_permutations: int, top_k: int, seed: int
+) -> ExpansionResult:
+    for stream in STREAMS:
+        cap.require(stream)
+    mask = cap.mask
+    if not bool(mask.any()):
+        raise ArgumentError("no tokens left after masking: every position is padding or excluded")
+    vectors = masked_tokens(cap.resid, mask)  # [state, token, d_model]
+    positions = torch.arange(mask.shape[1]).expand_as(mask)[mask]
+    prompts = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
+    tracks = {
+        name: expansion_track(norms, positions, name, aggregation, fit_space, n_permutations, seed)
+        for name, norms in (("euclidean", token_norms(vectors)), ("causal", metric_norms(vectors, metric)))
+    }
+    post_ln = token_norms(masked_tokens(cap.attn_in, mask)).mean(dim=1).numpy()
+    attn_cross, attn_self = growth_terms(masked_tokens(cap.resid[:-1], mask), masked_tokens(cap.attn_out, mask))
+    mlp_cross, mlp_self = growth_terms(masked_tokens(cap.resid_mid, mask), masked_tokens(cap.mlp_out, mask))
+    attn_growth, mlp_growth = (attn_cross + attn_self).mean(dim=1), (mlp_cross + mlp_self).mean(dim=1)
+    euclid = tracks["euclidean"]
+    return ExpansionResult(
+        conventions=Conventions(
+            aggregation=f"a(l) as {aggregation.replace('_', ' ')} over included tokens pooled; per-token and "
+            "comoving quantities per token, then averaged",
+            excluded_positions=cap.exclude,
+        ),
+        provenance=Provenance.from_capture(cap),
+        causal_metric_condition_number=metric.condition_number,
+        causal_metric_ridge=metric.ridge,
+        fit_space=fit_space,
+        token_position=positions.numpy(),
+        token_prompt=prompts.numpy(),
+        post_ln_norms=post_ln,
+        post_ln_cv=float(post_ln.std() / post_ln.mean()),
+        post_ln_growth=float(post_ln[-1] / post_ln[0]),
+        pre_ln_growth=float(euclid.mean_norm[-1] / euclid.mean_norm[0]),
+        attn_growth=attn_growth.numpy(),
+        attn_growth_cross=attn_cross.mean(dim=1).numpy(),
+        mlp_growth=mlp_growth.numpy(),
+        mlp_growth_cross=mlp_cross.mean(dim=1).numpy(),
+        attn_share=float(attn_growth.sum() / (attn_growth.sum() + mlp_growth.sum())),
+        covariance=covariance_shape(vectors, top_k),
+        **{name: track for name, track in tracks.items()},
+    )

@@ -1,0 +1,330 @@
+"""Sublayer gains: how much each attention and MLP sublayer amplifies what it reads.
+
+The Pythia write-up (1.4B / 6.9B) claims attention contracts in every layer, the last MLP
+expands 3.6x / 6.24x, and "final MLP gain ~ params^0.35" from two models. Its gain is
+``mean ||sublayer out|| / mean ||LayerNorm output||`` over all tokens. lensdyn names every choice:
+
+- ``reference="ln_output"`` (the write-up's): relative to what the sublayer reads, ``attn_in`` /
+  ``mlp_in`` (the norm's output with its gain; on post-norm models the residual itself).
+- ``reference="resid"``: relative to the residual the sublayer writes into (``resid_pre`` for
+  attention, ``resid_mid`` for the MLP): the sublayer's update relative to the stream.
+- ``resid_gain[l] = ||resid[l+1]|| / ||resid[l]||`` per block, before the final norm (the
+  write-up's pythia-70m list ends in 27.9 because its last entry includes the final norm).
+- ``aggregation``: ``"ratio_of_means"`` (default) or ``"mean_of_ratios"``; ``tokens``: ``"all"``
+  included tokens or each prompt's ``"last"`` token only.
+
+A gain below 1 is contracting, above 1 expanding. ``mlp_phases`` segments ``log mlp_gain`` into
+piecewise-constant runs by the BIC rule of ``lensdyn.fits.piecewise_constant_segments``; each run
+is labelled by its geometric-mean gain: ``expanding`` (> 1 + band), ``contracting``
+(< 1 / (1 + band)) or ``neutral``, and marked ``final`` when it is a run of at most two blocks
+ending at the last block. ``scaling([results...])`` fits the last MLP gain against parameter count.
+
+>>> result = gains.measure(ld.load_model("smollm2-135m"), "diverse")     # doctest: +SKIP
+>>> print(result.summary())
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from lensdyn.errors import ArgumentError
+from lensdyn.fits import line_fit, piecewise_constant_segments
+from lensdyn.hooks.capture import Capture
+from lensdyn.hooks.capture import capture as run_capture
+from lensdyn.ops import aggregate_ratio, last_token_mask, masked_tokens, token_norms
+from lensdyn.results import Conventions, Provenance, Result
+
+STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_in", "mlp_out")
+REFERENCES = ("ln_output", "resid")
+TOKENS = ("all", "last")
+NEUTRAL_BAND = 0.1
+
+
+# --- pure functions of tensors -------------------------------------------------------------
+
+
+def sublayer_gain(
+    output: Float[Tensor, "block batch pos d_model"],
+    reference: Float[Tensor, "block batch pos d_model"],
+    mask: Bool[Tensor, "batch pos"],
+    aggregation: str = "ratio_of_means",
+) -> Float[np.ndarray, " block"]:
+    """``||output|| / ||reference||`` per block over the masked tokens, aggregated as named.
+
+    >>> out, ref = torch.tensor([[[[3., 4.]]]]), torch.tensor([[[[1., 0.]]]])
+    >>> sublayer_gain(out, ref, torch.tensor([[True]]))
+    array([5.])
+    """
+    return aggregate_ratio(
+        masked_tokens(token_norms(output), mask), masked_tokens(token_norms(reference), mask), aggregation
+    ).numpy()
+
+
+def count_contracting(gain: Float[np.ndarray, " block"]) -> tuple[int, int]:
+    """``(#blocks with gain < 1, #blocks with gain > 1)``.
+
+    >>> count_contracting(np.array([0.5, 1.0, 2.0]))
+    (1, 1)
+    """
+    return int((gain < 1).sum()), int((gain > 1).sum())
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A run of blocks ``start..end`` (inclusive) with one level of MLP gain."""
+
+    start: int
+    end: int
+    gain: float  # geometric mean over the run
+    label: str
+
+
+def gain_phases(gain: Float[np.ndarray, " block"], band: float = NEUTRAL_BAND, max_segments: int = 6) -> tuple[Phase, ...]:
+    """Segment ``log gain`` by the BIC change-point rule and label each run (module docstring).
+
+    >>> [p.label for p in gain_phases(np.array([2., 2.1, 1.9, 1., 1., 1.02, .98, 1., .5, .52, .49, 6.]))]
+    ['expanding', 'neutral', 'contracting', 'final expanding']
+    """
+    log_gain = np.log(gain)
+    starts = list(piecewise_constant_segments(log_gain, max_segments)) + [len(gain)]
+    phases = []
+    for start, stop in zip(starts[:-1], starts[1:]):
+        level = float(np.exp(log_gain[start:stop].mean()))
+        label = "expanding" if level > 1 + band else "contracting" if level < 1 / (1 + band) else "neutral"
+        if stop == len(gain) and stop - start <= 2 and start > 0:
+            label = f"final {label}"
+        phases.append(Phase(start=int(start), end=int(stop - 1), gain=level, label=label))
+    return tuple(phases)
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class GainsResult(Result):
+    """Per-block gains of one model; ``control`` holds the untrained model's, measured alike."""
+
+    attn_gain: Float[np.ndarray, " block"]
+    mlp_gain: Float[np.ndarray, " block"]
+    resid_gain: Float[np.ndarray, " block"]
+    reference: str
+    tokens: str
+    attn_contracting: int
+    attn_expanding: int
+    mlp_contracting: int
+    mlp_expanding: int
+    resid_contracting: int
+    resid_expanding: int
+    attn_argmax: int
+    mlp_argmax: int
+    attn_min: float
+    mlp_max: float
+    last_mlp_gain: float
+    mlp_phases: tuple[Phase, ...]
+    control: "GainsResult | None" = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.attn_gain)
+
+    def summary(self) -> str:
+        p, c, n = self.provenance, self.control, self.n_layers
+        lines = [
+            f"Sublayer gains: {p.model} ({p.weights}), prompts {p.prompt_set!r}: {p.n_prompts} prompts, "
+            f"{p.n_tokens} tokens; reference {self.reference!r}, tokens {self.tokens!r}, {self.conventions.aggregation}",
+            f"{'':30}{'model':>16}{'control':>16}   write-up (Pythia-1.4B / 6.9B)",
+        ]
+
+        def row(label: str, get, claim: str) -> None:
+            lines.append(f"{label:30}{get(self):>16}{get(c) if c is not None else '-':>16}   {claim}")
+
+        row("attention contracting", lambda r: f"{r.attn_contracting}/{r.n_layers}", "24/24, 32/32")
+        row("attention min gain (block)", lambda r: f"{r.attn_min:.3f} ({int(np.argmin(r.attn_gain))})", "0.083, 0.079")
+        row("MLP contracting", lambda r: f"{r.mlp_contracting}/{r.n_layers}", "22/24, 18/32")
+        row("MLP max gain (block)", lambda r: f"{r.mlp_max:.2f} ({r.mlp_argmax})", "3.60 (L23), 6.24 (L31)")
+        row("last-block MLP gain", lambda r: f"{r.last_mlp_gain:.2f}", "3.60, 6.24")
+        row("max MLP gain at last block", lambda r: "yes" if r.mlp_argmax == r.n_layers - 1 else "no", "yes, yes")
+        row("residual contracting", lambda r: f"{r.resid_contracting}/{r.n_layers}", "23/24, 30/32 ('net')")
+        lines.append("MLP phases: " + "; ".join(f"{ph.label} {ph.start}-{ph.end} (x{ph.gain:.2f})" for ph in self.mlp_phases))
+        lines.append(f"{'block':>5} {'attn':>8} {'mlp':>8} {'resid':>8}")
+        for l in range(n):
+            lines.append(f"{l:>5} {self.attn_gain[l]:>8.3f} {self.mlp_gain[l]:>8.3f} {self.resid_gain[l]:>8.3f}")
+        return "\n".join(lines)
+
+    def figure(self):
+        """Attention, MLP and residual gain per block (log scale), MLP phases shaded, control in grey."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        palette = {"attn": "#1f77b4", "mlp": "#d62728", "resid": "#2ca02c"}
+        for r, grey in ((self, False), (self.control, True)):
+            if r is None:
+                continue
+            tag = f"{r.provenance.model} ({r.provenance.weights})"
+            blocks = np.arange(r.n_layers)
+            for key, values in (("attn", r.attn_gain), ("mlp", r.mlp_gain), ("resid", r.resid_gain)):
+                fig.add_trace(go.Scatter(
+                    x=blocks, y=values, mode="lines+markers", name=f"{tag}: {key} gain",
+                    line={"color": "#999999" if grey else palette[key], "dash": "dot" if grey else "solid"},
+                    marker={"symbol": {"attn": "circle", "mlp": "square", "resid": "diamond"}[key]},
+                ))
+        for i, ph in enumerate(self.mlp_phases):
+            fig.add_vrect(x0=ph.start - 0.5, x1=ph.end + 0.5, fillcolor="#d62728", opacity=0.04 + 0.05 * (i % 2), line_width=0,
+                          annotation_text=ph.label, annotation_position="top left", annotation_font_size=10)
+        fig.add_hline(y=1.0, line={"color": "black", "width": 1, "dash": "dash"})
+        fig.update_layout(
+            title=f"Sublayer gains (reference {self.reference!r}, tokens {self.tokens!r}); below 1 contracts",
+            xaxis_title="block l", yaxis_title="gain", yaxis_type="log", template="plotly_white", height=520,
+        )
+        return fig
+
+
+def measure(
+    capture_or_model,
+    prompts="diverse",
+    *,
+    model=None,
+    control="random",
+    reference: str = "ln_output",
+    aggregation: str = "ratio_of_means",
+    tokens: str = "all",
+    band: float = NEUTRAL_BAND,
+    **capture_kwargs,
+) -> GainsResult:
+    """Gains of a model (captured here) or of a ``Capture`` holding ``STREAMS``.
+
+    ``control="random"`` (default) measures the same architecture with random weights on the
+    same prompts (a ``Capture`` then needs ``model=``, a model from ``ld.load_model``); a
+    ``GainsResult`` is attached as is; None skips it.
+    """
+    for name, value, allowed in (("reference", reference, REFERENCES), ("tokens", tokens, TOKENS)):
+        if value not in allowed:
+            raise ArgumentError(f"{name} must be one of {allowed}, not {value!r}")
+    if isinstance(capture_or_model, Capture):
+        cap = capture_or_model
+    else:
+        model = capture_or_model
+        cap = run_capture(model, prompts, streams=STREAMS, **capture_kwargs)
+    result = _measure_capture(cap, reference, aggregation, tokens, band)
+    if isinstance(control, str):
+        if control != "random":
+            raise ArgumentError(f"control must be 'random', a GainsResult, or None, not {control!r}")
+        from lensdyn.models import random_control
+
+        control_cap = run_capture(random_control(model), cap.prompts, streams=STREAMS, exclude=cap.exclude, truncate=bool(cap.truncated))
+        control = _measure_capture(control_cap, reference, aggregation, tokens, band)
+    if control is not None and not isinstance(control, GainsResult):
+        raise ArgumentError(f"control must be 'random', a GainsResult, or None, not {type(control).__name__}")
+    return dataclasses.replace(result, control=control)
+
+
+def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str, band: float) -> GainsResult:
+    for stream in STREAMS:
+        cap.require(stream)
+    mask = cap.mask & last_token_mask(cap.token_mask) if tokens == "last" else cap.mask
+    if not bool(mask.any()):
+        raise ArgumentError("no tokens left after masking: every position is padding or excluded")
+    attn_ref, mlp_ref = (cap.attn_in, cap.mlp_in) if reference == "ln_output" else (cap.resid[:-1], cap.resid_mid)
+    attn = sublayer_gain(cap.attn_out, attn_ref, mask, aggregation)
+    mlp = sublayer_gain(cap.mlp_out, mlp_ref, mask, aggregation)
+    resid = sublayer_gain(cap.resid[1:], cap.resid[:-1], mask, aggregation)
+    counts = {name: count_contracting(g) for name, g in (("attn", attn), ("mlp", mlp), ("resid", resid))}
+    return GainsResult(
+        conventions=Conventions(
+            aggregation=f"{aggregation.replace('_', ' ')} over {'each prompt’s last token' if tokens == 'last' else 'included tokens'}",
+            excluded_positions=cap.exclude,
+        ),
+        provenance=Provenance.from_capture(cap),
+        attn_gain=attn,
+        mlp_gain=mlp,
+        resid_gain=resid,
+        reference=reference,
+        tokens=tokens,
+        attn_contracting=counts["attn"][0],
+        attn_expanding=counts["attn"][1],
+        mlp_contracting=counts["mlp"][0],
+        mlp_expanding=counts["mlp"][1],
+        resid_contracting=counts["resid"][0],
+        resid_expanding=counts["resid"][1],
+        attn_argmax=int(np.argmax(attn)),
+        mlp_argmax=int(np.argmax(mlp)),
+        attn_min=float(attn.min()),
+        mlp_max=float(mlp.max()),
+        last_mlp_gain=float(mlp[-1]),
+        mlp_phases=gain_phases(mlp, band),
+    )
+
+
+# --- across models -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GainScaling:
+    """``last_mlp_gain = exp(c) * n_params ** exponent`` fitted across models (OLS in log-log)."""
+
+    exponent: float
+    exponent_se: float
+    intercept: float
+    r2: float
+    models: tuple[str, ...]
+    n_params: tuple[int, ...]
+    last_mlp_gain: tuple[float, ...]
+
+    def summary(self) -> str:
+        rows = "\n".join(f"  {m:30} {p:>15,} {g:>8.3f}" for m, p, g in zip(self.models, self.n_params, self.last_mlp_gain))
+        return (
+            f"last MLP gain ~ params^{self.exponent:.3f} +- {self.exponent_se:.3f} (R^2 {self.r2:.3f}, "
+            f"{len(self.models)} models; write-up: 0.35 from two)\n{rows}"
+        )
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        p = np.array(self.n_params, dtype=np.float64)
+        grid = np.geomspace(p.min(), p.max(), 50)
+        fig = go.Figure([
+            go.Scatter(x=p, y=self.last_mlp_gain, mode="markers+text", text=list(self.models), textposition="top center", name="models"),
+            go.Scatter(x=grid, y=np.exp(self.intercept) * grid**self.exponent, mode="lines",
+                       name=f"fit: exponent {self.exponent:.3f} +- {self.exponent_se:.3f}"),
+        ])
+        fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="parameters", yaxis_title="last-block MLP gain",
+                          template="plotly_white", title="Last MLP gain against model size")
+        return fig
+
+
+def scaling(results: list[GainsResult]) -> GainScaling:
+    """Fit the last-block MLP gain against parameter count across at least three models.
+
+    Two models always give an exponent (a line through two points), so fewer than three distinct
+    parameter counts is refused; so are results measured under different definitions or mixing
+    trained and untrained weights.
+    """
+    if len({r.provenance.n_params for r in results}) < 3:
+        raise ArgumentError(
+            f"gains.scaling needs at least 3 models of different sizes, got {len(results)} result(s) with "
+            f"{len({r.provenance.n_params for r in results})} distinct parameter count(s): two points always give an exponent"
+        )
+    if any(r.provenance.n_params is None for r in results):
+        raise ArgumentError("a result has no parameter count (provenance.n_params): measure it with this version of lensdyn")
+    for field in ("reference", "tokens"):
+        if len({getattr(r, field) for r in results}) > 1:
+            raise ArgumentError(f"results differ in {field}: {sorted({getattr(r, field) for r in results})}; compare like with like")
+    if len({r.conventions.aggregation for r in results}) > 1 or len({r.provenance.weights for r in results}) > 1:
+        raise ArgumentError("results differ in aggregation or in weights (trained vs untrained); compare like with like")
+    params = np.array([r.provenance.n_params for r in results], dtype=np.float64)
+    gain = np.array([r.last_mlp_gain for r in results])
+    fit = line_fit(np.log(params), np.log(gain)[None, :])
+    return GainScaling(
+        exponent=float(fit.slope[0]),
+        exponent_se=float(fit.slope_se[0]),
+        intercept=float(fit.intercept[0]),
+        r2=float(fit.r2[0]),
+        models=tuple(r.provenance.model for r in results),
+        n_params=tuple(int(p) for p in params),
+        last_mlp_gain=tuple(float(g) for g in gain),
+    )
