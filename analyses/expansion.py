@@ -35,8 +35,8 @@ Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the 
 - redshift ``z(l1 -> l2) = a(l2) / a(l1) - 1``.
 
 >>> model = ld.load_model("smollm2-135m")                 # doctest: +SKIP
->>> result = expansion.measure(model, "diverse")          # with the untrained control
->>> print(result.summary())
+>>> result = expansion.measure(model, "diverse")          # doctest: +SKIP
+>>> print(result.summary())                               # doctest: +SKIP
 """
 from __future__ import annotations
 

@@ -17,10 +17,10 @@ A gain below 1 is contracting, above 1 expanding. ``mlp_phases`` segments ``log 
 piecewise-constant runs by the BIC rule of ``lensdyn.fits.piecewise_constant_segments``; each run
 is labelled by its geometric-mean gain: ``expanding`` (> 1 + band), ``contracting``
 (< 1 / (1 + band)) or ``neutral``, and marked ``final`` when it is a run of at most two blocks
-ending at the last block. ``scaling([results...])`` fits the last MLP gain against parameter count.
+ending at the last block; neighbouring runs with the same label are one phase. ``scaling([results...])`` fits the last MLP gain against parameter count.
 
 >>> result = gains.measure(ld.load_model("smollm2-135m"), "diverse")     # doctest: +SKIP
->>> print(result.summary())
+>>> print(result.summary())                                              # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -92,13 +92,19 @@ def gain_phases(gain: Float[np.ndarray, " block"], band: float = NEUTRAL_BAND, m
     """
     log_gain = np.log(gain)
     starts = list(piecewise_constant_segments(log_gain, max_segments)) + [len(gain)]
-    phases = []
+    runs: list[tuple[int, int, str]] = []  # (start, stop, label); neighbours with one label merge
     for start, stop in zip(starts[:-1], starts[1:]):
         level = float(np.exp(log_gain[start:stop].mean()))
         label = "expanding" if level > 1 + band else "contracting" if level < 1 / (1 + band) else "neutral"
         if stop == len(gain) and stop - start <= 2 and start > 0:
             label = f"final {label}"
-        phases.append(Phase(start=int(start), end=int(stop - 1), gain=level, label=label))
+        if runs and runs[-1][2] == label:
+            runs[-1] = (runs[-1][0], stop, label)
+        else:
+            runs.append((start, stop, label))
+    phases = [
+        Phase(start=int(a), end=int(b - 1), gain=float(np.exp(log_gain[a:b].mean())), label=label) for a, b, label in runs
+    ]
     return tuple(phases)
 
 

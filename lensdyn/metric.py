@@ -47,7 +47,7 @@ def causal_metric(unembedding: Float[Tensor, "d_model vocab"], ridge: float = 1e
     """Build the causal metric from ``W_U`` (``[d_model, vocab]``, TransformerLens orientation).
 
     >>> W_U = torch.tensor([[1., -1., 0., 0.], [0., 0., 2., -2.]])   # gamma = (±1, 0), (0, ±2)
-    >>> causal_metric(W_U, ridge=0).matrix()                          # Cov = diag(0.5, 2)
+    >>> causal_metric(W_U, ridge=0.0).matrix()                          # Cov = diag(0.5, 2)
     tensor([[2.0000, 0.0000],
             [0.0000, 0.5000]], dtype=torch.float64)
     """
@@ -66,7 +66,7 @@ def metric_norms(x: Float[Tensor, "*lead d_model"], metric: CausalMetric | None)
 
     The projection runs in ``x``'s own dtype (one matmul over every token); the norm in float64.
 
-    >>> metric_norms(torch.tensor([[1., 1.]]), causal_metric(torch.tensor([[1., -1., 0., 0.], [0., 0., 2., -2.]]), ridge=0))
+    >>> metric_norms(torch.tensor([[1., 1.]]), causal_metric(torch.tensor([[1., -1., 0., 0.], [0., 0., 2., -2.]]), ridge=0.0))
     tensor([1.5811], dtype=torch.float64)
     """
     if metric is None:

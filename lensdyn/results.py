@@ -108,6 +108,8 @@ class Result:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Result":
         """Rebuild a result from ``to_dict()`` output (of this class or, from ``Result``, any registered one)."""
+        if cls is Result and data.get("kind") not in _REGISTRY:
+            _import_analyses()
         target = _REGISTRY.get(data.get("kind", ""), cls) if cls is Result else cls
         if target is Result:
             raise ValueError(f"unknown result kind {data.get('kind')!r}; known: {sorted(_REGISTRY)}")
@@ -130,6 +132,17 @@ class Result:
         return json.dumps(self.to_dict(), sort_keys=True) == json.dumps(other.to_dict(), sort_keys=True)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _import_analyses() -> None:
+    """Result classes register on import; a file may name one whose module was never imported."""
+    import importlib
+    import pkgutil
+
+    import lensdyn.analyses
+
+    for module in pkgutil.iter_modules(lensdyn.analyses.__path__):
+        importlib.import_module(f"lensdyn.analyses.{module.name}")
 
 
 def load_result(path: str | Path) -> Result:

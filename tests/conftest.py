@@ -25,6 +25,31 @@ def tiny_bridge(**overrides):
     return model.eval()
 
 
+def synthetic_capture(token_mask, exclude=("first",), layout="pre-norm", **streams):
+    """A ``Capture`` built from given tensors (``resid=``, ``attn_out=``, ...): known inputs, known answers."""
+    from lensdyn.hooks.capture import Capture
+    from lensdyn.models import ModelInfo
+    from lensdyn.prompts import PromptSet
+
+    mask = token_mask.clone()
+    if "first" in exclude:
+        mask[:, 0] = False
+    n_prompts, n_pos = token_mask.shape
+    n_layers = streams["resid"].shape[0] - 1 if "resid" in streams else next(iter(streams.values())).shape[0]
+    return Capture(
+        tokens=torch.zeros(token_mask.shape, dtype=torch.long),
+        token_mask=token_mask,
+        mask=mask,
+        str_tokens=tuple(tuple("x" for _ in range(n_pos)) for _ in range(n_prompts)),
+        prompts=PromptSet.from_texts(["p"] * n_prompts, name="synthetic"),
+        model=ModelInfo("synthetic", "pretrained", 0, "float32", "none", layout, n_params=1000),
+        exclude=tuple(exclude),
+        truncated=(),
+        n_layers=n_layers,
+        **streams,
+    )
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_bridge()

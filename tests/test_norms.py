@@ -1,6 +1,4 @@
 """Norms: a synthetic stream with known norms, then smollm2 against raw Hugging Face hidden states."""
-import doctest
-
 import numpy as np
 import pytest
 import torch
@@ -8,28 +6,7 @@ import torch
 import lensdyn as ld
 from lensdyn import ops
 from lensdyn.analyses import norms
-from lensdyn.hooks.capture import Capture
-from lensdyn.models import ModelInfo
-from lensdyn.prompts import PromptSet
-
-
-def synthetic_capture(resid, token_mask, exclude=("first",)):
-    mask = token_mask.clone()
-    if "first" in exclude:
-        mask[:, 0] = False
-    n_prompts = resid.shape[1]
-    return Capture(
-        tokens=torch.zeros(token_mask.shape, dtype=torch.long),
-        token_mask=token_mask,
-        mask=mask,
-        str_tokens=tuple(tuple("x" for _ in range(resid.shape[2])) for _ in range(n_prompts)),
-        prompts=PromptSet.from_texts(["p"] * n_prompts, name="synthetic"),
-        model=ModelInfo("synthetic", "pretrained", 0, "float32", "none", "pre-norm"),
-        exclude=exclude,
-        truncated=(),
-        n_layers=resid.shape[0] - 1,
-        resid=resid,
-    )
+from conftest import synthetic_capture
 
 
 def test_known_exponential_growth_and_an_excluded_sink():
@@ -42,7 +19,7 @@ def test_known_exponential_growth_and_an_excluded_sink():
     token_mask = torch.ones(n_prompts, n_pos, dtype=torch.bool)
     token_mask[1, 3:] = False  # prompt 1 is padded after 3 tokens
     resid[:, 1, 3:] = 0.0
-    result = norms.measure(synthetic_capture(resid.float(), token_mask))
+    result = norms.measure(synthetic_capture(token_mask, resid=resid.float()))
     np.testing.assert_allclose(result.mean, growth.numpy(), rtol=1e-6)
     np.testing.assert_allclose(result.std, 0.0, atol=1e-5)
     np.testing.assert_allclose(result.median, growth.numpy(), rtol=1e-6)
@@ -50,13 +27,13 @@ def test_known_exponential_growth_and_an_excluded_sink():
     np.testing.assert_allclose(result.first_position_mean, 1000 * growth.numpy(), rtol=1e-6)
     assert result.provenance.n_tokens == 4 + 2
     # Keeping position 0 in drags the mean up by orders of magnitude: why it is excluded by default.
-    kept = norms.measure(synthetic_capture(resid.float(), token_mask, exclude=()))
+    kept = norms.measure(synthetic_capture(token_mask, exclude=(), resid=resid.float()))
     assert np.all(kept.mean > 100 * result.mean)
 
 
 def test_summary_and_figure(tmp_path):
     resid = torch.randn(4, 2, 6, 8)
-    result = norms.measure(synthetic_capture(resid, torch.ones(2, 6, dtype=torch.bool)))
+    result = norms.measure(synthetic_capture(torch.ones(2, 6, dtype=torch.bool), resid=resid))
     assert len(result.summary().splitlines()) == 2 + 4 + 1
     fig = result.figure(control=result)
     names = [t.name for t in fig.data]
@@ -70,13 +47,7 @@ def test_no_tokens_left_is_an_error():
     token_mask = torch.zeros(1, 3, dtype=torch.bool)
     token_mask[0, 0] = True  # only position 0, which is excluded
     with pytest.raises(ValueError, match="no tokens left"):
-        norms.measure(synthetic_capture(torch.randn(2, 1, 3, 4), token_mask))
-
-
-@pytest.mark.parametrize("module", [ops, norms])
-def test_docstring_examples(module):
-    failures, _ = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
-    assert failures == 0
+        norms.measure(synthetic_capture(token_mask, resid=torch.randn(2, 1, 3, 4)))
 
 
 def test_shapes_are_checked_at_run_time():

@@ -1,0 +1,16 @@
+"""Every docstring example in the core and the analyses runs and prints what it says."""
+import doctest
+
+import numpy as np
+import pytest
+import torch
+
+from lensdyn import fits, metric, ops
+from lensdyn.analyses import expansion, gains, norms
+
+
+@pytest.mark.parametrize("module", [ops, fits, metric, norms, expansion, gains], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    failures, attempted = doctest.testmod(module, extraglobs={"torch": torch, "np": np}, optionflags=doctest.ELLIPSIS)
+    assert attempted > 0
+    assert failures == 0
