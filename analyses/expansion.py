@@ -513,8 +513,7 @@ def _measure_control(model, cap: Capture, aggregation, fit_space, n_permutations
 def _measure_capture(
     cap: Capture, metric: CausalMetric, aggregation: str, fit_space: FitSpace, n_permutations: int, top_k: int, seed: int
 ) -> ExpansionResult:
-    for stream in STREAMS:
-        cap.require(stream)
+    cap.require_streams(STREAMS)
     mask = cap.mask
     if not bool(mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")

@@ -230,8 +230,7 @@ def measure(
 
 
 def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str, band: float) -> GainsResult:
-    for stream in STREAMS:
-        cap.require(stream)
+    cap.require_streams(STREAMS)
     mask = cap.mask & last_token_mask(cap.token_mask) if tokens == "last" else cap.mask
     if not bool(mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")

@@ -97,6 +97,14 @@ class Capture:
             raise ArgumentError(f"this capture holds no {stream!r}: capture again with {how}")
         return value
 
+    def require_streams(self, streams: Sequence[str]) -> None:
+        """Fail with every missing stream named at once (an analysis checks its ``STREAMS`` up front)."""
+        missing = [s for s in streams if getattr(self, s) is None]
+        if missing:
+            raise ArgumentError(
+                f"this capture holds no {', '.join(map(repr, missing))}: capture again with streams={tuple(streams)!r}"
+            )
+
     def __repr__(self) -> str:
         # The default dataclass repr would print every tensor; a notebook wants the shapes.
         held = ", ".join(

@@ -29,6 +29,16 @@ def test_pre_norm_identities_on_tiny_models(fixture, request):
     assert_pre_norm_identities(cap)
 
 
+def test_sublayer_inputs_are_the_norm_outputs_with_their_gain(tiny_model):
+    """Pre-norm: attn_in = ln1(resid) and mlp_in = ln2(resid_mid), gain and bias included."""
+    cap = ld.capture(tiny_model, IDS)
+    m = cap.token_mask
+    for l in range(3):
+        ln1, ln2 = tiny_model.blocks[l].ln1, tiny_model.blocks[l].ln2
+        torch.testing.assert_close(cap.attn_in[l][m], (cap.ln1_normalized[l] * ln1.w + ln1.b)[m], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cap.mlp_in[l][m], (cap.ln2_normalized[l] * ln2.w + ln2.b)[m], atol=1e-5, rtol=1e-5)
+
+
 def test_batched_capture_with_padding_equals_per_prompt(tiny_gqa_model):
     batched = ld.capture(tiny_gqa_model, IDS, batch_size=3)
     for i, ids in enumerate(IDS):
@@ -214,6 +224,9 @@ def test_minilm_post_norm_capture_matches_hugging_face(minilm, minilm_reference)
             ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
             torch.testing.assert_close(ln1(cap.resid[l] + cap.attn_out[l])[m], cap.resid_mid[l][m], atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(ln2(cap.resid_mid[l] + cap.mlp_out[l])[m], cap.resid[l + 1][m], atol=1e-4, rtol=1e-5)
+    # A post-norm block reads its residual directly: attention the state between blocks, the MLP LN1's output.
+    torch.testing.assert_close(cap.attn_in, cap.resid[:-1])
+    torch.testing.assert_close(cap.mlp_in, cap.resid_mid)
 
 
 def test_capture_record_checks_its_shapes():

@@ -62,3 +62,29 @@ def test_norms_writes_json_and_self_contained_html(tmp_path, capsys):
     assert not re.search(r"<script[^>]+src=", html), "no external scripts: the page must open offline"
     assert json.loads((out / "norms.json").read_text())["kind"] == "NormsResult"
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_report_runs_every_analysis_from_one_capture_per_model(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"text": "The river rose to the fourth step of the old mill before dawn."}) + "\n"
+        + json.dumps({"text": "Snow fell on the quiet village all night long, and nobody went out."}) + "\n"
+    )
+    out = tmp_path / "report"
+    code = main(["report", "--model", "minilm-l6", "--prompts", str(prompts), "--exclude", "special",
+                 "--permutations", "10", "--out", str(out)])
+    assert code == 0
+    expansion, gains = load_result(out / "expansion.json"), load_result(out / "gains.json")
+    assert expansion.control.provenance.weights == "random" and gains.control.provenance.weights == "random"
+    assert expansion.provenance.n_tokens == gains.provenance.n_tokens == load_result(out / "norms.json").provenance.n_tokens
+    html = (out / "report.html").read_text()
+    assert html.count("Plotly.newPlot") == 3
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_single_analysis_commands_and_unknown_analyses(tmp_path, capsys):
+    assert main(["report", "--analyses", "norms,cosmology", "--out", str(tmp_path)]) == 2
+    assert "unknown analysis ['cosmology']" in capsys.readouterr().err
+    help_text = subprocess.run([sys.executable, "-m", "lensdyn.cli", "gains", "--help"], capture_output=True, text=True).stdout
+    assert "--reference" in help_text and "--tokens" in help_text
