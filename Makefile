@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/capture.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/analyses.py
 
 clean:
 	rm -rf $(VENV) reports build *.egg-info

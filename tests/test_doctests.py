@@ -1,5 +1,6 @@
 """Every docstring example in the core and the analyses runs and prints what it says."""
 import doctest
+import importlib
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from lensdyn import fits, metric, ops
 from lensdyn.analyses import expansion, gains, norms
 
 
-@pytest.mark.parametrize("module", [ops, fits, metric, norms, expansion, gains], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [ops, fits, metric, norms, expansion, gains, importlib.import_module("lensdyn.hooks.capture")], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     failures, attempted = doctest.testmod(module, extraglobs={"torch": torch, "np": np}, optionflags=doctest.ELLIPSIS)
     assert attempted > 0

@@ -1,0 +1,53 @@
+"""Analysis time against the forward pass it reads, on smollm2-135m and the built-in diverse set.
+
+    python benchmarks/analyses.py [--repeats 3]
+
+Forward pass = ld.capture of the streams the analyses need (the capture is the forward pass
+plus the copies). Each analysis is timed on that capture, without the untrained control
+(whose own forward pass is a second run, not analysis). The causal metric is a per-model
+constant (one [vocab, d_model] covariance) and is timed on its own line.
+Target (issue 3): expansion and gains, excluding the forward pass, each <= 0.5x the forward pass.
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import lensdyn as ld  # noqa: E402
+from _timing import best_of  # noqa: E402
+from lensdyn.analyses import expansion, gains  # noqa: E402
+from lensdyn.hooks.circuits import unembedding  # noqa: E402
+from lensdyn.metric import causal_metric  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    model = ld.load_model("smollm2-135m")
+    streams = tuple(sorted(set(expansion.STREAMS) | set(gains.STREAMS)))
+    cap = ld.capture(model, "diverse", streams=streams)
+    forward = best_of(lambda: ld.capture(model, "diverse", streams=streams), args.repeats)
+    bare = best_of(lambda: [model(cap.tokens[i : i + 1, : int(cap.token_mask[i].sum())]) for i in range(cap.n_prompts)], args.repeats)
+    rows = [
+        ("bare bridge forward, prompt by prompt (logits)", bare),
+        (f"ld.capture {', '.join(streams)}", forward),
+        ("causal metric from W_U (once per model)", best_of(lambda: causal_metric(unembedding(model)), args.repeats)),
+        ("expansion.measure (100 permutations)", best_of(lambda: expansion.measure(cap, model=model, control=None), args.repeats)),
+        ("gains.measure", best_of(lambda: gains.measure(cap, control=None), args.repeats)),
+    ]
+    print(f"smollm2-135m, diverse set: {cap.n_prompts} prompts, {int(cap.token_mask.sum())} tokens, "
+          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"{'step':<60} {'time (s)':>9} {'x capture':>10}")
+    for label, seconds in rows:
+        print(f"{label:<60} {seconds:>9.3f} {seconds / forward:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
