@@ -382,13 +382,17 @@ class ExpansionResult(Result):
         lines.append(f"{'post-LN norm CV across blocks':34}{self.post_ln_cv:>14.1%}{'':>14}{cc}   'constant if artifact'")
         cs = f"{c.attn_share:>15.1%}" if c is not None else f"{'-':>15}"
         cg = f"{c.post_ln_growth:>15.2f}" if c is not None else f"{'-':>15}"
-        lines.append(f"{'post-LN norm, last / first block':34}{self.post_ln_growth:>14.2f}{'':>14}{cg}   (raw residual: {self.pre_ln_growth:.1f})")
+        lines.append(
+            f"{'post-LN norm, last / first block':34}{self.post_ln_growth:>14.2f}{'':>14}{cg}"
+            f"   (raw residual: {self.pre_ln_growth:.1f})"
+        )
         lines.append(f"{'attention share of growth':34}{self.attn_share:>14.1%}{'':>14}{cs}")
         cov = self.covariance
         lines.append(
             f"covariance: top-{cov.top_eigenvalues.shape[1]} subspace overlap state 0 vs {self.n_layers}: "
             f"{cov.subspace_overlap[0, -1]:.3f}; participation ratio {cov.participation_ratio[0]:.1f} -> "
-            f"{cov.participation_ratio[-1]:.1f} (isotropic: d_model); C_0 rank {cov.rank[0]}, condition number {cov.condition_number[0]:.3g}"
+            f"{cov.participation_ratio[-1]:.1f} (isotropic: d_model); C_0 rank {cov.rank[0]}, "
+            f"condition number {cov.condition_number[0]:.3g}"
         )
         lines.append(
             f"variance growth along the {cov.rank[0]} layer-0 directions at state {self.n_layers}, / a^2: "
@@ -396,7 +400,9 @@ class ExpansionResult(Result):
             f"median {cov.directional_growth[-1, 1] / self.euclidean.scale_factor[-1] ** 2:.3g}, "
             f"95% {cov.directional_growth[-1, 2] / self.euclidean.scale_factor[-1] ** 2:.3g} (isotropic: all 1)"
         )
-        lines.append(f"causal metric condition number {self.causal_metric_condition_number:.3g} (ridge {self.causal_metric_ridge:g})")
+        lines.append(
+            f"causal metric condition number {self.causal_metric_condition_number:.3g} (ridge {self.causal_metric_ridge:g})"
+        )
         return "\n".join(lines)
 
     def figure(self):
@@ -417,7 +423,8 @@ class ExpansionResult(Result):
             tag = f"{r.provenance.model} ({r.provenance.weights})"
             states = np.arange(r.n_layers + 1)
             for track, dash in ((r.euclidean, "solid"), (r.causal, "dot")):
-                fig.add_trace(go.Scatter(x=states, y=track.scale_factor, mode="lines+markers", line={"color": colour, "dash": dash},
+                fig.add_trace(go.Scatter(x=states, y=track.scale_factor, mode="lines+markers",
+                                         line={"color": colour, "dash": dash},
                                          name=f"{tag}: a(l) {track.metric}"), row=1, col=1)
                 fig.add_trace(go.Scatter(x=states, y=np.exp(track.h0_intercept + track.h0 * states), mode="lines",
                                          line={"color": colour, "dash": "dash", "width": 1},
@@ -433,7 +440,8 @@ class ExpansionResult(Result):
                 x = x0 + (0.2 if r is self.control else -0.2)
                 fig.add_trace(go.Box(y=track.cv_reduction_null, x=np.full(len(track.cv_reduction_null), x), marker_color=colour2,
                                      name=f"{tag}: null ({track.metric})", showlegend=False, width=0.15), row=2, col=2)
-                fig.add_trace(go.Scatter(x=[x], y=[track.cv_reduction], mode="markers", marker={"color": colour, "size": 12, "symbol": "diamond"},
+                fig.add_trace(go.Scatter(x=[x], y=[track.cv_reduction], mode="markers",
+                                         marker={"color": colour, "size": 12, "symbol": "diamond"},
                                          name=f"{tag}: cv_reduction {track.metric}", showlegend=False), row=2, col=2)
             blocks = np.arange(r.n_layers)
             fig.add_trace(go.Scatter(x=blocks, y=r.post_ln_norms, mode="lines+markers", line={"color": colour},

@@ -17,7 +17,8 @@ A gain below 1 is contracting, above 1 expanding. ``mlp_phases`` segments ``log 
 piecewise-constant runs by the BIC rule of ``lensdyn.fits.piecewise_constant_segments``; each run
 is labelled by its geometric-mean gain: ``expanding`` (> 1 + band), ``contracting``
 (< 1 / (1 + band)) or ``neutral``, and marked ``final`` when it is a run of at most two blocks
-ending at the last block; neighbouring runs with the same label are one phase. ``scaling([results...])`` fits the last MLP gain against parameter count.
+ending at the last block; neighbouring runs with the same label are one phase.
+``scaling([results...])`` fits the last MLP gain against parameter count.
 
 >>> result = gains.measure(ld.load_model("smollm2-135m"), "diverse")     # doctest: +SKIP
 >>> print(result.summary())                                              # doctest: +SKIP
@@ -28,7 +29,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -222,7 +222,9 @@ def measure(
             raise ArgumentError(f"control must be 'random', a GainsResult, or None, not {control!r}")
         from lensdyn.models import random_control
 
-        control_cap = run_capture(random_control(model), cap.prompts, streams=STREAMS, exclude=cap.exclude, truncate=bool(cap.truncated))
+        control_cap = run_capture(
+            random_control(model), cap.prompts, streams=STREAMS, exclude=cap.exclude, truncate=bool(cap.truncated)
+        )
         control = _measure_capture(control_cap, reference, aggregation, tokens, band)
     if control is not None and not isinstance(control, GainsResult):
         raise ArgumentError(f"control must be 'random', a GainsResult, or None, not {type(control).__name__}")
@@ -241,7 +243,8 @@ def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str
     counts = {name: count_contracting(g) for name, g in (("attn", attn), ("mlp", mlp), ("resid", resid))}
     return GainsResult(
         conventions=Conventions(
-            aggregation=f"{aggregation.replace('_', ' ')} over {'each prompt’s last token' if tokens == 'last' else 'included tokens'}",
+            aggregation=f"{aggregation.replace('_', ' ')} over "
+            + ("each prompt's last token" if tokens == "last" else "included tokens"),
             excluded_positions=cap.exclude,
         ),
         provenance=Provenance.from_capture(cap),
@@ -293,8 +296,10 @@ class GainScaling:
         p = np.array(self.n_params, dtype=np.float64)
         grid = np.geomspace(p.min(), p.max(), 50)
         fig = go.Figure([
-            go.Scatter(x=p, y=self.last_mlp_gain, mode="markers+text", text=list(self.models), textposition="top center", name="models"),
-            go.Scatter(x=grid, y=np.exp(self.intercept) * grid**self.exponent, mode="lines",
+            go.Scatter(x=p, y=self.last_mlp_gain, mode="markers+text", text=list(self.models),
+                       textposition="top center", name="models"),
+            go.Scatter(x=grid, y=np.exp(self.intercept) * grid**self.exponent,
+                       mode="lines",
                        name=f"fit: exponent {self.exponent:.3f} +- {self.exponent_se:.3f}"),
         ])
         fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="parameters", yaxis_title="last-block MLP gain",
@@ -317,9 +322,10 @@ def scaling(results: list[GainsResult]) -> GainScaling:
     if any(r.provenance.n_params is None for r in results):
         raise ArgumentError("a result has no parameter count (provenance.n_params): measure it with this version of lensdyn")
     for field in ("reference", "tokens"):
-        if len({getattr(r, field) for r in results}) > 1:
-            raise ArgumentError(f"results differ in {field}: {sorted({getattr(r, field) for r in results})}; compare like with like")
-    if len({r.conventions.aggregation for r in results}) > 1 or len({r.provenance.weights for r in results}) > 1:
+        values = sorted({getattr(r, field) for r in results})
+        if len(values) > 1:
+            raise ArgumentError(f"results differ in {field}: {values}; compare like with like")
+    if len({r.conventions.aggregation for r in results}) > 1 or len({r.provenance.weights for r in results}) != 1:
         raise ArgumentError("results differ in aggregation or in weights (trained vs untrained); compare like with like")
     params = np.array([r.provenance.n_params for r in results], dtype=np.float64)
     gain = np.array([r.last_mlp_gain for r in results])

@@ -34,12 +34,14 @@ def main() -> None:
     streams = tuple(sorted(set(expansion.STREAMS) | set(gains.STREAMS)))
     cap = ld.capture(model, "diverse", streams=streams)
     forward = best_of(lambda: ld.capture(model, "diverse", streams=streams), args.repeats)
-    bare = best_of(lambda: [model(cap.tokens[i : i + 1, : int(cap.token_mask[i].sum())]) for i in range(cap.n_prompts)], args.repeats)
+    prompts = [cap.tokens[i : i + 1, : int(cap.token_mask[i].sum())] for i in range(cap.n_prompts)]
+    bare = best_of(lambda: [model(ids) for ids in prompts], args.repeats)
     rows = [
         ("bare bridge forward, prompt by prompt (logits)", bare),
         (f"ld.capture {', '.join(streams)}", forward),
         ("causal metric from W_U (once per model)", best_of(lambda: causal_metric(unembedding(model)), args.repeats)),
-        ("expansion.measure (100 permutations)", best_of(lambda: expansion.measure(cap, model=model, control=None), args.repeats)),
+        ("expansion.measure (100 permutations)",
+         best_of(lambda: expansion.measure(cap, model=model, control=None), args.repeats)),
         ("gains.measure", best_of(lambda: gains.measure(cap, control=None), args.repeats)),
     ]
     print(f"smollm2-135m, diverse set: {cap.n_prompts} prompts, {int(cap.token_mask.sum())} tokens, "

@@ -96,7 +96,8 @@ def _add_expansion_options(p: argparse.ArgumentParser) -> None:
 
 def _add_gains_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("gains")
-    g.add_argument("--reference", choices=("ln_output", "resid"), default="ln_output", help="what a sublayer's output is compared to")
+    g.add_argument("--reference", choices=("ln_output", "resid"), default="ln_output",
+                   help="what a sublayer's output is compared to")
     g.add_argument("--tokens", choices=("all", "last"), default="all", help="all included tokens or each prompt's last")
     if not any(a.dest == "aggregation" for a in p._actions):
         g.add_argument("--aggregation", choices=("ratio_of_means", "mean_of_ratios"), default="ratio_of_means")

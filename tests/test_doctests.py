@@ -9,8 +9,10 @@ import torch
 from lensdyn import fits, metric, ops
 from lensdyn.analyses import expansion, gains, norms
 
+MODULES = [ops, fits, metric, norms, expansion, gains, importlib.import_module("lensdyn.hooks.capture")]
 
-@pytest.mark.parametrize("module", [ops, fits, metric, norms, expansion, gains, importlib.import_module("lensdyn.hooks.capture")], ids=lambda m: m.__name__)
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     failures, attempted = doctest.testmod(module, extraglobs={"torch": torch, "np": np}, optionflags=doctest.ELLIPSIS)
     assert attempted > 0

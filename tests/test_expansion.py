@@ -148,7 +148,8 @@ def test_measure_on_a_synthetic_capture_adds_up():
     # Sublayer growth terms add up to the growth of the mean squared norm across each block.
     sq = (streams["resid"][:, :, 1:].double() ** 2).sum(-1).mean(dim=(1, 2)).numpy()
     np.testing.assert_allclose(result.attn_growth + result.mlp_growth, np.diff(sq), rtol=1e-4)
-    np.testing.assert_allclose(result.causal.norms, metric_norms(streams["resid"][:, :, 1:].reshape(5, -1, 8), causal_metric(W_U)).numpy(), rtol=1e-5)
+    expected = metric_norms(streams["resid"][:, :, 1:].reshape(5, -1, 8), causal_metric(W_U))
+    np.testing.assert_allclose(result.causal.norms, expected.numpy(), rtol=1e-5)
     assert result.token_position.tolist() == [1, 2, 3, 4, 5] * 2
     assert 0.0 <= result.attn_share <= 1.0
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import lensdyn as ld
+from conftest import synthetic_capture
 from lensdyn import ops
 from lensdyn.analyses import norms
-from conftest import synthetic_capture
 
 
 def test_known_exponential_growth_and_an_excluded_sink():
