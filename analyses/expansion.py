@@ -11,7 +11,9 @@ Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the 
 - scale factor ``a(l) = mean_t n_lt / mean_t n_0t`` (ratio of means; ``"mean_of_ratios"``
   averages ``n_lt / n_0t`` instead), so ``a(0) = 1``.
 - Hubble rate ``H(l) = log a(l+1) - log a(l)``: the growth rate across block ``l`` (exact for
-  ``a = exp(H0 l)``; one value per block).
+  ``a = exp(H0 l)``; one value per block). Its epochs (the write-up's inflation, deceleration,
+  re-acceleration) are found by the change-point rule of ``lensdyn.fits``, not by eye:
+  ``hubble_epoch_starts`` and the mean rate of each, ``hubble_epoch_rates``.
 - ``h0``: the rate of ``a(l) = exp(c + H0 l)`` fitted over all states, with its standard error
   and ``r2``, in log space (OLS on ``log a``) or linear space (least squares on ``a``).
 - per-token ``H``: the same fit to each token's own ``n_lt``; its mean, std, CV, and Spearman
@@ -50,7 +52,7 @@ from scipy import stats
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
-from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit
+from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.capture import capture as run_capture
 from lensdyn.hooks.circuits import model_causal_metric
@@ -247,6 +249,8 @@ class ExpansionTrack:
     mean_norm: Float[np.ndarray, " state"]
     scale_factor: Float[np.ndarray, " state"]
     hubble: Float[np.ndarray, " block"]
+    hubble_epoch_starts: Int[np.ndarray, " epoch"]
+    hubble_epoch_rates: Float[np.ndarray, " epoch"]
     h0: float
     h0_se: float
     h0_intercept: float
@@ -288,6 +292,9 @@ def expansion_track(
     fit = fit_h0(a, fit_space)
     rates = per_token_h(norms, fit_space)
     physical, comoving, reduction = comoving_cv(norms, aggregation)
+    rate = hubble(a)
+    starts = piecewise_constant_segments(rate)
+    epoch_rates = np.array([rate[s:e].mean() for s, e in zip(starts, [*starts[1:], len(rate)])])
     if len(rates) > 2 and np.ptp(positions.numpy()) > 0:
         rho, p = stats.spearmanr(rates, positions.numpy())
     else:
@@ -297,7 +304,9 @@ def expansion_track(
         norms=norms.to(torch.float64).numpy(),
         mean_norm=norms.to(torch.float64).mean(dim=1).numpy(),
         scale_factor=a,
-        hubble=hubble(a),
+        hubble=rate,
+        hubble_epoch_starts=starts,
+        hubble_epoch_rates=epoch_rates,
         h0=float(fit.rate[0]),
         h0_se=float(fit.rate_se[0]),
         h0_intercept=float(fit.intercept[0]),
@@ -378,6 +387,12 @@ class ExpansionResult(Result):
         row("cv_reduction", lambda t: t.cv_reduction, ".1%", "89.8%")
         row("cv_reduction_null (permuted)", lambda t: t.cv_reduction_null_mean, ".1%", "not run")
         row("permutation p (reduction > null)", lambda t: t.cv_reduction_p, ".3f", "")
+        for track in (self.euclidean, self.causal):
+            bounds = [*track.hubble_epoch_starts[1:], self.n_layers]
+            epochs = ", ".join(
+                f"{s}-{e - 1}: {h:.3f}" for s, e, h in zip(track.hubble_epoch_starts, bounds, track.hubble_epoch_rates)
+            )
+            lines.append(f"H(l) epochs ({track.metric}), blocks: mean H = {epochs}")
         cc = f"{c.post_ln_cv:>15.1%}" if c is not None else f"{'-':>15}"
         lines.append(f"{'post-LN norm CV across blocks':34}{self.post_ln_cv:>14.1%}{'':>14}{cc}   'constant if artifact'")
         cs = f"{c.attn_share:>15.1%}" if c is not None else f"{'-':>15}"

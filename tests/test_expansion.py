@@ -217,3 +217,13 @@ def test_smollm2_causal_norms_match_a_dense_inverse_and_post_ln_norms_match_hf(s
     with torch.inference_mode():
         reads = smollm2_reference.model.layers[7].input_layernorm(block_in)
     assert result.post_ln_norms[7] == pytest.approx(reads.double().norm(dim=-1).mean().item(), rel=1e-4)
+
+
+def test_hubble_epochs_are_found_by_the_change_point_rule():
+    """A planted history: inflation (H 0.5 for 2 blocks), slow growth (0.02), re-acceleration (0.2)."""
+    rates = np.concatenate([np.full(2, 0.5), np.full(10, 0.02), np.full(8, 0.2)])
+    a = np.exp(np.concatenate([[0.0], np.cumsum(rates)]))
+    norms = torch.from_numpy(np.outer(a, np.linspace(1.0, 2.0, 30)))
+    track = expansion.expansion_track(norms, torch.arange(30), "euclidean", n_permutations=2)
+    assert track.hubble_epoch_starts.tolist() == [0, 2, 12]
+    np.testing.assert_allclose(track.hubble_epoch_rates, [0.5, 0.02, 0.2], rtol=1e-9)
