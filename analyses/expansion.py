@@ -42,7 +42,6 @@ Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,12 +52,11 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit, piecewise_constant_segments
-from lensdyn.hooks.capture import Capture
-from lensdyn.hooks.capture import capture as run_capture
+from lensdyn.hooks.capture import Capture, capture_for, control_capture
 from lensdyn.hooks.circuits import model_causal_metric
 from lensdyn.metric import CausalMetric, metric_norms
 from lensdyn.ops import aggregate_ratio, masked_tokens, token_norms
-from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.results import Conventions, Provenance, Result, attach_control
 
 STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_out")
 
@@ -506,31 +504,18 @@ def measure(
         top_k: eigenvectors compared across states.
         ridge: regularisation of the causal metric (``lensdyn.metric``).
     """
-    if isinstance(capture_or_model, Capture):
-        cap = capture_or_model
-        if model is None:
-            raise ArgumentError("expansion.measure(capture) needs model= too: the causal metric reads the model's unembedding")
-    else:
-        model = capture_or_model
-        cap = run_capture(model, prompts, streams=STREAMS, **capture_kwargs)
-    metric = model_causal_metric(model, ridge)
-    result = _measure_capture(cap, metric, aggregation, fit_space, n_permutations, top_k, seed)
-    if isinstance(control, str):
-        if control != "random":
-            raise ArgumentError(f"control must be 'random', an ExpansionResult, or None, not {control!r}")
-        control = _measure_control(model, cap, aggregation, fit_space, n_permutations, top_k, ridge, seed)
-    if control is not None and not isinstance(control, ExpansionResult):
-        raise ArgumentError(f"control must be 'random', an ExpansionResult, or None, not {type(control).__name__}")
-    return dataclasses.replace(result, control=control)
+    cap, captured_from = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
+    model = captured_from if captured_from is not None else model
+    if model is None:
+        raise ArgumentError("expansion.measure(capture) needs model= too: the causal metric reads the model's unembedding")
+    options = (aggregation, fit_space, n_permutations, top_k, seed)
+    result = _measure_capture(cap, model_causal_metric(model, ridge), *options)
 
+    def measure_random() -> ExpansionResult:
+        control_cap, random_model = control_capture(model, cap, STREAMS)
+        return _measure_capture(control_cap, model_causal_metric(random_model, ridge), *options)
 
-def _measure_control(model, cap: Capture, aggregation, fit_space, n_permutations, top_k, ridge, seed) -> ExpansionResult:
-    from lensdyn.models import random_control
-
-    random_model = random_control(model)
-    control_cap = run_capture(random_model, cap.prompts, streams=STREAMS, exclude=cap.exclude, truncate=bool(cap.truncated))
-    metric = model_causal_metric(random_model, ridge)
-    return _measure_capture(control_cap, metric, aggregation, fit_space, n_permutations, top_k, seed)
+    return attach_control(result, control, measure_random)
 
 
 def _measure_capture(

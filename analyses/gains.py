@@ -25,7 +25,6 @@ ending at the last block; neighbouring runs with the same label are one phase.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +33,9 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit, piecewise_constant_segments
-from lensdyn.hooks.capture import Capture
-from lensdyn.hooks.capture import capture as run_capture
+from lensdyn.hooks.capture import Capture, capture_for, control_capture
 from lensdyn.ops import aggregate_ratio, last_token_mask, masked_tokens, token_norms
-from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.results import Conventions, Provenance, Result, attach_control
 
 STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_in", "mlp_out")
 REFERENCES = ("ln_output", "resid")
@@ -211,24 +209,16 @@ def measure(
     for name, value, allowed in (("reference", reference, REFERENCES), ("tokens", tokens, TOKENS)):
         if value not in allowed:
             raise ArgumentError(f"{name} must be one of {allowed}, not {value!r}")
-    if isinstance(capture_or_model, Capture):
-        cap = capture_or_model
-    else:
-        model = capture_or_model
-        cap = run_capture(model, prompts, streams=STREAMS, **capture_kwargs)
-    result = _measure_capture(cap, reference, aggregation, tokens, band)
-    if isinstance(control, str):
-        if control != "random":
-            raise ArgumentError(f"control must be 'random', a GainsResult, or None, not {control!r}")
-        from lensdyn.models import random_control
+    cap, captured_from = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
+    model = captured_from if captured_from is not None else model
+    options = (reference, aggregation, tokens, band)
 
-        control_cap = run_capture(
-            random_control(model), cap.prompts, streams=STREAMS, exclude=cap.exclude, truncate=bool(cap.truncated)
-        )
-        control = _measure_capture(control_cap, reference, aggregation, tokens, band)
-    if control is not None and not isinstance(control, GainsResult):
-        raise ArgumentError(f"control must be 'random', a GainsResult, or None, not {type(control).__name__}")
-    return dataclasses.replace(result, control=control)
+    def measure_random() -> GainsResult:
+        if model is None:
+            raise ArgumentError("control='random' with a capture needs model= (the model it came from); or pass control=None")
+        return _measure_capture(control_capture(model, cap, STREAMS)[0], *options)
+
+    return attach_control(_measure_capture(cap, *options), control, measure_random)
 
 
 def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str, band: float) -> GainsResult:

@@ -14,8 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from lensdyn.hooks.capture import Capture
-from lensdyn.hooks.capture import capture as run_capture
+from lensdyn.hooks.capture import capture_for
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 
@@ -131,11 +130,7 @@ def measure(capture_or_model, prompts="diverse", **capture_kwargs) -> NormsResul
     >>> result = measure(ld.load_model("smollm2-135m"), "diverse")   # doctest: +SKIP
     >>> print(result.summary())                                      # doctest: +SKIP
     """
-    cap: Capture = (
-        capture_or_model
-        if isinstance(capture_or_model, Capture)
-        else run_capture(capture_or_model, prompts, streams=STREAMS, **capture_kwargs)
-    )
+    cap, _ = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
     norms = residual_norms(cap.require("resid"))
     stats = layer_statistics(norms, cap.mask)
     return NormsResult(

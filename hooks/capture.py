@@ -222,6 +222,24 @@ def capture(
     )
 
 
+def capture_for(capture_or_model, prompts, streams: Sequence[str], **capture_kwargs) -> tuple[Capture, object | None]:
+    """What every ``measure()`` starts with: ``(capture, model)`` from a ``Capture`` (model None) or
+    from a model and prompts (captured here with ``streams``)."""
+    if isinstance(capture_or_model, Capture):
+        return capture_or_model, None
+    return capture(capture_or_model, prompts, streams=streams, **capture_kwargs), capture_or_model
+
+
+def control_capture(model, like: Capture, streams: Sequence[str]) -> tuple[Capture, object]:
+    """The untrained twin of ``model`` run on the prompts of ``like``, with its exclusion and
+    truncation: ``(capture, random_model)``."""
+    from lensdyn.models import random_control
+
+    random_model = random_control(model)
+    cap = capture(random_model, like.prompts, streams=streams, exclude=like.exclude, truncate=bool(like.truncated))
+    return cap, random_model
+
+
 MIN_FILL = 0.8
 
 

@@ -18,12 +18,15 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from lensdyn.errors import ArgumentError
 
 LAYER_CONVENTION = (
     "state l (l < n_layers) is the input of block l (hook_resid_pre); state n_layers is the "
@@ -132,6 +135,18 @@ class Result:
         return json.dumps(self.to_dict(), sort_keys=True) == json.dumps(other.to_dict(), sort_keys=True)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def attach_control(result: Result, control, measure_random: Callable[[], Result]) -> Result:
+    """``result`` with its untrained control: ``"random"`` runs ``measure_random()``, a result of
+    the same kind is attached as is, None attaches nothing."""
+    if isinstance(control, str):
+        if control != "random":
+            raise ArgumentError(f"control must be 'random', a {type(result).__name__}, or None, not {control!r}")
+        control = measure_random()
+    if control is not None and type(control) is not type(result):
+        raise ArgumentError(f"control must be 'random', a {type(result).__name__}, or None, not {type(control).__name__}")
+    return dataclasses.replace(result, control=control)
 
 
 def _import_analyses() -> None:

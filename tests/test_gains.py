@@ -146,3 +146,14 @@ def test_smollm2_gains_match_hugging_face_module_outputs(smollm2_diverse, smollm
             h.remove()
     np.testing.assert_allclose(result.attn_gain, sums["attn"] / sums["ln1"], rtol=1e-4)
     np.testing.assert_allclose(result.mlp_gain, sums["mlp"] / sums["ln2"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_control_random_runs_the_untrained_twin_on_the_same_tokens(minilm):
+    texts = ["The river rose to the fourth step of the old mill.", "Snow fell on the quiet village all night long."]
+    result = gains.measure(minilm, texts, exclude=("special",))
+    assert result.control.provenance.weights == "random" and result.provenance.weights == "pretrained"
+    assert result.control.provenance.n_tokens == result.provenance.n_tokens
+    assert not np.allclose(result.control.attn_gain, result.attn_gain)
+    with pytest.raises(ArgumentError, match="needs model="):
+        gains.measure(ld.capture(minilm, texts, streams=gains.STREAMS))
