@@ -100,11 +100,15 @@ class CircuitSpectra:
 
 
 def circuit_spectra(model) -> CircuitSpectra:
-    """Eigenvalues of every layer's V and OV, and per-head OV spectral radii.
+    """Eigenvalues of every layer's V and OV, and per-head OV spectral radii (cached per model and weights).
 
     >>> spectra = circuit_spectra(model)   # doctest: +SKIP
     >>> spectra.ov_radius                  # one spectral radius per layer
     """
+    return _cached(model, "circuit_spectra", _circuit_spectra)
+
+
+def _circuit_spectra(model) -> CircuitSpectra:
     ov_eig, ov_head, v_eig = [], [], []
     for layer in range(model.cfg.n_layers):
         W_V, W_O = (w.to(torch.float64) for w in _value_and_output(model, layer))
@@ -133,19 +137,21 @@ def unembedding(model) -> Float[Tensor, "d_model vocab"]:
     return W_U.detach()
 
 
-_METRIC_CACHE: "weakref.WeakKeyDictionary[object, tuple[tuple, CausalMetric]]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached(model, name: str, compute):
+    """``compute(model)``, remembered per model until any parameter is replaced or edited in place."""
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    store = _CACHE.setdefault(model, {})
+    if name not in store or store[name][0] != weights:
+        store[name] = (weights, compute(model))
+    return store[name][1]
 
 
 def model_causal_metric(model, ridge: float = 1e-6) -> CausalMetric:
-    """``causal_metric(unembedding(model))``, computed once per model and ridge.
+    """``causal_metric(unembedding(model))``, computed once per model, weights and ridge.
 
-    Building it costs a ``[vocab, d_model]`` float64 covariance (half a second on SmolLM2); the
-    cache is keyed on the weight tensor's storage and version, so editing ``W_U`` in place rebuilds it.
+    Building it costs a ``[vocab, d_model]`` float64 covariance (half a second on SmolLM2).
     """
-    W_U = unembedding(model)
-    key = (W_U.data_ptr(), W_U._version, tuple(W_U.shape), ridge)
-    cached = _METRIC_CACHE.get(model)
-    if cached is None or cached[0] != key:
-        cached = (key, causal_metric(W_U, ridge=ridge))
-        _METRIC_CACHE[model] = cached
-    return cached[1]
+    return _cached(model, f"causal_metric(ridge={ridge})", lambda m: causal_metric(unembedding(m), ridge=ridge))

@@ -142,7 +142,8 @@ def test_measure_on_a_synthetic_capture_adds_up():
     streams = synthetic_stream()
     cap = synthetic_capture(torch.ones(2, 6, dtype=torch.bool), **streams)
     W_U = torch.randn(8, 20)
-    model = type("FakeModel", (), {"W_U": W_U})()
+    model = torch.nn.Module()
+    model.W_U = torch.nn.Parameter(W_U)  # all the causal metric reads
     result = expansion.measure(cap, model=model, control=None, n_permutations=10)
     np.testing.assert_allclose(result.post_ln_norms, 3.0, rtol=1e-5)
     # Sublayer growth terms add up to the growth of the mean squared norm across each block.

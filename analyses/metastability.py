@@ -1,0 +1,535 @@
+"""Metastability: do tokens cluster on the sphere the way the idealized attention dynamics predicts?
+
+The write-up tests Geshkovski et al.'s theory (attention as interacting particles on the sphere,
+Q = K = V = I; see ``lensdyn.analyses.idealized``) in trained models. It reports clustering,
+persistence and two timescales as confirmed, monotone energy and dimension-driven collapse as
+falsified, and collapse speed following the spectral radius of V. lensdyn measures each per
+prompt, per state, on the sphere-projected residual ``x_i = h_i / ||h_i||`` (float64), over the
+capture's included tokens of that prompt:
+
+- ``inner_product_histogram``: fractions of pairs ``i < j`` with ``<x_i, x_j>`` in ``BINS``
+  (40 equal bins on [-1, 1]); ``mass_near_one``: fraction of pairs above ``threshold`` (0.9).
+- ``effective_rank``: ``exp(H(p))``, ``p_k = s_k^2 / sum s^2`` from the singular values of the
+  token matrix (uncentred): ``d`` for an isotropic cloud with many tokens, at most ``k`` for rank k.
+- ``clusters``: HDBSCAN on the precomputed cosine distances ``1 - <x_i, x_j>`` (float64,
+  ``min_cluster_size`` 5 by default): number of clusters and fraction of tokens left as noise.
+- ``nearest_neighbour_stability``: fraction of tokens whose nearest neighbour (by inner
+  product, itself excluded) is the same at state ``l`` and ``l + 1``.
+- ``linear_cka`` between consecutive states (centred Gram matrices); ``plateaus``: runs of at least
+  ``min_length`` consecutive blocks with CKA >= ``CKA_PLATEAU`` (0.95).
+- two timescales from the HDBSCAN counts: ``formation`` is the first state where at least half
+  the tokens are in clusters; ``persistence`` the length of the longest run of states from there
+  with an unchanged cluster count (the metastable window); ``merge`` the first state after that
+  run where the count falls (-1: never); ``timescale_ratio = persistence / max(formation, 1)``.
+- ``interaction_energy`` ``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)`` for each beta
+  in ``BETAS``; a violation is a block across which it falls by more than ``rtol`` (relative),
+  reported with the token pairs whose ``exp(beta <x_i, x_j>)`` fell most.
+- attention graphs (opt-in, need ``attention=True`` in the capture): ``fiedler`` value (second
+  smallest Laplacian eigenvalue) of the symmetrised ``(A + A^T) / 2``, Sinkhorn-scaled to doubly
+  stochastic, per head and block; and the same for attention that is uniform over the causal mask
+  (or over all tokens, for encoders): what the mask alone produces.
+- spectra: ``rho(V)`` and ``rho(OV)`` per layer and the fraction of complex OV eigenvalues
+  (``lensdyn.hooks.circuits``); ``collapse_speed`` = per-block rise of mean ``mass_near_one``,
+  and its Spearman correlation with each radius across blocks.
+
+Controls ride along and are never averaged in: ``control`` (same architecture, random weights)
+and ``repeated`` (the ``repeated`` prompt set, a collapse diagnostic only).
+
+>>> result = metastability.measure(ld.load_model("smollm2-135m"), "diverse")   # doctest: +SKIP
+>>> print(result.summary())                                                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from scipy import linalg as sla
+from scipy import stats
+from torch import Tensor
+
+from lensdyn.errors import ArgumentError
+from lensdyn.hooks.capture import Capture, capture_for, control_capture
+from lensdyn.hooks.circuits import circuit_spectra
+from lensdyn.results import Conventions, Provenance, Result, attach_control
+
+STREAMS = ("resid",)
+BINS = np.linspace(-1.0, 1.0, 41)
+BETAS = (0.1, 1.0, 2.0, 5.0)
+MASS_THRESHOLD = 0.9
+CKA_PLATEAU = 0.95
+MIN_CLUSTER_SIZE = 5
+
+
+# --- pure functions of one token cloud ----------------------------------------------------
+
+
+def sphere(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
+    """``x / ||x||`` in float64.
+
+    >>> sphere(torch.tensor([[3.0, 4.0]]))
+    tensor([[0.6000, 0.8000]], dtype=torch.float64)
+    """
+    return torch.nn.functional.normalize(x.to(torch.float64), dim=-1)
+
+
+def _pairs(gram: Float[Tensor, "n n"]) -> Float[Tensor, " pair"]:
+    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1)
+    return gram[i, j]
+
+
+def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS) -> Float[np.ndarray, " bin"]:
+    """Fraction of pairs ``i < j`` in each bin of ``<x_i, x_j>``.
+
+    >>> inner_product_histogram(torch.eye(3, dtype=torch.float64), np.array([-1.0, 0.5, 1.0]))
+    array([1., 0.])
+    """
+    values = _pairs(gram).clamp(-1.0, 1.0).numpy()
+    counts, _ = np.histogram(values, bins=bins)
+    return counts / max(len(values), 1)
+
+
+def mass_near_one(gram: Float[Tensor, "n n"], threshold: float = MASS_THRESHOLD) -> float:
+    """Fraction of pairs ``i < j`` with ``<x_i, x_j> > threshold``.
+
+    >>> mass_near_one(torch.ones(3, 3, dtype=torch.float64))
+    1.0
+    """
+    return float((_pairs(gram) > threshold).to(torch.float64).mean())
+
+
+def effective_rank(gram: Float[Tensor, "n n"]) -> float:
+    """``exp(-sum p log p)`` with ``p`` the normalised eigenvalues of the Gram matrix (= squared singular values).
+
+    >>> round(effective_rank(torch.eye(4, dtype=torch.float64)), 6)
+    4.0
+    >>> round(effective_rank(torch.ones(4, 4, dtype=torch.float64)), 6)
+    1.0
+    """
+    s = torch.linalg.eigvalsh(gram).clamp(min=0.0)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def clusters(gram: Float[Tensor, "n n"], min_cluster_size: int = MIN_CLUSTER_SIZE) -> tuple[int, float, Int[np.ndarray, " n"]]:
+    """HDBSCAN on cosine distances: ``(n_clusters, noise_fraction, labels)`` (label -1 is noise)."""
+    import hdbscan
+
+    n = gram.shape[0]
+    if n < max(min_cluster_size, 2):
+        return 0, 1.0, np.full(n, -1, dtype=np.int64)
+    distance = (1.0 - gram).clamp(min=0.0).numpy().astype(np.float64)
+    np.fill_diagonal(distance, 0.0)
+    labels = hdbscan.HDBSCAN(metric="precomputed", min_cluster_size=min_cluster_size).fit_predict(distance)
+    return int(labels.max() + 1), float((labels < 0).mean()), labels.astype(np.int64)
+
+
+def nearest_neighbour_stability(gram_a: Float[Tensor, "n n"], gram_b: Float[Tensor, "n n"]) -> float:
+    """Fraction of tokens whose nearest neighbour (itself excluded) is the same in both clouds.
+
+    >>> g = torch.tensor([[1., .9, .1], [.9, 1., .2], [.1, .2, 1.]], dtype=torch.float64)
+    >>> nearest_neighbour_stability(g, g)
+    1.0
+    """
+    def nearest(g: Tensor) -> Tensor:
+        return (g - 3.0 * torch.eye(g.shape[0], dtype=g.dtype)).argmax(dim=1)
+
+    return float((nearest(gram_a) == nearest(gram_b)).to(torch.float64).mean())
+
+
+def _centred(gram: Tensor) -> Tensor:
+    return gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean()
+
+
+def linear_cka(gram_a: Float[Tensor, "n n"], gram_b: Float[Tensor, "n n"]) -> float:
+    """Linear CKA from Gram matrices: ``<K_c, L_c> / (||K_c|| ||L_c||)`` with double-centred ``K, L``.
+
+    Equal to ``||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F)``; invariant to rotations and
+    isotropic scaling of either cloud.
+
+    >>> x = torch.randn(10, 4, dtype=torch.float64)
+    >>> round(linear_cka(x @ x.T, x @ x.T), 12)
+    1.0
+    """
+    k, l = _centred(gram_a), _centred(gram_b)
+    return float((k * l).sum() / (k.norm() * l.norm()))
+
+
+def plateaus(values: Float[np.ndarray, " n"], threshold: float = CKA_PLATEAU, min_length: int = 2) -> list[tuple[int, int]]:
+    """Runs ``(start, end)`` (inclusive) of at least ``min_length`` consecutive values ``>= threshold``.
+
+    >>> plateaus(np.array([0.99, 0.5, 0.97, 0.98, 0.99, 0.2]))
+    [(2, 4)]
+    """
+    runs, start = [], None
+    for i, v in enumerate([*values, -np.inf]):
+        if v >= threshold and start is None:
+            start = i
+        elif v < threshold and start is not None:
+            if i - start >= min_length:
+                runs.append((start, i - 1))
+            start = None
+    return runs
+
+
+def interaction_energy(gram: Float[Tensor, "n n"], beta: float) -> float:
+    """``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``.
+
+    >>> round(interaction_energy(torch.ones(2, 2, dtype=torch.float64), 1.0), 6)   # all aligned: e / 2
+    1.359141
+    """
+    n = gram.shape[0]
+    return float(torch.exp(beta * gram).sum() / (2.0 * beta * n * n))
+
+
+def energy_drop_pairs(
+    gram_a: Float[Tensor, "n n"], gram_b: Float[Tensor, "n n"], beta: float, k: int = 5
+) -> list[tuple[int, int, float]]:
+    """The ``k`` pairs ``i < j`` whose term ``exp(beta <x_i, x_j>)`` fell most from ``a`` to ``b``: ``(i, j, change)``."""
+    i, j = torch.triu_indices(gram_a.shape[0], gram_a.shape[0], offset=1)
+    change = torch.exp(beta * gram_b[i, j]) - torch.exp(beta * gram_a[i, j])
+    order = torch.topk(change, min(k, change.numel()), largest=False).indices
+    return [(int(i[o]), int(j[o]), float(change[o])) for o in order]
+
+
+@dataclass(frozen=True)
+class Timescales:
+    """Fast formation, slow merging (module docstring); -1 where an event never happens."""
+
+    formation: int
+    persistence: int
+    merge: int
+    ratio: float
+
+
+def two_timescales(n_clusters: Int[np.ndarray, " state"], noise_fraction: Float[np.ndarray, " state"]) -> Timescales:
+    """Formation, persistence and merge read off a cluster-count profile.
+
+    >>> two_timescales(np.array([0, 0, 3, 3, 3, 3, 2, 1]), np.array([1, 1, .2, .1, .1, .1, .1, 0]))
+    Timescales(formation=2, persistence=4, merge=6, ratio=2.0)
+    """
+    formed = np.nonzero((noise_fraction <= 0.5) & (n_clusters >= 1))[0]
+    if len(formed) == 0:
+        return Timescales(-1, 0, -1, float("nan"))
+    formation = int(formed[0])
+    best_start, best_len, start = formation, 1, formation
+    for s in range(formation + 1, len(n_clusters) + 1):
+        if s == len(n_clusters) or n_clusters[s] != n_clusters[start]:
+            if s - start > best_len:
+                best_start, best_len = start, s - start
+            start = s
+    end = best_start + best_len
+    merge = next((s for s in range(end, len(n_clusters)) if n_clusters[s] < n_clusters[end - 1]), -1)
+    return Timescales(formation, best_len, int(merge), best_len / max(formation, 1))
+
+
+def sinkhorn(matrix: Float[Tensor, "n n"], iterations: int = 200, tol: float = 1e-10) -> Float[Tensor, "n n"]:
+    """Symmetric Sinkhorn scaling ``D W D`` of a positive symmetric matrix to doubly stochastic."""
+    w = matrix.to(torch.float64)
+    d = torch.ones(w.shape[0], dtype=w.dtype)
+    for _ in range(iterations):
+        d_new = torch.sqrt(d / (w @ d))
+        if torch.max(torch.abs(d_new - d)) < tol:
+            d = d_new
+            break
+        d = d_new
+    return d[:, None] * w * d[None, :]
+
+
+def fiedler(attention: Float[Tensor, "query key"]) -> float:
+    """Second-smallest eigenvalue of ``I - S``, ``S`` the Sinkhorn-scaled ``(A + A^T) / 2``.
+
+    >>> round(fiedler(torch.full((4, 4), 0.25, dtype=torch.float64)), 6)                 # complete graph
+    1.0
+    """
+    s = sinkhorn((attention + attention.T) / 2.0)
+    laplacian = torch.eye(s.shape[0], dtype=s.dtype) - s
+    return float(sla.eigh(laplacian.numpy(), eigvals_only=True, subset_by_index=[1, 1])[0])
+
+
+def mask_only_attention(n: int, causal: bool) -> Float[Tensor, "n n"]:
+    """Attention that is uniform over what the mask allows: the structure the mask alone supplies."""
+    allowed = torch.tril(torch.ones(n, n, dtype=torch.float64)) if causal else torch.ones(n, n, dtype=torch.float64)
+    return allowed / allowed.sum(dim=1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class EnergyViolation:
+    """A block across which ``E_beta`` fell, and the pairs ``(i, j, change of exp(beta <x_i, x_j>))`` that fell most."""
+
+    beta: float
+    block: int
+    relative_drop: float
+    pairs: tuple[tuple[int, int, float], ...]
+
+
+@dataclass(frozen=True)
+class CloudMetrics:
+    """Every per-state metric of one trajectory of token clouds (one prompt, an iteration, or a simulation)."""
+
+    histogram: Float[np.ndarray, "state bin"]
+    mass_near_one: Float[np.ndarray, " state"]
+    effective_rank: Float[np.ndarray, " state"]
+    n_clusters: Int[np.ndarray, " state"]
+    noise_fraction: Float[np.ndarray, " state"]
+    nn_stability: Float[np.ndarray, " block"]
+    cka: Float[np.ndarray, " block"]
+    energy: Float[np.ndarray, "beta state"]
+    energy_violations: tuple[EnergyViolation, ...]
+    plateaus: tuple[tuple[int, int], ...]
+    timescales: Timescales
+
+
+def cloud_metrics(
+    states: Float[Tensor, "state n d_model"],
+    betas: tuple[float, ...] = BETAS,
+    threshold: float = MASS_THRESHOLD,
+    min_cluster_size: int = MIN_CLUSTER_SIZE,
+    rtol: float = 1e-6,
+    cka_threshold: float = CKA_PLATEAU,
+) -> CloudMetrics:
+    """All metrics of a trajectory ``states[t]`` of ``n`` tokens, each state projected to the sphere."""
+    grams = [x @ x.T for x in sphere(states)]
+    energy = np.array([[interaction_energy(g, b) for g in grams] for b in betas])
+    cluster_info = [clusters(g, min_cluster_size)[:2] for g in grams]
+    n_clusters = np.array([c for c, _ in cluster_info], dtype=np.int64)
+    noise = np.array([f for _, f in cluster_info])
+    cka = np.array([linear_cka(a, b) for a, b in zip(grams[:-1], grams[1:])])
+    violations = []
+    for bi, beta in enumerate(betas):
+        for l in range(len(grams) - 1):
+            drop = (energy[bi, l] - energy[bi, l + 1]) / energy[bi, l]
+            if drop > rtol:
+                pairs = tuple(energy_drop_pairs(grams[l], grams[l + 1], beta))
+                violations.append(EnergyViolation(beta=float(beta), block=l, relative_drop=float(drop), pairs=pairs))
+    return CloudMetrics(
+        histogram=np.stack([inner_product_histogram(g) for g in grams]),
+        mass_near_one=np.array([mass_near_one(g, threshold) for g in grams]),
+        effective_rank=np.array([effective_rank(g) for g in grams]),
+        n_clusters=n_clusters,
+        noise_fraction=noise,
+        nn_stability=np.array([nearest_neighbour_stability(a, b) for a, b in zip(grams[:-1], grams[1:])]),
+        cka=cka,
+        energy=energy,
+        energy_violations=tuple(violations),
+        plateaus=tuple(plateaus(cka, cka_threshold)),
+        timescales=two_timescales(n_clusters, noise),
+    )
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class MetastabilityResult(Result):
+    """Per-prompt cloud metrics of one model; ``control`` (random weights) and ``repeated`` (the
+    collapse diagnostic) are measured alike and kept apart."""
+
+    prompt_labels: tuple[str, ...]
+    prompts: tuple[CloudMetrics, ...]
+    betas: tuple[float, ...]
+    mass_threshold: float
+    min_cluster_size: int
+    v_radius: Float[np.ndarray, " block"] | None
+    ov_radius: Float[np.ndarray, " block"]
+    ov_complex_fraction: Float[np.ndarray, " block"]
+    collapse_speed: Float[np.ndarray, " block"]  # mean over prompts of the rise of mass_near_one across block l
+    collapse_vs_v_spearman: float
+    collapse_vs_ov_spearman: float
+    fiedler: Float[np.ndarray, "block head"] | None = None  # mean over prompts
+    fiedler_mask_only: float | None = None  # mean over prompts of the mask-only graph's value
+    control: "MetastabilityResult | None" = None
+    repeated: "MetastabilityResult | None" = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.ov_radius)
+
+    def mean(self, name: str) -> Float[np.ndarray, "*shape"]:
+        """A per-prompt metric (``mass_near_one``, ``energy``, ...) averaged over this result's prompts."""
+        return np.mean([getattr(p, name) for p in self.prompts], axis=0)
+
+    def verdicts(self) -> dict[str, str]:
+        """The write-up's five claims, each judged on this model by the rules stated here."""
+        real = self.prompts
+        clustered = sum(p.effective_rank[-1] <= 0.5 * p.effective_rank[0] and p.n_clusters[-1] >= 1 for p in real)
+        with_plateau = sum(len(p.plateaus) > 0 for p in real)
+        separated = sum(p.timescales.formation >= 1 and p.timescales.persistence > p.timescales.formation for p in real)
+        violated = sum(len(p.energy_violations) > 0 for p in real)
+        return {
+            "tokens cluster (effective rank halves, clusters at the end)": f"{clustered}/{len(real)} prompts",
+            f"metastable plateaus (CKA >= {CKA_PLATEAU} over >= 2 blocks)": f"{with_plateau}/{len(real)} prompts",
+            "two timescales (forms after state 0, persists longer)": f"{separated}/{len(real)} prompts",
+            "energy never falls (theory)": f"falls in {violated}/{len(real)} prompts",
+            "collapse speed follows rho(V)": f"Spearman {self.collapse_vs_v_spearman:.2f} (rho(OV): {self.collapse_vs_ov_spearman:.2f})",
+        }
+
+    def summary(self) -> str:
+        p = self.provenance
+        lines = [
+            f"Metastability: {p.model} ({p.weights}), prompts {p.prompt_set!r}: {p.n_prompts} prompts, "
+            f"{p.n_tokens} tokens; sphere-projected residual, per prompt",
+        ]
+        runs = [("model", self)] + [(name, r) for name, r in (("control", self.control), ("repeated", self.repeated)) if r]
+        for name, r in runs:
+            lines.append(f"[{name}: {r.provenance.model} ({r.provenance.weights}), prompts {r.provenance.prompt_set!r}]")
+            for claim, value in r.verdicts().items():
+                lines.append(f"  {claim:62} {value}")
+        lines.append(f"{'state':>5} {'mass>0.9':>9} {'eff.rank':>9} {'clusters':>9} {'noise':>7} {'CKA':>7}"
+                     + "".join(f" {'E(b=' + format(b, 'g') + ')':>10}" for b in self.betas)
+                     + f" {'ctrl mass':>9} {'ctrl rank':>9}")
+        mass, rank, count, noise = (self.mean(n) for n in ("mass_near_one", "effective_rank", "n_clusters", "noise_fraction"))
+        cka, energy = self.mean("cka"), self.mean("energy")
+        for l in range(len(mass)):
+            ctrl = (f" {self.control.mean('mass_near_one')[l]:>9.3f} {self.control.mean('effective_rank')[l]:>9.1f}"
+                    if self.control else "")
+            lines.append(
+                f"{l:>5} {mass[l]:>9.3f} {rank[l]:>9.1f} {count[l]:>9.1f} {noise[l]:>7.2f} "
+                f"{cka[l] if l < len(cka) else float('nan'):>7.3f}"
+                + "".join(f" {energy[b, l]:>10.4g}" for b in range(len(self.betas))) + ctrl
+            )
+        v = "-" if self.v_radius is None else f"{self.v_radius.min():.2f}..{self.v_radius.max():.2f}"
+        lines.append(f"rho(V) {v}; rho(OV) {self.ov_radius.min():.2f}..{self.ov_radius.max():.2f}; "
+                     f"complex OV eigenvalues {self.ov_complex_fraction.mean():.1%}")
+        if self.fiedler is not None:
+            lines.append(f"attention Fiedler value: mean {self.fiedler.mean():.3f} over heads and blocks; "
+                         f"mask-only graph {self.fiedler_mask_only:.3f}")
+        return "\n".join(lines)
+
+    def figure(self):
+        """Mass near one, effective rank, cluster count and E_beta per state; control and repeated tokens alongside."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=2, cols=2, subplot_titles=(
+            f"mass near one (pairs > {self.mass_threshold})", "effective rank (log)",
+            f"HDBSCAN clusters (min size {self.min_cluster_size})", "interaction energy E_beta / E_beta(state 0)"))
+        runs = [(self, "#1f77b4", "model")]
+        runs += [(r, c, n) for r, c, n in ((self.control, "#7f7f7f", "control"), (self.repeated, "#d62728", "repeated")) if r]
+        for r, colour, role in runs:
+            tag = f"{r.provenance.model} ({r.provenance.weights}) {r.provenance.prompt_set}"
+            for i, (label, metrics) in enumerate(zip(r.prompt_labels, r.prompts)):
+                states = np.arange(len(metrics.mass_near_one))
+                common = dict(mode="lines", line={"color": colour, "width": 1}, opacity=0.5, legendgroup=role)
+                fig.add_trace(go.Scatter(x=states, y=metrics.mass_near_one, name=tag, showlegend=i == 0,
+                                         hovertext=label, **common), row=1, col=1)
+                fig.add_trace(go.Scatter(x=states, y=metrics.effective_rank, showlegend=False, hovertext=label, **common),
+                              row=1, col=2)
+                fig.add_trace(go.Scatter(x=states, y=metrics.n_clusters, showlegend=False, hovertext=label, **common),
+                              row=2, col=1)
+                fig.add_trace(go.Scatter(x=states, y=metrics.energy[-1] / metrics.energy[-1, 0], showlegend=False,
+                                         hovertext=f"{label}, beta={r.betas[-1]:g}", **common), row=2, col=2)
+        fig.update_yaxes(type="log", row=1, col=2)
+        fig.update_xaxes(title_text="state l")
+        fig.update_layout(title="Metastability on the sphere (one line per prompt)", template="plotly_white", height=760)
+        return fig
+
+
+def measure(
+    capture_or_model,
+    prompts="diverse",
+    *,
+    model=None,
+    control="random",
+    repeated: bool = True,
+    attention_graphs: bool = False,
+    betas: tuple[float, ...] = BETAS,
+    threshold: float = MASS_THRESHOLD,
+    min_cluster_size: int = MIN_CLUSTER_SIZE,
+    rtol: float = 1e-6,
+    **capture_kwargs,
+) -> MetastabilityResult:
+    """Metastability of a model on ``prompts`` (or of a ``Capture``, with ``model=`` for the spectra).
+
+    Args:
+        control: ``"random"`` (default), a ``MetastabilityResult``, or None.
+        repeated: also measure the ``repeated`` prompt set, kept apart as ``result.repeated``.
+        attention_graphs: Fiedler values of every head (captures attention patterns; slower).
+        betas: inverse temperatures of ``E_beta``; ``rtol``: relative fall counted as a violation.
+    """
+    streams = STREAMS
+    if attention_graphs:
+        capture_kwargs["attention"] = True
+    cap, captured_from = capture_for(capture_or_model, prompts, streams, **capture_kwargs)
+    model = captured_from if captured_from is not None else model
+    if model is None:
+        raise ArgumentError("metastability.measure(capture) needs model= too: the V and OV spectra read its weights")
+    if attention_graphs and cap.attention is None:
+        raise ArgumentError("attention_graphs=True needs a capture with attention=True")
+    options = dict(betas=tuple(float(b) for b in betas), threshold=threshold, min_cluster_size=min_cluster_size,
+                   rtol=rtol, attention_graphs=attention_graphs)
+    result = _measure_capture(cap, model, **options)
+    if repeated:
+        rep_cap = capture_for(model, "repeated", streams, exclude=cap.exclude, attention=attention_graphs)[0]
+        result = dataclasses.replace(result, repeated=_measure_capture(rep_cap, model, **options))
+
+    def measure_random() -> MetastabilityResult:
+        control_cap, random_model = control_capture(model, cap, streams)
+        return _measure_capture(control_cap, random_model, **{**options, "attention_graphs": False})
+
+    return attach_control(result, control, measure_random)
+
+
+def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rtol, attention_graphs) -> MetastabilityResult:
+    cap.require_streams(STREAMS)
+    if not bool(cap.mask.any()):
+        raise ArgumentError("no tokens left after masking: every position is padding or excluded")
+    per_prompt = []
+    for p in range(cap.n_prompts):
+        keep = cap.mask[p]
+        if int(keep.sum()) < 2:
+            raise ArgumentError(f"prompt {cap.prompts.labels[p]!r} has fewer than 2 included tokens: nothing to cluster")
+        per_prompt.append(cloud_metrics(cap.resid[:, p, keep], betas, threshold, min_cluster_size, rtol))
+    spectra = circuit_spectra(model)
+    mass = np.mean([m.mass_near_one for m in per_prompt], axis=0)
+    speed = np.diff(mass)
+    fiedler_values = mask_only = None
+    if attention_graphs:
+        fiedler_values, mask_only = _attention_fiedler(cap)
+    return MetastabilityResult(
+        conventions=Conventions(
+            aggregation="per prompt over its included tokens (sphere-projected residual); summaries average prompts",
+            excluded_positions=cap.exclude,
+        ),
+        provenance=Provenance.from_capture(cap),
+        prompt_labels=cap.prompts.labels,
+        prompts=tuple(per_prompt),
+        betas=betas,
+        mass_threshold=threshold,
+        min_cluster_size=min_cluster_size,
+        v_radius=spectra.v_radius,
+        ov_radius=spectra.ov_radius,
+        ov_complex_fraction=spectra.ov_complex_fraction,
+        collapse_speed=speed,
+        collapse_vs_v_spearman=_spearman(speed, spectra.v_radius),
+        collapse_vs_ov_spearman=_spearman(speed, spectra.ov_radius),
+        fiedler=fiedler_values,
+        fiedler_mask_only=mask_only,
+    )
+
+
+def _spearman(a: np.ndarray, b: np.ndarray | None) -> float:
+    if b is None or len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(stats.spearmanr(a, b)[0])
+
+
+def _attention_fiedler(cap: Capture) -> tuple[np.ndarray, float]:
+    attention = cap.require("attention")
+    n_blocks, _, n_heads = attention.shape[:3]
+    values = np.zeros((n_blocks, n_heads))
+    mask_values = []
+    for p in range(cap.n_prompts):
+        keep = cap.token_mask[p]
+        n = int(keep.sum())
+        patterns = attention[:, p][:, :, keep][:, :, :, keep].to(torch.float64)  # [block, head, n, n]
+        # Read the mask off the patterns: a causal model puts exactly zero above the diagonal.
+        causal = bool((patterns.triu(diagonal=1) == 0).all())
+        mask_values.append(fiedler(mask_only_attention(n, causal)))
+        for l in range(n_blocks):
+            for h in range(n_heads):
+                values[l, h] += fiedler(patterns[l, h])
+    return values / cap.n_prompts, float(np.mean(mask_values))

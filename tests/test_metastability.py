@@ -1,0 +1,136 @@
+"""Metastability: planted clusters, the idealized dynamics, rotations; then smollm2 against raw Hugging Face states."""
+import numpy as np
+import pytest
+import torch
+
+import lensdyn as ld
+from lensdyn.analyses import idealized
+from lensdyn.analyses import metastability as ms
+from lensdyn.errors import ArgumentError
+from lensdyn.hooks.iterate import iterate
+
+
+def planted_clusters(k=3, per_cluster=30, d=16, spread=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1)
+    points = centres.repeat_interleave(per_cluster, dim=0) + spread * torch.randn(k * per_cluster, d, generator=g, dtype=torch.float64)
+    return ms.sphere(points)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_planted_clusters_on_the_sphere_are_counted(k):
+    x = planted_clusters(k=k)
+    n_clusters, noise, labels = ms.clusters(x @ x.T)
+    # HDBSCAN never reports a single cluster unless allowed to; one tight blob reads as 0 clusters + noise or 1
+    assert n_clusters == k if k > 1 else n_clusters <= 1
+    assert noise < 0.1 if k > 1 else True
+    if k > 1:
+        for c in range(k):  # every planted cluster maps to one label
+            assert len(set(labels[c * 30 : (c + 1) * 30].tolist())) == 1
+
+
+def test_idealized_dynamics_raises_energy_at_every_step_and_clusters():
+    states = idealized.simulate(n=64, d=3, beta=4.0, steps=80, dt=0.1, seed=1)
+    metrics = ms.cloud_metrics(states, betas=(0.5, 1.0, 4.0), rtol=1e-12)
+    assert metrics.energy_violations == ()
+    assert np.all(np.diff(metrics.energy, axis=1) >= 0)
+    assert metrics.mass_near_one[-1] > 0.3 > metrics.mass_near_one[0]
+    assert np.all(np.diff(metrics.mass_near_one) >= -0.01)  # rises, up to one pair crossing back over 0.9
+    assert metrics.effective_rank[-1] < metrics.effective_rank[0]
+
+
+def test_energy_violations_are_found_with_the_pairs_that_drive_them():
+    x = planted_clusters(k=2, per_cluster=10, spread=0.01)
+    spread = ms.sphere(x + 0.8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    metrics = ms.cloud_metrics(torch.stack([x, spread]), betas=(1.0,))
+    assert len(metrics.energy_violations) == 1
+    violation = metrics.energy_violations[0]
+    assert violation.block == 0 and violation.relative_drop > 0
+    assert all(change < 0 for _, _, change in violation.pairs)
+
+
+def test_effective_rank_of_isotropic_and_rank_k_clouds():
+    g = torch.Generator().manual_seed(0)
+    iso = ms.sphere(torch.randn(4000, 8, generator=g, dtype=torch.float64))
+    assert ms.effective_rank(iso @ iso.T) == pytest.approx(8.0, rel=0.02)
+    low = ms.sphere(torch.randn(500, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 8, generator=g, dtype=torch.float64))
+    assert ms.effective_rank(low @ low.T) <= 3.0 + 1e-9
+
+
+def test_cka_is_one_for_a_copy_and_a_rotated_copy_and_less_for_another_cloud():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 10, generator=g, dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+    y = x @ rotation
+    assert ms.linear_cka(x @ x.T, x @ x.T) == pytest.approx(1.0)
+    assert ms.linear_cka(x @ x.T, y @ y.T) == pytest.approx(1.0)
+    z = torch.randn(50, 10, generator=g, dtype=torch.float64)
+    assert ms.linear_cka(x @ x.T, z @ z.T) < 0.5
+
+
+def test_fiedler_of_disconnected_groups_is_zero_and_the_causal_mask_alone_gives_structure():
+    blocks = torch.block_diag(torch.full((4, 4), 0.25), torch.full((4, 4), 0.25)).double()
+    assert ms.fiedler(blocks) == pytest.approx(0.0, abs=1e-9)
+    assert ms.fiedler(ms.mask_only_attention(8, causal=False)) == pytest.approx(1.0)
+    assert ms.fiedler(ms.mask_only_attention(8, causal=True)) < 0.9
+
+
+def test_nearest_neighbour_stability_notices_re_paired_tokens():
+    """Pairs (0,1), (2,3) at one state and (0,2), (1,3) at the next: no token keeps its neighbour."""
+    def paired(pairs):
+        g = torch.eye(4, dtype=torch.float64)
+        for i, j in pairs:
+            g[i, j] = g[j, i] = 0.9
+        return g
+
+    a, b = paired([(0, 1), (2, 3)]), paired([(0, 2), (1, 3)])
+    assert ms.nearest_neighbour_stability(a, a) == 1.0
+    assert ms.nearest_neighbour_stability(a, b) == 0.0
+
+
+def test_iterating_a_block_once_reproduces_the_next_state(tiny_model):
+    ids = torch.randint(0, 50, (1, 12))
+    cap = ld.capture(tiny_model, ids, streams=("resid",), exclude=())
+    states = iterate(tiny_model, cap.resid[1, 0], block=1, steps=3)
+    assert states.shape == (4, 12, 32)
+    torch.testing.assert_close(states[1], cap.resid[2, 0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ArgumentError, match="block must be"):
+        iterate(tiny_model, cap.resid[1, 0], block=7, steps=3)
+
+
+def test_measure_needs_the_model_and_round_trips(tmp_path, tiny_model):
+    cap = ld.capture(tiny_model, torch.randint(0, 50, (3, 16)), streams=("resid",), attention=True)
+    with pytest.raises(ArgumentError, match="needs model="):
+        ms.measure(cap)
+    result = ms.measure(cap, model=tiny_model, control=None, repeated=False, attention_graphs=True, min_cluster_size=3)
+    assert result.fiedler.shape == (3, 4)
+    assert result.fiedler_mask_only < 1.0  # the tiny model is causal
+    loaded = ld.load_result(result.to_json(tmp_path / "metastability.json"))
+    assert loaded == result
+    assert isinstance(loaded.prompts[0], ms.CloudMetrics) and isinstance(loaded.prompts[0].timescales, ms.Timescales)
+    assert "energy never falls" in result.summary() and result.figure() is not None
+
+
+@pytest.mark.slow
+def test_smollm2_cloud_metrics_match_raw_hugging_face_states(smollm2, smollm2_diverse, smollm2_reference):
+    """Independent path for one prompt: HF hidden states, normalised and compared pair by pair in a loop."""
+    result = ms.measure(smollm2_diverse, model=smollm2, control=None, repeated=False)
+    p = 0
+    ids = smollm2_diverse.tokens[p][smollm2_diverse.token_mask[p]][None]
+    with torch.inference_mode():
+        hidden = smollm2_reference(ids, output_hidden_states=True).hidden_states
+    for l in (0, 10, 20):
+        x = torch.nn.functional.normalize(hidden[l][0, 1:].double(), dim=-1).numpy()
+        n = len(x)
+        above = sum(float(x[i] @ x[j]) > 0.9 for i in range(n) for j in range(i + 1, n))
+        assert result.prompts[p].mass_near_one[l] == pytest.approx(above / (n * (n - 1) / 2), abs=1e-12)
+        energy = np.exp(1.0 * (x @ x.T)).sum() / (2.0 * n * n)
+        assert result.prompts[p].energy[1, l] == pytest.approx(energy, rel=1e-6)
+    assert result.v_radius is not None and len(result.ov_radius) == 30
+
+
+@pytest.mark.slow
+def test_smollm2_iterate_supplies_rotary_positions(smollm2, smollm2_diverse):
+    n = int(smollm2_diverse.token_mask[0].sum())
+    states = iterate(smollm2, smollm2_diverse.resid[5, 0, :n], block=5, steps=2)
+    torch.testing.assert_close(states[1], smollm2_diverse.resid[6, 0, :n], atol=1e-3, rtol=1e-4)
