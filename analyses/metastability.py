@@ -364,7 +364,8 @@ class MetastabilityResult(Result):
             f"metastable plateaus (CKA >= {CKA_PLATEAU} over >= 2 blocks)": f"{with_plateau}/{len(real)} prompts",
             "two timescales (forms after state 0, persists longer)": f"{separated}/{len(real)} prompts",
             "energy never falls (theory)": f"falls in {violated}/{len(real)} prompts",
-            "collapse speed follows rho(V)": f"Spearman {self.collapse_vs_v_spearman:.2f} (rho(OV): {self.collapse_vs_ov_spearman:.2f})",
+            "collapse speed follows rho(V)": f"Spearman {self.collapse_vs_v_spearman:.2f} "
+            f"(rho(OV): {self.collapse_vs_ov_spearman:.2f})",
         }
 
     def summary(self) -> str:

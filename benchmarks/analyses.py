@@ -7,6 +7,9 @@ plus the copies). Each analysis is timed on that capture, without the untrained 
 (whose own forward pass is a second run, not analysis). The causal metric is a per-model
 constant (one [vocab, d_model] covariance) and is timed on its own line.
 Target (issue 3): expansion and gains, excluding the forward pass, each <= 0.5x the forward pass.
+Target (issue 4): the per-prompt metastability analysis of one 512-token prompt (31 states,
+without attention graphs) <= 2x that prompt's forward pass. The V/OV spectra are a per-model
+constant (cached) and timed on their own line.
 """
 import argparse
 import os
@@ -20,7 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
 from lensdyn.analyses import expansion, gains  # noqa: E402
-from lensdyn.hooks.circuits import unembedding  # noqa: E402
+from lensdyn.analyses import metastability as ms  # noqa: E402
+from lensdyn.hooks.circuits import _circuit_spectra, unembedding  # noqa: E402
 from lensdyn.metric import causal_metric  # noqa: E402
 
 
@@ -46,9 +50,28 @@ def main() -> None:
     ]
     print(f"smollm2-135m, diverse set: {cap.n_prompts} prompts, {int(cap.token_mask.sum())} tokens, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"{'step':<60} {'time (s)':>9} {'x capture':>10}")
+    _table(rows, forward, "x capture")
+
+    text = " ".join(ld.get_prompts("diverse").texts * 3)
+    long_prompt = [model.tokenizer(text)["input_ids"][:512]]
+    one = ld.capture(model, long_prompt, streams=ms.STREAMS)
+    forward_one = best_of(lambda: ld.capture(model, long_prompt, streams=ms.STREAMS), args.repeats)
+    ms.measure(one, model=model, control=None, repeated=False)  # caches the spectra
+    rows = [
+        ("bare bridge forward (logits)", best_of(lambda: model(torch.tensor(long_prompt)), args.repeats)),
+        ("ld.capture resid", forward_one),
+        ("V / OV spectra (once per model, cached)", best_of(lambda: _circuit_spectra(model), 1)),
+        ("metastability.measure, no attention graphs",
+         best_of(lambda: ms.measure(one, model=model, control=None, repeated=False), args.repeats)),
+    ]
+    print(f"\nsmollm2-135m, one prompt of 512 tokens, 31 states, best of {args.repeats}")
+    _table(rows, forward_one, "x capture")
+
+
+def _table(rows, base: float, unit: str) -> None:
+    print(f"{'step':<60} {'time (s)':>9} {unit:>10}")
     for label, seconds in rows:
-        print(f"{label:<60} {seconds:>9.3f} {seconds / forward:>10.2f}")
+        print(f"{label:<60} {seconds:>9.3f} {seconds / base:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_expansion_options(report)
     _add_gains_options(sub.choices["gains"])
     _add_gains_options(report)
+    _add_metastability_options(sub.choices["metastability"])
+    _add_metastability_options(report)
     return parser
 
 
@@ -83,6 +85,7 @@ ANALYSES = {
     "norms": "per-layer residual-stream norms",
     "expansion": "scale factor a(l), Hubble rate, comoving CV with its null, causal metric, post-LN norms, covariance shape",
     "gains": "attention / MLP / residual gain per block, with MLP phases",
+    "metastability": "clustering on the sphere, CKA plateaus, interaction energy and its violations, V/OV spectra",
 }
 
 
@@ -92,6 +95,12 @@ def _add_expansion_options(p: argparse.ArgumentParser) -> None:
                    help="how a(l) (and gains) aggregate over tokens")
     g.add_argument("--fit-space", choices=("log", "linear"), default="log", help="space of the exponential fits")
     g.add_argument("--permutations", type=int, default=100, help="draws of the comoving-CV permutation null")
+
+
+def _add_metastability_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metastability")
+    g.add_argument("--attention-graphs", action="store_true", help="Fiedler value of every head's attention graph (slow)")
+    g.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN min_cluster_size")
 
 
 def _add_gains_options(p: argparse.ArgumentParser) -> None:
@@ -159,11 +168,11 @@ def _report(args) -> int:
         model = load_model(args.model, weights=weights, seed=args.seed, device=args.device)
         cap = capture(
             model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size,
-            streams=streams, truncate=args.truncate, progress=True,
+            streams=streams, truncate=args.truncate, progress=True, attention=_graphs(args, role),
         )
         for name in chosen:
             control = results.get(name, {}).get("control")
-            results.setdefault(name, {})[role] = _analysis(name).measure(cap, **_options(name, model, control, args))
+            results.setdefault(name, {})[role] = _analysis(name).measure(cap, **_options(name, role, model, control, args))
         print(f"{role}: {args.model} ({weights}) measured in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         del model, cap
 
@@ -197,7 +206,7 @@ def _section(name: str, by_role: dict):
         control = by_role.get("control")
         text = "\n\n".join(r.summary() for r in (model, control) if r is not None)
         return Section(f"Residual norms of {model.provenance.model}", model.figure(control=control), text)
-    heading = {"expansion": "Expansion", "gains": "Sublayer gains"}[name]
+    heading = {"expansion": "Expansion", "gains": "Sublayer gains", "metastability": "Metastability"}[name]
     return Section(f"{heading} of {model.provenance.model}", model.figure(), model.summary())
 
 
@@ -207,14 +216,22 @@ def _analysis(name: str):
     return importlib.import_module(f"lensdyn.analyses.{name}")
 
 
-def _options(name: str, model, control, args) -> dict:
+def _options(name: str, role: str, model, control, args) -> dict:
     """Keyword arguments of ``<analysis>.measure(capture, ...)`` from the command line."""
     if name == "expansion":
         return dict(model=model, control=control, aggregation=args.aggregation, fit_space=args.fit_space,
                     n_permutations=args.permutations, seed=args.seed)
     if name == "gains":
         return dict(control=control, reference=args.reference, aggregation=args.aggregation, tokens=args.tokens)
+    if name == "metastability":
+        # The repeated-token diagnostic and the attention graphs run for the model only.
+        return dict(model=model, control=control, repeated=role == "model", attention_graphs=_graphs(args, role),
+                    min_cluster_size=args.min_cluster_size)
     return {}
+
+
+def _graphs(args, role: str) -> bool:
+    return role == "model" and "metastability" in args.analyses and getattr(args, "attention_graphs", False)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lensdyn import fits, metric, ops
-from lensdyn.analyses import expansion, gains, norms
+from lensdyn.analyses import expansion, gains, idealized, metastability, norms
 
-MODULES = [ops, fits, metric, norms, expansion, gains, importlib.import_module("lensdyn.hooks.capture")]
+MODULES = [ops, fits, metric, norms, expansion, gains, metastability, idealized, importlib.import_module("lensdyn.hooks.capture")]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -13,7 +13,8 @@ from lensdyn.hooks.iterate import iterate
 def planted_clusters(k=3, per_cluster=30, d=16, spread=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1)
-    points = centres.repeat_interleave(per_cluster, dim=0) + spread * torch.randn(k * per_cluster, d, generator=g, dtype=torch.float64)
+    noise = spread * torch.randn(k * per_cluster, d, generator=g, dtype=torch.float64)
+    points = centres.repeat_interleave(per_cluster, dim=0) + noise
     return ms.sphere(points)
 
 
