@@ -234,3 +234,56 @@ def resolve_prompts(prompts, *, allow_literal: bool = True) -> PromptSet:
         f"cannot read prompts from {type(prompts).__name__}: give a PromptSet, a built-in name "
         f"({', '.join(_BUILTIN)}), a path, a string, or a list of strings"
     )
+
+
+@dataclass(frozen=True)
+class EditPair:
+    """A clean prompt and an edited one that differ in one span before the last token (the target).
+
+    ``kind="meaning"``: the edit changes the meaning the target's continuation depends on, and
+    ``clean_answer`` / ``edited_answer`` are the continuations each context calls for.
+    ``kind="control"``: the edit keeps the meaning (a synonym, punctuation); both answers agree.
+    """
+
+    label: str
+    kind: str
+    clean: str
+    edited: str
+    clean_answer: str
+    edited_answer: str
+
+
+# Written for lensdyn. Every edit precedes the final token, which is shared by both prompts.
+EDIT_PAIRS: tuple[EditPair, ...] = (
+    EditPair("weather", "meaning", "It was freezing outside, so before leaving she put on her",
+             "It was scorching outside, so before leaving she put on her", " coat", " sunglasses"),
+    EditPair("pet", "meaning", "Every morning my cat likes to chase the", "Every morning my dog likes to chase the",
+             " mouse", " ball"),
+    EditPair("capital", "meaning", "In Paris, the capital of France, most people speak",
+             "In Berlin, the capital of Germany, most people speak", " French", " German"),
+    EditPair("taste", "meaning", "She bit into the lemon and it tasted very", "She bit into the cake and it tasted very",
+             " sour", " sweet"),
+    EditPair("mood", "meaning", "The news made him so happy that he started to", "The news made him so sad that he started to",
+             " laugh", " cry"),
+    EditPair("river", "meaning", "The lake was frozen solid, so the children went",
+             "The lake was warm and calm, so the children went",
+             " skating", " swimming"),
+    EditPair("fall", "meaning", "She dropped the glass on the tiles and it", "She dropped the pillow on the tiles and it",
+             " shattered", " landed"),
+    EditPair("sky", "meaning", "At midnight, when you look up, the sky is", "At midday, when you look up, the sky is",
+             " dark", " blue"),
+    EditPair("weather-synonym", "control", "It was freezing outside, so before leaving she put on her",
+             "It was icy cold outside, so before leaving she put on her", " coat", " coat"),
+    EditPair("pet-synonym", "control", "Every morning my cat likes to chase the", "Every morning my kitten likes to chase the",
+             " mouse", " mouse"),
+    EditPair("mood-comma", "control", "The news made him so happy that he started to",
+             "The news made him so happy, that he started to",
+             " laugh", " laugh"),
+    EditPair("fall-comma", "control", "She dropped the glass on the tiles and it", "She dropped the glass on the tiles, and it",
+             " shattered", " shattered"),
+    EditPair("sky-comma", "control", "At midnight, when you look up, the sky is", "At midnight when you look up the sky is",
+             " dark", " dark"),
+    EditPair("river-synonym", "control", "The lake was frozen solid, so the children went",
+             "The pond was frozen solid, so the children went",
+             " skating", " skating"),
+)

@@ -198,6 +198,9 @@ def _rebuild(hint: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(hint):
         field_hints = typing.get_type_hints(hint)
         return hint(**{f.name: _rebuild(field_hints[f.name], value[f.name]) for f in dataclasses.fields(hint)})
+    if origin is dict:
+        value_hint = typing.get_args(hint)[1]
+        return {k: _rebuild(value_hint, v) for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(hint)
         inner = args[0] if args else Any

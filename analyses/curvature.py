@@ -1,0 +1,365 @@
+"""Curvature and deflection of token trajectories through the layers (arXiv 2511.03060, defined here).
+
+The paper's code and exact definitions are not public; lensdyn's are these. A token's trajectory
+is its states ``x_0..x_L`` (capture convention: ``x_L`` is before the final norm), in the raw
+residual stream or projected to the sphere (``x_l / ||x_l||``). Steps ``d_l = x_{l+1} - x_l``.
+
+- ``turning_angles``: ``theta_l = arccos(<d_l, d_{l+1}> / (||d_l|| ||d_{l+1}||))`` in degrees, one
+  per interior state and token: the curvature landscape. ``sharp``: ``theta >= SHARP`` (120),
+  ``flat``: ``theta <= FLAT`` (60).
+- ``length_to_chord = sum_l ||d_l|| / ||x_L - x_0||`` (1 for a straight line).
+- nulls with the same step lengths: ``walk``, steps in isotropic random directions of
+  ``d_model`` dimensions; ``shuffle``, the token's own steps in a random layer order. Each
+  statistic (mean angle, sharp and flat fractions, mean length-to-chord) is compared with its
+  null draws: ``p`` is the one-sided permutation p-value ``(1 + #{null >= observed}) / (1 + n)``
+  (``<=`` for the flat fraction, where "more bent" means fewer flat angles), and the effect size is
+  ``(observed - null mean) / null std``. Norm growth alone bends nothing, so both the raw and the
+  sphere-projected stream are reported.
+- ``deflection`` of an edit, at the target (the last token, shared by the clean and the edited
+  prompt): per state the distance ``||c_l - e_l||``, the angle between ``c_l`` and ``e_l``, the
+  angle between their steps, and ``part_layer``, the first state where the angle exceeds
+  ``PART_ANGLE`` (5 degrees). Meaning-changing edits are compared with control edits by a
+  Mann-Whitney U test on the final angle and on the output KL.
+- patched-context runs: the logit difference ``LD = logit(clean answer) - logit(edited answer)``
+  at the target; patching the edited run's activation at the target into the clean run at block
+  ``l`` gives ``recovery[l] = (LD_patched - LD_clean) / (LD_edited - LD_clean)`` (1: that block's
+  state carries the whole edit to the output).
+
+>>> result = curvature.measure(ld.load_model("smollm2-135m"))      # doctest: +SKIP
+>>> print(result.summary())                                         # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from scipy import stats
+from torch import Tensor
+
+from lensdyn.errors import ArgumentError, PromptError
+from lensdyn.hooks.capture import Capture, capture, capture_for, control_capture
+from lensdyn.hooks.patching import PATCH_HOOKS, align, last_logits, patch_sweep
+from lensdyn.ops import masked_tokens
+from lensdyn.prompts import EDIT_PAIRS, EditPair
+from lensdyn.results import Conventions, Provenance, Result, attach_control
+
+STREAMS = ("resid",)
+SHARP, FLAT, PART_ANGLE = 120.0, 60.0, 5.0
+
+
+# --- pure functions of trajectories -------------------------------------------------------
+
+
+def _angle(a: Tensor, b: Tensor) -> Tensor:
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+def turning_angles(states: Float[Tensor, "state *token d_model"]) -> Float[Tensor, "interior *token"]:  # noqa: F821
+    """Angle in degrees between consecutive steps, at every interior state (in the states' dtype).
+
+    >>> t = torch.tensor([[0., 0.], [1., 0.], [1., 1.], [0., 1.]])       # two right turns
+    >>> turning_angles(t)
+    tensor([90., 90.])
+    """
+    d = torch.diff(states, dim=0)
+    return _angle(d[:-1], d[1:])
+
+
+def length_to_chord(states: Float[Tensor, "state *token d_model"]) -> Float[Tensor, "*token"]:
+    """``sum_l ||x_{l+1} - x_l|| / ||x_L - x_0||``.
+
+    >>> length_to_chord(torch.tensor([[0., 0.], [1., 0.], [1., 1.]])).item()     # two sides over the diagonal
+    1.4142135381698608
+    """
+    return _step_chord(torch.diff(states, dim=0))
+
+
+def _step_chord(d: Tensor) -> Tensor:
+    return d.norm(dim=-1).sum(0) / d.sum(0).norm(dim=-1)
+
+
+def step_statistics(steps: Float[Tensor, "block token d_model"]) -> dict[str, float]:
+    """Mean angle, sharp and flat fractions, and mean length-to-chord of trajectories given by their steps.
+
+    Angles are computed in the steps' dtype (float32 for a capture: a cosine to 1e-7 is a
+    fraction of a millidegree); every mean is taken in float64.
+    """
+    angles = _angle(steps[:-1], steps[1:]).to(torch.float64)
+    return {
+        "mean_angle": float(angles.mean()),
+        "sharp_fraction": float((angles >= SHARP).to(torch.float64).mean()),
+        "flat_fraction": float((angles <= FLAT).to(torch.float64).mean()),
+        "length_to_chord": float(_step_chord(steps).to(torch.float64).mean()),
+    }
+
+
+def null_steps(
+    steps: Float[Tensor, "block token d_model"], kind: str, generator: torch.Generator
+) -> Float[Tensor, "block token d_model"]:
+    """Null steps with the same lengths: ``"walk"`` (isotropic directions) or ``"shuffle"`` (the token's own, reordered).
+
+    Shuffling keeps the chord (a sum of the same steps), so its length-to-chord equals the observed one.
+    """
+    if kind == "walk":
+        directions = torch.randn(steps.shape, generator=generator, dtype=steps.dtype)
+        return directions * (steps.norm(dim=-1, keepdim=True) / directions.norm(dim=-1, keepdim=True))
+    if kind == "shuffle":
+        order = torch.argsort(torch.rand(steps.shape[:2], generator=generator), dim=0)
+        return torch.gather(steps, 0, order[..., None].expand_as(steps))
+    raise ArgumentError(f"null kind must be 'walk' or 'shuffle', not {kind!r}")
+
+
+@dataclass(frozen=True)
+class NullComparison:
+    """One statistic of the observed trajectories against one null."""
+
+    statistic: str
+    null: str
+    observed: float
+    null_mean: float
+    null_std: float
+    p_value: float
+    effect_size: float
+
+
+def compare_with_nulls(
+    states: Float[Tensor, "state token d_model"], n_draws: int = 20, seed: int = 0
+) -> tuple[NullComparison, ...]:
+    """Every statistic of ``step_statistics`` against both nulls (module docstring)."""
+    steps = torch.diff(states, dim=0)
+    observed = step_statistics(steps)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for kind in ("walk", "shuffle"):
+        draws = [step_statistics(null_steps(steps, kind, g)) for _ in range(n_draws)]
+        for name, value in observed.items():
+            null = np.array([d[name] for d in draws])
+            extreme = null <= value if name == "flat_fraction" else null >= value
+            std = float(null.std(ddof=1))
+            out.append(NullComparison(
+                statistic=name, null=kind, observed=value, null_mean=float(null.mean()), null_std=std,
+                p_value=float((1 + extreme.sum()) / (1 + n_draws)),
+                effect_size=float((value - null.mean()) / std) if std > 0 else float("nan"),
+            ))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Deflection:
+    """How an edit moves the target token's trajectory, and which blocks carry it to the output."""
+
+    label: str
+    kind: str
+    distance: Float[np.ndarray, " state"]
+    angle: Float[np.ndarray, " state"]  # degrees between clean and edited states
+    step_angle: Float[np.ndarray, " block"]  # degrees between clean and edited steps
+    part_layer: int  # first state with angle > PART_ANGLE; -1 if never
+    final_angle: float
+    output_kl: float  # KL(clean || edited) of the next-token distribution at the target
+    ld_clean: float
+    ld_edited: float
+    recovery: dict[str, Float[np.ndarray, " block"]]  # stream -> (LD_patched - LD_clean) / (LD_edited - LD_clean)
+
+
+def deflection_profile(
+    clean: Float[Tensor, "state d_model"], edited: Float[Tensor, "state d_model"]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(distance, angle, step_angle, part_layer)`` of two trajectories of one token.
+
+    >>> c = torch.tensor([[1., 0.], [2., 0.], [3., 0.]]); e = torch.tensor([[1., 0.], [2., 0.], [3., 3.]])
+    >>> deflection_profile(c, e)[3]
+    2
+    """
+    c, e = clean.to(torch.float64), edited.to(torch.float64)
+    angle = _angle(c, e).numpy()
+    parted = np.nonzero(angle > PART_ANGLE)[0]
+    return (c - e).norm(dim=-1).numpy(), angle, _angle(torch.diff(c, dim=0), torch.diff(e, dim=0)).numpy(), (
+        int(parted[0]) if len(parted) else -1
+    )
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class CurvatureResult(Result):
+    """Trajectory curvature against nulls (raw and sphere), a landscape, and deflection under edits."""
+
+    raw: tuple[NullComparison, ...]
+    sphere: tuple[NullComparison, ...]
+    landscape: Float[np.ndarray, "interior pos"]  # turning angles of the landscape prompt (raw stream)
+    landscape_tokens: tuple[str, ...]
+    landscape_prompt: str
+    deflections: tuple[Deflection, ...]
+    final_angle_meaning: float  # mean over meaning-changing edits
+    final_angle_control: float
+    final_angle_p: float  # Mann-Whitney U, one-sided: meaning > control
+    output_kl_meaning: float
+    output_kl_control: float
+    output_kl_p: float
+    control: "CurvatureResult | None" = None
+
+    def comparison(self, space: str, statistic: str, null: str) -> NullComparison:
+        return next(c for c in getattr(self, space) if c.statistic == statistic and c.null == null)
+
+    def summary(self) -> str:
+        p = self.provenance
+        lines = [f"Curvature: {p.model} ({p.weights}), prompts {p.prompt_set!r}: {p.n_prompts} prompts, {p.n_tokens} tokens",
+                 f"{'space':7}{'statistic':17}{'observed':>10}{'walk null':>11}{'p':>7}{'effect':>8}"
+                 f"{'shuffle null':>14}{'p':>7}{'effect':>8}{'control obs.':>14}"]
+        for space in ("raw", "sphere"):
+            for stat in ("mean_angle", "sharp_fraction", "flat_fraction", "length_to_chord"):
+                w, s = self.comparison(space, stat, "walk"), self.comparison(space, stat, "shuffle")
+                ctrl = f"{self.control.comparison(space, stat, 'walk').observed:>14.3f}" if self.control else ""
+                lines.append(f"{space:7}{stat:17}{w.observed:>10.3f}{w.null_mean:>11.3f}{w.p_value:>7.3f}{w.effect_size:>8.1f}"
+                             f"{s.null_mean:>14.3f}{s.p_value:>7.3f}{s.effect_size:>8.1f}{ctrl}")
+        lines.append("edits (target = last token):")
+        lines.append(f"  {'label':18}{'kind':9}{'part':>5}{'final angle':>12}{'KL':>8}{'LD clean':>10}{'LD edited':>10}"
+                     f"{'best resid block (recovery)':>30}")
+        for d in self.deflections:
+            rec = d.recovery.get("resid")
+            best = f"{int(np.argmax(rec))} ({rec.max():.2f})" if rec is not None and len(rec) else "-"
+            lines.append(f"  {d.label:18}{d.kind:9}{d.part_layer:>5}{d.final_angle:>12.1f}{d.output_kl:>8.3f}"
+                         f"{d.ld_clean:>10.2f}{d.ld_edited:>10.2f}{best:>30}")
+        lines.append(f"meaning vs control edits: final angle {self.final_angle_meaning:.1f} vs "
+                     f"{self.final_angle_control:.1f} deg "
+                     f"(Mann-Whitney p {self.final_angle_p:.3g}); output KL {self.output_kl_meaning:.3f} vs "
+                     f"{self.output_kl_control:.3f} (p {self.output_kl_p:.3g})")
+        return "\n".join(lines)
+
+    def figure(self):
+        """The curvature landscape, deflection angle per state, and patching recovery per block."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=3, cols=1, vertical_spacing=0.08, row_heights=[0.4, 0.3, 0.3], subplot_titles=(
+            f"turning angle (degrees) per state and token: {self.landscape_prompt}",
+            "angle between clean and edited target states (meaning edits solid, control dotted)",
+            "patching recovery of the logit difference, resid at block l (meaning edits)"))
+        fig.add_trace(go.Heatmap(z=self.landscape, x=[f"{i}:{t}" for i, t in enumerate(self.landscape_tokens)],
+                                 y=np.arange(1, self.landscape.shape[0] + 1), colorscale="RdBu_r", zmid=90,
+                                 colorbar={"title": "deg", "len": 0.35, "y": 0.82}), row=1, col=1)
+        for d in self.deflections:
+            dash = "solid" if d.kind == "meaning" else "dot"
+            fig.add_trace(go.Scatter(y=d.angle, mode="lines", line={"dash": dash}, name=f"{d.kind}: {d.label}"), row=2, col=1)
+            if d.kind == "meaning" and "resid" in d.recovery:
+                fig.add_trace(go.Scatter(y=d.recovery["resid"], mode="lines+markers", name=f"recovery: {d.label}",
+                                         showlegend=False), row=3, col=1)
+        fig.update_xaxes(title_text="state l", row=2, col=1)
+        fig.update_xaxes(title_text="block l", row=3, col=1)
+        fig.update_layout(title="Curvature and deflection", template="plotly_white", height=1100)
+        return fig
+
+
+def measure(
+    capture_or_model,
+    prompts="diverse",
+    *,
+    model=None,
+    control="random",
+    pairs: tuple[EditPair, ...] = EDIT_PAIRS,
+    patch_streams: tuple[str, ...] = ("resid",),
+    n_draws: int = 20,
+    seed: int = 0,
+    **capture_kwargs,
+) -> CurvatureResult:
+    """Curvature of every included token's trajectory against its nulls, and deflection under ``pairs``.
+
+    A ``Capture`` needs ``model=`` (the edit pairs and patched runs are run here). ``patch_streams``
+    chooses from ``"resid"``, ``"attn_out"``, ``"mlp_out"`` (one batched forward pass per pair and
+    stream); the untrained control measures deflection but patches nothing.
+    """
+    cap, captured_from = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
+    model = captured_from if captured_from is not None else model
+    if model is None:
+        raise ArgumentError("curvature.measure(capture) needs model= too: edited prompts and patched runs are run on it")
+    unknown = set(patch_streams) - set(PATCH_HOOKS)
+    if unknown:
+        raise ArgumentError(f"unknown patch stream(s) {sorted(unknown)}: choose from {sorted(PATCH_HOOKS)}")
+    options = dict(pairs=pairs, patch_streams=tuple(patch_streams), n_draws=n_draws, seed=seed)
+    result = _measure(cap, model, **options)
+
+    def measure_random() -> CurvatureResult:
+        control_cap, random_model = control_capture(model, cap, STREAMS)
+        return _measure(control_cap, random_model, **{**options, "patch_streams": ()})
+
+    return attach_control(result, control, measure_random)
+
+
+def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> CurvatureResult:
+    cap.require_streams(STREAMS)
+    states = masked_tokens(cap.resid, cap.mask)  # [state, token, d_model]
+    if states.shape[1] == 0:
+        raise ArgumentError("no tokens left after masking: every position is padding or excluded")
+    spherical = torch.nn.functional.normalize(states, dim=-1)
+    landscape_index = int(torch.argmax(cap.mask.sum(1)))  # the longest prompt
+    keep = cap.mask[landscape_index]
+    deflections = tuple(_deflect(model, pair, patch_streams) for pair in pairs)
+    meaning = [d for d in deflections if d.kind == "meaning"]
+    controls = [d for d in deflections if d.kind == "control"]
+    angle_stats = _one_sided([d.final_angle for d in meaning], [d.final_angle for d in controls])
+    kl_stats = _one_sided([d.output_kl for d in meaning], [d.output_kl for d in controls])
+    return CurvatureResult(
+        conventions=Conventions(
+            aggregation="angles and length-to-chord over every included token's trajectory pooled; nulls with the same "
+            f"step lengths, {n_draws} draws; deflection at the last token of each edit pair",
+            excluded_positions=cap.exclude,
+        ),
+        provenance=Provenance.from_capture(cap),
+        raw=compare_with_nulls(states, n_draws, seed),
+        sphere=compare_with_nulls(spherical, n_draws, seed),
+        landscape=turning_angles(cap.resid[:, landscape_index, keep]).numpy(),
+        landscape_tokens=tuple(t for t, k in zip(cap.str_tokens[landscape_index], keep.tolist()) if k),
+        landscape_prompt=cap.prompts.labels[landscape_index],
+        deflections=deflections,
+        final_angle_meaning=float(np.mean([d.final_angle for d in meaning])) if meaning else float("nan"),
+        final_angle_control=float(np.mean([d.final_angle for d in controls])) if controls else float("nan"),
+        final_angle_p=angle_stats,
+        output_kl_meaning=float(np.mean([d.output_kl for d in meaning])) if meaning else float("nan"),
+        output_kl_control=float(np.mean([d.output_kl for d in controls])) if controls else float("nan"),
+        output_kl_p=kl_stats,
+    )
+
+
+def _one_sided(a: list[float], b: list[float]) -> float:
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return float(stats.mannwhitneyu(a, b, alternative="greater").pvalue)
+
+
+def _answer_id(model, text: str) -> int:
+    """First token of an answer, without special tokens."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise PromptError("edit pairs are text: this model has no tokenizer")
+    return int(tokenizer(text, add_special_tokens=False)["input_ids"][0])
+
+
+def _deflect(model, pair: EditPair, patch_streams: tuple[str, ...]) -> Deflection:
+    cap = capture(model, [pair.clean, pair.edited], streams=("resid", "attn_out", "mlp_out"), exclude=())
+    lengths = cap.token_mask.sum(1).tolist()
+    clean_ids, edited_ids = (cap.tokens[i, : lengths[i]].tolist() for i in range(2))
+    alignment = align(clean_ids, edited_ids)
+    target_clean, target_edited = len(clean_ids) - 1, alignment.edited_position(len(clean_ids) - 1)
+    clean_states, edited_states = cap.resid[:, 0, target_clean], cap.resid[:, 1, target_edited]
+    distance, angle, step_angle, part = deflection_profile(clean_states, edited_states)
+    logits = [last_logits(model, torch.tensor([ids]))[0] for ids in (clean_ids, edited_ids)]
+    answers = [_answer_id(model, a) for a in (pair.clean_answer, pair.edited_answer)]
+    ld = [float(l[answers[0]] - l[answers[1]]) for l in logits]
+    logp = [torch.log_softmax(l.double(), dim=-1) for l in logits]
+    kl = float((logp[0].exp() * (logp[0] - logp[1])).sum())
+    recovery = {}
+    if pair.kind == "meaning" and abs(ld[1] - ld[0]) > 1e-6:
+        n = len(edited_ids)
+        for stream in patch_streams:
+            edited_act = cap.resid[:-1, 1, :n] if stream == "resid" else getattr(cap, stream)[:, 1, :n]
+            patched = patch_sweep(model, torch.tensor(clean_ids), edited_act, [target_clean], [target_edited], stream)
+            ld_patched = (patched[:, answers[0]] - patched[:, answers[1]]).double().numpy()
+            recovery[stream] = (ld_patched - ld[0]) / (ld[1] - ld[0])
+    return Deflection(
+        label=pair.label, kind=pair.kind, distance=distance, angle=angle, step_angle=step_angle, part_layer=part,
+        final_angle=float(angle[-1]), output_kl=kl, ld_clean=ld[0], ld_edited=ld[1], recovery=recovery,
+    )
