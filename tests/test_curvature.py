@@ -1,0 +1,154 @@
+"""Curvature and patching: lines, circles, random walks, exact patches; then smollm2 edits against Hugging Face."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lensdyn as ld
+from lensdyn.analyses import curvature
+from lensdyn.errors import ArgumentError, PromptError
+from lensdyn.hooks.patching import align, last_logits, patch_sweep
+from lensdyn.prompts import EDIT_PAIRS
+
+
+def test_a_straight_line_has_no_turns_and_length_to_chord_one():
+    line = torch.linspace(0, 1, 12, dtype=torch.float64)[:, None] * torch.randn(64, dtype=torch.float64)
+    np.testing.assert_allclose(curvature.turning_angles(line).numpy(), 0.0, atol=1e-5)
+    assert curvature.length_to_chord(line).item() == pytest.approx(1.0)
+
+
+def test_a_planar_circle_turns_by_its_constant_step_angle():
+    """Points k * 15 degrees round a circle, embedded in 10 dimensions: every turn is 15 degrees."""
+    t = torch.deg2rad(torch.arange(0, 181, 15, dtype=torch.float64))
+    basis, _ = torch.linalg.qr(torch.randn(10, 2, dtype=torch.float64))
+    circle = torch.stack([t.cos(), t.sin()], dim=1) @ basis.T
+    np.testing.assert_allclose(curvature.turning_angles(circle).numpy(), 15.0, atol=1e-9)
+    # 12 chords of a half circle over its diameter: 12 * 2 sin(7.5 deg) / 2
+    assert curvature.length_to_chord(circle).item() == pytest.approx(12 * math.sin(math.radians(7.5)))
+
+
+def test_a_high_dimensional_random_walk_turns_by_ninety_degrees():
+    g = torch.Generator().manual_seed(0)
+    steps = torch.randn(30, 200, 576, generator=g, dtype=torch.float64)
+    walk = torch.cumsum(torch.cat([torch.zeros(1, 200, 576, dtype=torch.float64), steps]), dim=0)
+    angles = curvature.turning_angles(walk)
+    assert angles.mean().item() == pytest.approx(90.0, abs=0.2)
+    assert angles.std().item() == pytest.approx(math.degrees(1 / math.sqrt(576)), rel=0.05)
+
+
+def test_nulls_keep_step_lengths_and_the_shuffle_keeps_the_chord():
+    g = torch.Generator().manual_seed(1)
+    steps = torch.randn(10, 50, 32, generator=g) * torch.linspace(1, 5, 10)[:, None, None]
+    for kind in ("walk", "shuffle"):
+        null = curvature.null_steps(steps, kind, g)
+        torch.testing.assert_close(null.norm(dim=-1).sort(0).values, steps.norm(dim=-1).sort(0).values)
+    shuffled = curvature.null_steps(steps, "shuffle", g)
+    torch.testing.assert_close(shuffled.sum(0), steps.sum(0), atol=1e-4, rtol=1e-5)
+
+
+def test_a_smooth_curve_is_flatter_than_the_walk_null_and_a_walk_matches_it():
+    """A circle turns 15 degrees per step: every angle is flat, none in a high-dimensional walk with its step lengths."""
+    t = torch.deg2rad(torch.arange(0, 271, 15, dtype=torch.float64))
+    basis, _ = torch.linalg.qr(torch.randn(64, 2, dtype=torch.float64))
+    circles = (torch.stack([t.cos(), t.sin()], dim=1) @ basis.T)[:, None, :].expand(-1, 20, -1)
+    comparisons = {(c.statistic, c.null): c for c in curvature.compare_with_nulls(circles, n_draws=10)}
+    assert comparisons["mean_angle", "walk"].observed == pytest.approx(15.0)
+    assert comparisons["mean_angle", "walk"].p_value == 1.0  # not more bent than the null
+    assert comparisons["flat_fraction", "walk"].observed == 1.0 and comparisons["flat_fraction", "walk"].null_mean == 0.0
+    chord = comparisons["length_to_chord", "shuffle"]
+    assert chord.null_mean == pytest.approx(chord.observed)  # the same steps in any order end at the same point
+    g = torch.Generator().manual_seed(2)
+    walk = torch.cumsum(torch.randn(20, 40, 64, generator=g, dtype=torch.float64), dim=0)
+    walk_vs_null = {(c.statistic, c.null): c for c in curvature.compare_with_nulls(walk, n_draws=10)}
+    assert abs(walk_vs_null["mean_angle", "walk"].effect_size) < 4
+
+
+def test_alignment_handles_different_lengths_and_refuses_the_edited_span():
+    a = align([1, 2, 3, 4, 5], [1, 9, 9, 9, 4, 5])
+    assert (a.prefix, a.suffix, a.offset) == (1, 2, 1)
+    assert a.edited_position(4) == 5 and a.edited_position(0) == 0
+    assert a.span() == (range(1, 3), range(1, 4))
+    with pytest.raises(PromptError, match="inside the edited span"):
+        a.edited_position(2)
+    with pytest.raises(PromptError, match="nothing was edited"):
+        align([1, 2], [1, 2])
+
+
+def test_patching_the_clean_state_changes_nothing_and_the_edited_state_reproduces_the_edit(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    clean, edited = torch.randint(0, 50, (9,), generator=g), torch.randint(0, 50, (9,), generator=g)
+    cap = ld.capture(tiny_model, torch.stack([clean, edited]), streams=("resid", "attn_out", "mlp_out"), exclude=())
+    clean_logits, edited_logits = last_logits(tiny_model, torch.stack([clean, edited]))
+    every = list(range(9))
+    same = patch_sweep(tiny_model, clean, cap.resid[:-1, 0], every, every, "resid")
+    torch.testing.assert_close(same, clean_logits.expand_as(same), atol=1e-5, rtol=1e-5)
+    swapped = patch_sweep(tiny_model, clean, cap.resid[:-1, 1], every, every, "resid")
+    torch.testing.assert_close(swapped, edited_logits.expand_as(swapped), atol=1e-5, rtol=1e-5)
+    for stream in ("attn_out", "mlp_out"):  # the clean run's own sublayer outputs: a no-op at every block
+        own = patch_sweep(tiny_model, clean, getattr(cap, stream)[:, 0], every, every, stream)
+        torch.testing.assert_close(own, clean_logits.expand_as(own), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ArgumentError, match="stream must be"):
+        patch_sweep(tiny_model, clean, cap.resid[:-1, 1], every, every, "ln1")
+
+
+def test_last_logits_equal_the_full_forward(tiny_model):
+    ids = torch.randint(0, 50, (3, 11))
+    with torch.inference_mode():
+        full = tiny_model(ids)[:, -1]
+    torch.testing.assert_close(last_logits(tiny_model, ids), full, atol=1e-5, rtol=1e-5)
+
+
+def test_built_in_edit_pairs_are_well_formed():
+    kinds = {p.kind for p in EDIT_PAIRS}
+    assert kinds == {"meaning", "control"}
+    assert len({p.label for p in EDIT_PAIRS}) == len(EDIT_PAIRS)
+    for p in EDIT_PAIRS:
+        assert p.clean != p.edited and p.clean.split()[-1] == p.edited.split()[-1]
+        assert (p.clean_answer == p.edited_answer) == (p.kind == "control")
+
+
+def test_measure_needs_the_model_and_round_trips_without_pairs(tmp_path, tiny_model):
+    cap = ld.capture(tiny_model, torch.randint(0, 50, (3, 12)), streams=("resid",))
+    with pytest.raises(ArgumentError, match="needs model="):
+        curvature.measure(cap)
+    result = curvature.measure(cap, model=tiny_model, control=None, pairs=(), n_draws=5)
+    assert result.landscape.shape == (2, 11)
+    loaded = ld.load_result(result.to_json(tmp_path / "curvature.json"))
+    assert loaded == result and isinstance(loaded.raw[0], curvature.NullComparison)
+    assert "length_to_chord" in result.summary() and result.figure() is not None
+
+
+@pytest.mark.slow
+def test_smollm2_deflection_matches_hugging_face_states_and_patches_recover(smollm2, smollm2_reference):
+    pair = EDIT_PAIRS[2]  # Paris / Berlin: prompts of different lengths
+    deflection = curvature._deflect(smollm2, pair, ("resid",))
+    tok = smollm2.tokenizer
+    with torch.inference_mode():
+        # The bridge's tokenizer has BOS switched on by TransformerLens; SmolLM2 itself uses none.
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in (pair.clean, pair.edited)]
+        runs = [smollm2_reference(torch.tensor([i]), output_hidden_states=True) for i in ids]
+    c, e = (r.hidden_states[10][0, -1].double() for r in runs)
+    angle = math.degrees(math.acos(float(c @ e / (c.norm() * e.norm()))))
+    assert deflection.angle[10] == pytest.approx(angle, abs=1e-2)
+    logits = [r.logits[0, -1] for r in runs]
+    french, german = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" French", " German"))
+    assert deflection.ld_clean == pytest.approx(float(logits[0][french] - logits[0][german]), abs=1e-3)
+    # Independent patch: HF's own layer, its input at the target replaced by the edited run's, brute force.
+    for layer in (15, 29):
+        edited_state = runs[1].hidden_states[layer][0, -1]
+
+        def replace(module, args, kwargs, edited_state=edited_state):
+            hidden = args[0].clone()
+            hidden[0, -1] = edited_state
+            return (hidden, *args[1:]), kwargs
+
+        handle = smollm2_reference.model.layers[layer].register_forward_pre_hook(replace, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                patched = smollm2_reference(torch.tensor([ids[0]])).logits[0, -1]
+        finally:
+            handle.remove()
+        ld_patched = float(patched[french] - patched[german])
+        expected = (ld_patched - deflection.ld_clean) / (deflection.ld_edited - deflection.ld_clean)
+        assert deflection.recovery["resid"][layer] == pytest.approx(expected, abs=2e-3)
