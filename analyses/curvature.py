@@ -15,9 +15,9 @@ residual stream or projected to the sphere (``x_l / ||x_l||``). Steps ``d_l = x_
   (``<=`` for the flat fraction, where "more bent" means fewer flat angles), and the effect size is
   ``(observed - null mean) / null std``. Norm growth alone bends nothing, so both the raw and the
   sphere-projected stream are reported.
-- ``deflection`` of an edit, at the target (the last token, shared by the clean and the edited
-  prompt): per state the distance ``||c_l - e_l||``, the angle between ``c_l`` and ``e_l``, the
-  angle between their steps, and ``part_layer``, the first state where the angle exceeds
+- ``deflection`` of an edit, at the target (the last non-special token, shared by the clean and
+  the edited prompt; output quantities need a causal LM and are NaN for encoders): per state
+  the distance ``||c_l - e_l||``, the angle between ``c_l`` and ``e_l``, the angle between their steps, and ``part_layer``, the first state where the angle exceeds
   ``PART_ANGLE`` (5 degrees). Meaning-changing edits are compared with control edits by a
   Mann-Whitney U test on the final angle and on the output KL.
 - patched-context runs: the logit difference ``LD = logit(clean answer) - logit(edited answer)``
@@ -325,7 +325,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
 
 
 def _one_sided(a: list[float], b: list[float]) -> float:
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or not np.isfinite(a + b).all():
         return float("nan")
     return float(stats.mannwhitneyu(a, b, alternative="greater").pvalue)
 
@@ -343,15 +343,25 @@ def _deflect(model, pair: EditPair, patch_streams: tuple[str, ...]) -> Deflectio
     lengths = cap.token_mask.sum(1).tolist()
     clean_ids, edited_ids = (cap.tokens[i, : lengths[i]].tolist() for i in range(2))
     alignment = align(clean_ids, edited_ids)
-    target_clean, target_edited = len(clean_ids) - 1, alignment.edited_position(len(clean_ids) - 1)
+    # The target is the last token that is not special (an encoder ends on [SEP]).
+    special = set(getattr(model.tokenizer, "all_special_ids", ()))
+    target_clean = max(i for i, t in enumerate(clean_ids) if t not in special)
+    target_edited = alignment.edited_position(target_clean)
     clean_states, edited_states = cap.resid[:, 0, target_clean], cap.resid[:, 1, target_edited]
     distance, angle, step_angle, part = deflection_profile(clean_states, edited_states)
+    recovery: dict[str, np.ndarray] = {}
+    if getattr(model.cfg, "attention_dir", "causal") != "causal":
+        # Next-token logits belong to causal language models; an encoder gets the geometry only.
+        return Deflection(
+            label=pair.label, kind=pair.kind, distance=distance, angle=angle, step_angle=step_angle, part_layer=part,
+            final_angle=float(angle[-1]), output_kl=float("nan"), ld_clean=float("nan"), ld_edited=float("nan"),
+            recovery=recovery,
+        )
     logits = [last_logits(model, torch.tensor([ids]))[0] for ids in (clean_ids, edited_ids)]
     answers = [_answer_id(model, a) for a in (pair.clean_answer, pair.edited_answer)]
     ld = [float(l[answers[0]] - l[answers[1]]) for l in logits]
     logp = [torch.log_softmax(l.double(), dim=-1) for l in logits]
     kl = float((logp[0].exp() * (logp[0] - logp[1])).sum())
-    recovery = {}
     if pair.kind == "meaning" and abs(ld[1] - ld[0]) > 1e-6:
         n = len(edited_ids)
         for stream in patch_streams:

@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_gains_options(report)
     _add_metastability_options(sub.choices["metastability"])
     _add_metastability_options(report)
+    _add_curvature_options(sub.choices["curvature"])
+    _add_curvature_options(report)
     return parser
 
 
@@ -86,6 +88,7 @@ ANALYSES = {
     "expansion": "scale factor a(l), Hubble rate, comoving CV with its null, causal metric, post-LN norms, covariance shape",
     "gains": "attention / MLP / residual gain per block, with MLP phases",
     "metastability": "clustering on the sphere, CKA plateaus, interaction energy and its violations, V/OV spectra",
+    "curvature": "turning angles and length-to-chord against null walks; deflection and patching under context edits",
 }
 
 
@@ -101,6 +104,13 @@ def _add_metastability_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("metastability")
     g.add_argument("--attention-graphs", action="store_true", help="Fiedler value of every head's attention graph (slow)")
     g.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN min_cluster_size")
+
+
+def _add_curvature_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("curvature")
+    g.add_argument("--null-draws", type=int, default=20, help="draws of each curvature null")
+    g.add_argument("--patch-streams", nargs="*", default=["resid"], choices=("resid", "attn_out", "mlp_out"),
+                   help="what to patch from the edited run into the clean one (none: no patching)")
 
 
 def _add_gains_options(p: argparse.ArgumentParser) -> None:
@@ -206,7 +216,8 @@ def _section(name: str, by_role: dict):
         control = by_role.get("control")
         text = "\n\n".join(r.summary() for r in (model, control) if r is not None)
         return Section(f"Residual norms of {model.provenance.model}", model.figure(control=control), text)
-    heading = {"expansion": "Expansion", "gains": "Sublayer gains", "metastability": "Metastability"}[name]
+    heading = {"expansion": "Expansion", "gains": "Sublayer gains", "metastability": "Metastability",
+               "curvature": "Curvature and deflection"}[name]
     return Section(f"{heading} of {model.provenance.model}", model.figure(), model.summary())
 
 
@@ -223,6 +234,9 @@ def _options(name: str, role: str, model, control, args) -> dict:
                     n_permutations=args.permutations, seed=args.seed)
     if name == "gains":
         return dict(control=control, reference=args.reference, aggregation=args.aggregation, tokens=args.tokens)
+    if name == "curvature":
+        return dict(model=model, control=control, patch_streams=tuple(args.patch_streams), n_draws=args.null_draws,
+                    seed=args.seed)
     if name == "metastability":
         # The repeated-token diagnostic and the attention graphs run for the model only.
         return dict(model=model, control=control, repeated=role == "model", attention_graphs=_graphs(args, role),
