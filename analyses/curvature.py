@@ -18,8 +18,9 @@ residual stream or projected to the sphere (``x_l / ||x_l||``). Steps ``d_l = x_
 - ``deflection`` of an edit, at the target (the last non-special token, shared by the clean and
   the edited prompt; output quantities need a causal LM and are NaN for encoders): per state
   the distance ``||c_l - e_l||``, the angle between ``c_l`` and ``e_l``, the angle between their
-  steps, and ``part_layer``, the first state where the angle exceeds ``PART_ANGLE`` (5 degrees). Meaning-changing edits are compared with control edits by a
-  Mann-Whitney U test on the final angle and on the output KL.
+  steps, and ``part_layer``, the first state where the angle exceeds ``PART_ANGLE`` (5 degrees).
+  Meaning-changing edits are compared with control edits by a Mann-Whitney U test on the final
+  angle and on the output KL.
 - patched-context runs: the logit difference ``LD = logit(clean answer) - logit(edited answer)``
   at the target; patching the edited run's activation at the target into the clean run at block
   ``l`` gives ``recovery[l] = (LD_patched - LD_clean) / (LD_edited - LD_clean)`` (1: that block's
