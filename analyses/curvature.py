@@ -138,7 +138,9 @@ def compare_with_nulls(
         draws = [step_statistics(null_steps(steps, kind, g)) for _ in range(n_draws)]
         for name, value in observed.items():
             null = np.array([d[name] for d in draws])
-            extreme = null <= value if name == "flat_fraction" else null >= value
+            # Ties count as extreme: the shuffle's chord equals the observed one up to summation order.
+            tie = np.isclose(null, value, rtol=1e-9, atol=0.0)
+            extreme = (null <= value if name == "flat_fraction" else null >= value) | tie
             std = float(null.std(ddof=1))
             out.append(NullComparison(
                 statistic=name, null=kind, observed=value, null_mean=float(null.mean()), null_std=std,
@@ -217,7 +219,7 @@ class CurvatureResult(Result):
                 ctrl = f"{self.control.comparison(space, stat, 'walk').observed:>14.3f}" if self.control else ""
                 lines.append(f"{space:7}{stat:17}{w.observed:>10.3f}{w.null_mean:>11.3f}{w.p_value:>7.3f}{w.effect_size:>8.1f}"
                              f"{s.null_mean:>14.3f}{s.p_value:>7.3f}{s.effect_size:>8.1f}{ctrl}")
-        lines.append("edits (target = last token):")
+        lines.append("edits (target = last non-special token; part = first state > 5 degrees apart):")
         lines.append(f"  {'label':18}{'kind':9}{'part':>5}{'final angle':>12}{'KL':>8}{'LD clean':>10}{'LD edited':>10}"
                      f"{'best resid block (recovery)':>30}")
         for d in self.deflections:
