@@ -139,6 +139,7 @@ def capture(
     prepend_bos: bool | None = None,
     progress: bool = False,
     store_device: str | torch.device = "cpu",
+    fwd_hooks: Sequence[tuple[str, Callable]] = (),
 ) -> Capture:
     """Run ``prompts`` through ``model`` once, batch by batch, and return the activations.
 
@@ -164,6 +165,8 @@ def capture(
             for every tokenizer it wraps; lensdyn does not follow it silently.
         progress: show a progress bar over batches.
         store_device: where captured tensors live (CPU by default, so GPU memory stays free).
+        fwd_hooks: extra ``(hook name, fn)`` pairs active during the pass, for interventions
+            (e.g. ``lensdyn.hooks.temperature.temperature_hooks``); they run before the capture's own.
 
     Example:
         >>> model = ld.load_model("smollm2-135m")                          # doctest: +SKIP
@@ -195,7 +198,8 @@ def capture(
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         token_mask[i, : len(ids)] = True
 
-    buffers = _Buffers(model, info.layout == "post-norm", streams, attention, n_prompts, max_len, store_device)
+    buffers = _Buffers(model, info.layout == "post-norm", streams, attention, n_prompts, max_len, store_device,
+                       extra_hooks=list(fwd_hooks))
     device = next(model.parameters()).device
     batches = _length_batches([len(t) for t in token_lists], batch_size)
     with torch.inference_mode():
@@ -274,6 +278,7 @@ class _Buffers:
     n_prompts: int
     max_len: int
     store_device: str | torch.device
+    extra_hooks: list = field(default_factory=list)
     tensors: dict[str, Tensor] = field(default_factory=dict)
     plan: list[tuple[str, str | None, int]] = field(default_factory=list)
 
@@ -300,7 +305,7 @@ class _Buffers:
             self.model.run_with_hooks(
                 batch_tokens,
                 attention_mask=batch_mask.to(batch_tokens.device).long(),
-                fwd_hooks=fwd_hooks,
+                fwd_hooks=[*self.extra_hooks, *fwd_hooks],
             )
         except _CaptureComplete:
             pass

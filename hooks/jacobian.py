@@ -1,0 +1,204 @@
+"""Matrix-free Jacobian spectra of one transformer block at one position.
+
+The map is ``f(z) = block_l(x)[p]`` where ``x`` holds the block's input states of one prompt
+with position ``p`` replaced by ``z``:
+
+- ``mode="context"``: the other positions stay fixed (the block sees its real context; with
+  a causal mask later positions cannot matter, so the sequence is cut after ``p``).
+- ``mode="single-token"``: the block runs on ``z`` alone as a length-1 sequence (no cross-token
+  mixing: the StateLens write-up's setting).
+
+``norms="frozen"`` detaches every norm's scale inside the block (``ln{1,2}.hook_scale``): the
+norm divides by the value it had at the base point and stops projecting out the radial
+direction, so comparing live and frozen spectra tests "stability emerges from LayerNorm".
+
+Only Jacobian-vector products are formed (``torch.func.jvp``; ``vjp`` for ``J^T``). The leading
+eigenvalues come from Arnoldi (``scipy.sparse.linalg.eigs`` on a ``LinearOperator``), which
+finds complex-conjugate leading pairs where power iteration oscillates forever; the largest
+singular value from power iteration on ``J^T J``. Both start from a seeded random vector: for a
+pre-norm block with a centring LayerNorm the all-ones vector is an exact eigenvector with
+eigenvalue 1 (the norm ignores constant shifts), a trap for a method that starts there.
+Precision follows the model's dtype (load it with ``dtype=torch.float64`` for float64).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Complex, Float
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
+from torch import Tensor
+
+from lensdyn.errors import ArgumentError
+from lensdyn.hooks.iterate import _rotary
+
+MODES = ("context", "single-token")
+
+
+def block_map(
+    model, layer: int, states: Float[Tensor, "pos d_model"], position: int, mode: str = "context", norms: str = "live"
+) -> tuple[Callable[[Tensor], Tensor], Float[Tensor, " d_model"]]:
+    """``(f, z0)``: the block as a function of one position's input, and that input's actual value."""
+    if mode not in MODES:
+        raise ArgumentError(f"mode must be one of {MODES}, not {mode!r}")
+    if norms not in ("live", "frozen"):
+        raise ArgumentError(f"norms must be 'live' or 'frozen', not {norms!r}")
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ArgumentError(f"layer must be in 0..{model.cfg.n_layers - 1}, not {layer}")
+    n = states.shape[0]
+    position = position % n
+    param = next(model.parameters())
+    states = states.to(param.device, param.dtype)
+    context = states[: position + 1] if mode == "context" else states[position : position + 1]
+    target = context.shape[0] - 1
+    rotary = _rotary(model)
+    kwargs = {}
+    if rotary is not None:
+        positions = torch.arange(context.shape[0], device=param.device)[None]
+        kwargs["position_embeddings"] = rotary(context[None], positions)
+    frozen = [(f"blocks.{layer}.{ln}.hook_scale", lambda s, hook: s.detach()) for ln in ("ln1", "ln2")]
+
+    def f(z: Tensor) -> Tensor:
+        x = torch.cat([context[:target], z[None]], dim=0)[None]
+        with model.hooks(fwd_hooks=frozen) if norms == "frozen" else nullcontext():
+            out = model.blocks[layer](x, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return out[0, target]
+
+    return f, context[target].detach().clone()
+
+
+def jacobian_operator(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) -> LinearOperator:
+    """``J = df/dz`` at ``z0`` as a scipy ``LinearOperator`` (``matvec`` by jvp, ``rmatvec`` by vjp), counting calls."""
+    d = z0.shape[0]
+    dtype = z0.dtype
+    counter = {"matvec": 0}
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        counter["matvec"] += 1
+        tangent = torch.as_tensor(np.real(v).reshape(-1), dtype=dtype, device=z0.device)
+        with torch.enable_grad():
+            _, jv = torch.func.jvp(f, (z0,), (tangent,))
+        out = jv.detach().double().cpu().numpy()
+        if np.iscomplexobj(v):  # J is real: apply to real and imaginary parts separately
+            imag = torch.as_tensor(np.imag(v).reshape(-1), dtype=dtype, device=z0.device)
+            with torch.enable_grad():
+                _, jv_imag = torch.func.jvp(f, (z0,), (imag,))
+            out = out + 1j * jv_imag.detach().double().cpu().numpy()
+        return out
+
+    def rmatvec(v: np.ndarray) -> np.ndarray:
+        cotangent = torch.as_tensor(np.real(v).reshape(-1), dtype=dtype, device=z0.device)
+        with torch.enable_grad():
+            _, pullback = torch.func.vjp(f, z0)
+            return pullback(cotangent)[0].detach().double().cpu().numpy()
+
+    op = LinearOperator((d, d), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+    op.counter = counter
+    return op
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Leading eigenvalues (by modulus) and the largest singular value of one operator."""
+
+    eigenvalues: Complex[np.ndarray, " k"]
+    residuals: Float[np.ndarray, " k"]  # ||J v - lambda v|| / ||v|| of each returned pair
+    spectral_radius: float
+    sigma_max: float
+    sigma_iterations: int
+    sigma_converged: bool
+    matvecs: int
+    converged: bool
+
+    @property
+    def leading_is_complex(self) -> bool:
+        lead = self.eigenvalues[0]
+        return bool(abs(lead.imag) > 1e-6 * max(abs(lead), 1e-300))
+
+
+def leading_eigenvalues(
+    op: LinearOperator, k: int = 6, seed: int = 0, tol: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(eigenvalues, residuals, converged)``: the ``k`` of largest modulus by Arnoldi from a seeded random start.
+
+    >>> A = np.diag([3.0, -2.0, 1.0, 0.5])
+    >>> leading_eigenvalues(LinearOperator((4, 4), matvec=lambda v: A @ v), k=2)[0].real
+    array([ 3., -2.])
+    """
+    n = op.shape[0]
+    k = min(k, n - 2)
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    try:
+        values, vectors = eigs(op, k=k, which="LM", v0=v0, tol=tol, ncv=min(n, max(2 * k + 1, 20)), maxiter=n * 10)
+        converged = True
+    except ArpackNoConvergence as err:
+        values, vectors, converged = err.eigenvalues, err.eigenvectors, False
+    order = np.argsort(-np.abs(values), kind="stable")
+    values, vectors = values[order], vectors[:, order]
+    residuals = np.array([
+        np.linalg.norm(op.matvec(vectors[:, i]) - values[i] * vectors[:, i]) / np.linalg.norm(vectors[:, i])
+        for i in range(len(values))
+    ])
+    return values, residuals, converged
+
+
+def largest_singular_value(
+    op: LinearOperator, iterations: int = 100, tol: float = 1e-6, seed: int = 0
+) -> tuple[float, int, bool]:
+    """``(sigma_max, iterations used, converged)`` by power iteration on ``J^T J`` from a seeded random start.
+
+    >>> A = np.array([[1.0, 10.0], [0.0, 1.0]])                 # non-normal: rho = 1, sigma_max ~ 10.1
+    >>> round(largest_singular_value(LinearOperator((2, 2), matvec=lambda v: A @ v, rmatvec=lambda v: A.T @ v))[0], 6)
+    10.09902
+    """
+    v = np.random.default_rng(seed + 1).standard_normal(op.shape[0])
+    v /= np.linalg.norm(v)
+    sigma = 0.0
+    for i in range(1, iterations + 1):
+        w = op.rmatvec(op.matvec(v))
+        norm = np.linalg.norm(w)
+        if norm == 0:
+            return 0.0, i, True
+        new_sigma = float(np.sqrt(norm))
+        v = w / norm
+        if abs(new_sigma - sigma) <= tol * new_sigma:
+            return new_sigma, i, True
+        sigma = new_sigma
+    return sigma, iterations, False
+
+
+def jacobian_spectrum(
+    model,
+    states: Float[Tensor, "pos d_model"],
+    layer: int,
+    position: int = -1,
+    mode: str = "context",
+    norms: str = "live",
+    k: int = 6,
+    sigma: bool = True,
+    seed: int = 0,
+) -> Spectrum:
+    """Spectrum of block ``layer``'s Jacobian at ``position`` of one prompt's block-input ``states``.
+
+    >>> cap = ld.capture(model, ["Some text."], streams=("resid",), exclude=())        # doctest: +SKIP
+    >>> jacobian_spectrum(model, cap.resid[2, 0], layer=2).spectral_radius            # doctest: +SKIP
+    """
+    f, z0 = block_map(model, layer, states, position, mode, norms)
+    op = jacobian_operator(f, z0)
+    values, residuals, converged = leading_eigenvalues(op, k=k, seed=seed)
+    matvecs = op.counter["matvec"]
+    s_max, s_iter, s_ok = largest_singular_value(op, seed=seed) if sigma else (float("nan"), 0, False)
+    return Spectrum(
+        eigenvalues=values, residuals=residuals, spectral_radius=float(np.abs(values).max()),
+        sigma_max=s_max, sigma_iterations=s_iter, sigma_converged=s_ok, matvecs=matvecs, converged=converged,
+    )
+
+
+def dense_jacobian(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) -> Float[Tensor, "d d"]:
+    """The full ``d x d`` Jacobian, only when asked (tests, tiny models): ``d`` jvps' worth of memory."""
+    with torch.enable_grad():
+        return torch.func.jacfwd(f)(z0).detach()
