@@ -32,6 +32,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/capture.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/analyses.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/jacobian.py
 
 clean:
 	rm -rf $(VENV) reports build *.egg-info

@@ -160,7 +160,7 @@ class StabilityResult(Result):
     k_theta_null_q95: Float[np.ndarray, " k"]
     k_theta_fit: tuple[float, float, float, float]  # c0, c1, tau, R^2 of the mean observed curve
     k_theta_null_fit: tuple[float, float, float, float]
-    stability_index: Float[np.ndarray, " block"]
+    stability_index: Float[np.ndarray, " profiled"]  # one per profiled block (``layers``)
     regimes: tuple[str, ...]
     control: "StabilityResult | None" = None
 
@@ -333,8 +333,16 @@ def _measure(cap: Capture, model, layers, profile_prompts, context, k, betas, k_
 
 def _mean_cosines(model, cap: Capture, beta: float) -> np.ndarray:
     """Mean pairwise cosine per state under temperature ``beta``, averaged over prompts."""
-    hot = cap if beta == 1.0 else capture(model, cap.prompts, streams=("resid",), exclude=cap.exclude,
+    hot = cap if beta == 1.0 else capture(model, cap.same_prompts(), streams=("resid",), exclude=cap.exclude,
                                           truncate=bool(cap.truncated), fwd_hooks=temperature_hooks(model, beta))
+    if hot is not cap and torch.equal(hot.resid, cap.resid):
+        from lensdyn.errors import UnsupportedArchitectureError
+
+        # TransformerLens-native bridges fire hook_attn_scores after the fact: scaling it changes nothing.
+        raise UnsupportedArchitectureError(
+            "this bridge computes attention without routing scores through hook_attn_scores, so a temperature "
+            "cannot be applied; pass betas=(1.0,) to skip the sweep"
+        )
     per_prompt = [[mean_cosine(hot.resid[l, p][hot.mask[p]]) for l in range(hot.resid.shape[0])]
                   for p in range(hot.n_prompts) if int(hot.mask[p].sum()) >= 2]
     return np.mean(per_prompt, axis=0)

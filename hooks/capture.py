@@ -97,6 +97,12 @@ class Capture:
             raise ArgumentError(f"this capture holds no {stream!r}: capture again with {how}")
         return value
 
+    def same_prompts(self):
+        """What to pass to ``capture`` to run these prompts again: the texts, or the token ids when it was given ids."""
+        if self.prompts.name != "token-ids":
+            return self.prompts
+        return [self.tokens[i, : int(n)].tolist() for i, n in enumerate(self.token_mask.sum(1))]
+
     def require_streams(self, streams: Sequence[str]) -> None:
         """Fail with every missing stream named at once (an analysis checks its ``STREAMS`` up front)."""
         missing = [s for s in streams if getattr(self, s) is None]
@@ -240,7 +246,7 @@ def control_capture(model, like: Capture, streams: Sequence[str]) -> tuple[Captu
     from lensdyn.models import random_control
 
     random_model = random_control(model)
-    cap = capture(random_model, like.prompts, streams=streams, exclude=like.exclude, truncate=bool(like.truncated))
+    cap = capture(random_model, like.same_prompts(), streams=streams, exclude=like.exclude, truncate=bool(like.truncated))
     return cap, random_model
 
 

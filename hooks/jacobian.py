@@ -12,7 +12,11 @@ with position ``p`` replaced by ``z``:
 norm divides by the value it had at the base point and stops projecting out the radial
 direction, so comparing live and frozen spectra tests "stability emerges from LayerNorm".
 
-Only Jacobian-vector products are formed (``torch.func.jvp``; ``vjp`` for ``J^T``). The leading
+Only Jacobian-vector products are formed (``torch.func.linearize`` once, then one cheap jvp per
+product; ``vjp`` for ``J^T``). In context mode with live norms on a Hugging Face decoder layer
+that takes ``past_key_values`` (Llama, Gemma, Qwen, ...), the other positions' keys and values
+are computed once and each product runs the layer on the one target token (``_prefix_map``),
+checked against the full-context map at the base point before use. The leading
 eigenvalues come from Arnoldi (``scipy.sparse.linalg.eigs`` on a ``LinearOperator``), which
 finds complex-conjugate leading pairs where power iteration oscillates forever; the largest
 singular value from power iteration on ``J^T J``. Both start from a seeded random vector: for a
@@ -39,9 +43,13 @@ MODES = ("context", "single-token")
 
 
 def block_map(
-    model, layer: int, states: Float[Tensor, "pos d_model"], position: int, mode: str = "context", norms: str = "live"
+    model, layer: int, states: Float[Tensor, "pos d_model"], position: int, mode: str = "context", norms: str = "live",
+    prefix_cache: bool = True,
 ) -> tuple[Callable[[Tensor], Tensor], Float[Tensor, " d_model"]]:
-    """``(f, z0)``: the block as a function of one position's input, and that input's actual value."""
+    """``(f, z0)``: the block as a function of one position's input, and that input's actual value.
+
+    ``prefix_cache=False`` forces the general path (the whole context through the bridge block).
+    """
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, not {mode!r}")
     if norms not in ("live", "frozen"):
@@ -60,6 +68,7 @@ def block_map(
         positions = torch.arange(context.shape[0], device=param.device)[None]
         kwargs["position_embeddings"] = rotary(context[None], positions)
     frozen = [(f"blocks.{layer}.{ln}.hook_scale", lambda s, hook: s.detach()) for ln in ("ln1", "ln2")]
+    z0 = context[target].detach().clone()
 
     def f(z: Tensor) -> Tensor:
         x = torch.cat([context[:target], z[None]], dim=0)[None]
@@ -68,7 +77,53 @@ def block_map(
         out = out[0] if isinstance(out, tuple) else out
         return out[0, target]
 
-    return f, context[target].detach().clone()
+    if prefix_cache and mode == "context" and norms == "live" and target > 0:
+        fast = _prefix_map(model, layer, context, kwargs.get("position_embeddings"))
+        if fast is not None:
+            with torch.no_grad():
+                reference, candidate = f(z0), fast(z0)
+            if torch.allclose(candidate, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max())):
+                return fast, z0
+    return f, z0
+
+
+class _Prefix:
+    """A stand-in cache: the other positions' keys and values, fixed; the target's are appended per call."""
+
+    def __init__(self, keys: Tensor | None = None, values: Tensor | None = None):
+        self.keys, self.values = keys, values
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self.keys is None:  # recording pass
+            self.keys, self.values = keys, values
+            return keys, values
+        return torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
+
+
+def _prefix_map(model, layer: int, context: Tensor, position_embeddings) -> Callable[[Tensor], Tensor] | None:
+    """The target row of the Hugging Face layer with the context's keys/values precomputed; None if unsupported."""
+    layers = getattr(getattr(getattr(model, "original_model", None), "model", None), "layers", None)
+    if layers is None or position_embeddings is None:
+        return None
+    hf_layer = layers[layer]
+    recording = _Prefix()
+    try:
+        with torch.no_grad():
+            hf_layer(context[None], position_embeddings=position_embeddings, past_key_values=recording, use_cache=True,
+                     attention_mask=None)
+    except TypeError:
+        return None
+    if recording.keys is None:
+        return None
+    prefix = _Prefix(recording.keys[..., :-1, :].detach(), recording.values[..., :-1, :].detach())
+    last = tuple(t[:, -1:] for t in position_embeddings)
+
+    def g(z: Tensor) -> Tensor:
+        out = hf_layer(z[None, None], position_embeddings=last, past_key_values=prefix, use_cache=True, attention_mask=None)
+        out = out[0] if isinstance(out, tuple) else out
+        return out[0, -1]
+
+    return g
 
 
 def jacobian_operator(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) -> LinearOperator:
@@ -76,18 +131,23 @@ def jacobian_operator(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) ->
     d = z0.shape[0]
     dtype = z0.dtype
     counter = {"matvec": 0}
+    try:
+        with torch.enable_grad():
+            _, linear = torch.func.linearize(f, z0)
+    except Exception:  # noqa: BLE001 - tracing can fail on exotic modules; plain jvp always works
+        def linear(t: Tensor) -> Tensor:
+            with torch.enable_grad():
+                return torch.func.jvp(f, (z0,), (t,))[1]
+
+    def apply(part: np.ndarray) -> np.ndarray:
+        tangent = torch.as_tensor(np.ascontiguousarray(part).reshape(-1), dtype=dtype, device=z0.device)
+        return linear(tangent).detach().double().cpu().numpy()
 
     def matvec(v: np.ndarray) -> np.ndarray:
         counter["matvec"] += 1
-        tangent = torch.as_tensor(np.real(v).reshape(-1), dtype=dtype, device=z0.device)
-        with torch.enable_grad():
-            _, jv = torch.func.jvp(f, (z0,), (tangent,))
-        out = jv.detach().double().cpu().numpy()
-        if np.iscomplexobj(v):  # J is real: apply to real and imaginary parts separately
-            imag = torch.as_tensor(np.imag(v).reshape(-1), dtype=dtype, device=z0.device)
-            with torch.enable_grad():
-                _, jv_imag = torch.func.jvp(f, (z0,), (imag,))
-            out = out + 1j * jv_imag.detach().double().cpu().numpy()
+        out = apply(np.real(v))
+        if np.iscomplexobj(v):  # J is real: apply it to the real and imaginary parts
+            out = out + 1j * apply(np.imag(v))
         return out
 
     def rmatvec(v: np.ndarray) -> np.ndarray:
