@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_run_options(report)
     report.add_argument(
-        "--analyses", default=",".join(ANALYSES), help=f"comma-separated subset of {', '.join(ANALYSES)}",
+        "--analyses", default=",".join(DEFAULT_REPORT), help=f"comma-separated subset of {', '.join(ANALYSES)}",
     )
     report.set_defaults(command="report", run=_report)
 
@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_metastability_options(report)
     _add_curvature_options(sub.choices["curvature"])
     _add_curvature_options(report)
+    _add_stability_options(sub.choices["stability"])
+    _add_stability_options(report)
     return parser
 
 
@@ -89,7 +91,10 @@ ANALYSES = {
     "gains": "attention / MLP / residual gain per block, with MLP phases",
     "metastability": "clustering on the sphere, CKA plateaus, interaction energy and its violations, V/OV spectra",
     "curvature": "turning angles and length-to-chord against null walks; deflection and patching under context edits",
+    "stability": "block Jacobian spectra (matrix-free), attention temperature and mixing time, K-theta, stability index",
 }
+# Jacobian spectra and temperature sweeps take minutes: they run when asked for (`--analyses ...,stability`).
+DEFAULT_REPORT = tuple(name for name in ANALYSES if name != "stability")
 
 
 def _add_expansion_options(p: argparse.ArgumentParser) -> None:
@@ -104,6 +109,14 @@ def _add_metastability_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("metastability")
     g.add_argument("--attention-graphs", action="store_true", help="Fiedler value of every head's attention graph (slow)")
     g.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN min_cluster_size")
+
+
+def _add_stability_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stability")
+    g.add_argument("--layers", type=int, nargs="*", default=None, help="blocks whose Jacobian to profile (default all)")
+    g.add_argument("--profile-prompts", type=int, default=1, help="prompts the Jacobian profile uses")
+    g.add_argument("--context", type=int, default=32, help="Jacobians at the last of each prompt's first CONTEXT tokens")
+    g.add_argument("--betas", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0, 4.0], help="attention temperatures")
 
 
 def _add_curvature_options(p: argparse.ArgumentParser) -> None:
@@ -217,7 +230,7 @@ def _section(name: str, by_role: dict):
         text = "\n\n".join(r.summary() for r in (model, control) if r is not None)
         return Section(f"Residual norms of {model.provenance.model}", model.figure(control=control), text)
     heading = {"expansion": "Expansion", "gains": "Sublayer gains", "metastability": "Metastability",
-               "curvature": "Curvature and deflection"}[name]
+               "curvature": "Curvature and deflection", "stability": "Stability"}[name]
     return Section(f"{heading} of {model.provenance.model}", model.figure(), model.summary())
 
 
@@ -234,6 +247,9 @@ def _options(name: str, role: str, model, control, args) -> dict:
                     n_permutations=args.permutations, seed=args.seed)
     if name == "gains":
         return dict(control=control, reference=args.reference, aggregation=args.aggregation, tokens=args.tokens)
+    if name == "stability":
+        return dict(model=model, control=control, layers=args.layers, profile_prompts=args.profile_prompts,
+                    context=args.context, betas=tuple(args.betas), seed=args.seed)
     if name == "curvature":
         return dict(model=model, control=control, patch_streams=tuple(args.patch_streams), n_draws=args.null_draws,
                     seed=args.seed)

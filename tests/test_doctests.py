@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lensdyn import fits, metric, ops
-from lensdyn.analyses import curvature, expansion, gains, idealized, metastability, norms
+from lensdyn.analyses import curvature, expansion, gains, idealized, metastability, norms, stability
 
-MODULES = [ops, fits, metric, norms, expansion, gains, metastability, idealized, curvature]
-MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching")]
+MODULES = [ops, fits, metric, norms, expansion, gains, metastability, idealized, curvature, stability]
+MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching", "jacobian")]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
