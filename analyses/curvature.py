@@ -40,11 +40,12 @@ from scipy import stats
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError, PromptError
-from lensdyn.hooks.capture import Capture, capture, capture_for, control_capture
+from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.patching import PATCH_HOOKS, align, last_logits, patch_sweep
+from lensdyn.measure import measure_with_control
 from lensdyn.ops import masked_tokens
 from lensdyn.prompts import EDIT_PAIRS, EditPair
-from lensdyn.results import Conventions, Provenance, Result, attach_control
+from lensdyn.results import Conventions, Provenance, Result
 
 STREAMS = ("resid",)
 SHARP, FLAT, PART_ANGLE = 120.0, 60.0, 5.0
@@ -275,21 +276,20 @@ def measure(
     chooses from ``"resid"``, ``"attn_out"``, ``"mlp_out"`` (one batched forward pass per pair and
     stream); the untrained control measures deflection but patches nothing.
     """
-    cap, captured_from = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
-    model = captured_from if captured_from is not None else model
-    if model is None:
-        raise ArgumentError("curvature.measure(capture) needs model= too: edited prompts and patched runs are run on it")
     unknown = set(patch_streams) - set(PATCH_HOOKS)
     if unknown:
         raise ArgumentError(f"unknown patch stream(s) {sorted(unknown)}: choose from {sorted(PATCH_HOOKS)}")
-    options = dict(pairs=pairs, patch_streams=tuple(patch_streams), n_draws=n_draws, seed=seed)
-    result = _measure(cap, model, **options)
+    options = dict(pairs=pairs, n_draws=n_draws, seed=seed)
 
-    def measure_random() -> CurvatureResult:
-        control_cap, random_model = control_capture(model, cap, STREAMS)
-        return _measure(control_cap, random_model, **{**options, "patch_streams": ()})
+    def measure_one(cap: Capture, model) -> CurvatureResult:
+        return _measure(cap, model, patch_streams=tuple(patch_streams), **options)
 
-    return attach_control(result, control, measure_random)
+    def measure_control(cap: Capture, model) -> CurvatureResult:  # deflection only: no patching
+        return _measure(cap, model, patch_streams=(), **options)
+
+    return measure_with_control("curvature", capture_or_model, prompts, STREAMS, measure_one, model=model,
+                                control=control, needs_model="edited prompts and patched runs are run on it",
+                                measure_control=measure_control, **capture_kwargs)
 
 
 def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> CurvatureResult:

@@ -52,11 +52,12 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit, piecewise_constant_segments
-from lensdyn.hooks.capture import Capture, capture_for, control_capture
+from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.circuits import model_causal_metric
+from lensdyn.measure import measure_with_control
 from lensdyn.metric import CausalMetric, metric_norms
 from lensdyn.ops import aggregate_ratio, masked_tokens, token_norms
-from lensdyn.results import Conventions, Provenance, Result, attach_control
+from lensdyn.results import Conventions, Provenance, Result
 
 STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_out")
 
@@ -504,18 +505,12 @@ def measure(
         top_k: eigenvectors compared across states.
         ridge: regularisation of the causal metric (``lensdyn.metric``).
     """
-    cap, captured_from = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
-    model = captured_from if captured_from is not None else model
-    if model is None:
-        raise ArgumentError("expansion.measure(capture) needs model= too: the causal metric reads the model's unembedding")
-    options = (aggregation, fit_space, n_permutations, top_k, seed)
-    result = _measure_capture(cap, model_causal_metric(model, ridge), *options)
+    def measure_one(cap: Capture, model) -> ExpansionResult:
+        return _measure_capture(cap, model_causal_metric(model, ridge), aggregation, fit_space, n_permutations, top_k, seed)
 
-    def measure_random() -> ExpansionResult:
-        control_cap, random_model = control_capture(model, cap, STREAMS)
-        return _measure_capture(control_cap, model_causal_metric(random_model, ridge), *options)
-
-    return attach_control(result, control, measure_random)
+    return measure_with_control("expansion", capture_or_model, prompts, STREAMS, measure_one, model=model,
+                                control=control, needs_model="the causal metric reads the model's unembedding",
+                                **capture_kwargs)
 
 
 def _measure_capture(

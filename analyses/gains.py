@@ -33,9 +33,10 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit, piecewise_constant_segments
-from lensdyn.hooks.capture import Capture, capture_for, control_capture
+from lensdyn.hooks.capture import Capture
+from lensdyn.measure import measure_with_control
 from lensdyn.ops import aggregate_ratio, last_token_mask, masked_tokens, token_norms
-from lensdyn.results import Conventions, Provenance, Result, attach_control
+from lensdyn.results import Conventions, Provenance, Result
 
 STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_in", "mlp_out")
 REFERENCES = ("ln_output", "resid")
@@ -209,16 +210,11 @@ def measure(
     for name, value, allowed in (("reference", reference, REFERENCES), ("tokens", tokens, TOKENS)):
         if value not in allowed:
             raise ArgumentError(f"{name} must be one of {allowed}, not {value!r}")
-    cap, captured_from = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
-    model = captured_from if captured_from is not None else model
-    options = (reference, aggregation, tokens, band)
+    def measure_one(cap: Capture, model) -> GainsResult:
+        return _measure_capture(cap, reference, aggregation, tokens, band)
 
-    def measure_random() -> GainsResult:
-        if model is None:
-            raise ArgumentError("control='random' with a capture needs model= (the model it came from); or pass control=None")
-        return _measure_capture(control_capture(model, cap, STREAMS)[0], *options)
-
-    return attach_control(_measure_capture(cap, *options), control, measure_random)
+    return measure_with_control("gains", capture_or_model, prompts, STREAMS, measure_one, model=model, control=control,
+                                **capture_kwargs)
 
 
 def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str, band: float) -> GainsResult:

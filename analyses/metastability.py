@@ -51,9 +51,10 @@ from scipy import stats
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
-from lensdyn.hooks.capture import Capture, capture_for, control_capture
+from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
-from lensdyn.results import Conventions, Provenance, Result, attach_control
+from lensdyn.measure import measure_with_control
+from lensdyn.results import Conventions, Provenance, Result
 
 STREAMS = ("resid",)
 BINS = np.linspace(-1.0, 1.0, 41)
@@ -451,27 +452,26 @@ def measure(
         attention_graphs: Fiedler values of every head (captures attention patterns; slower).
         betas: inverse temperatures of ``E_beta``; ``rtol``: relative fall counted as a violation.
     """
-    streams = STREAMS
     if attention_graphs:
         capture_kwargs["attention"] = True
-    cap, captured_from = capture_for(capture_or_model, prompts, streams, **capture_kwargs)
-    model = captured_from if captured_from is not None else model
-    if model is None:
-        raise ArgumentError("metastability.measure(capture) needs model= too: the V and OV spectra read its weights")
-    if attention_graphs and cap.attention is None:
-        raise ArgumentError("attention_graphs=True needs a capture with attention=True")
-    options = dict(betas=tuple(float(b) for b in betas), threshold=threshold, min_cluster_size=min_cluster_size,
-                   rtol=rtol, attention_graphs=attention_graphs)
-    result = _measure_capture(cap, model, **options)
-    if repeated:
-        rep_cap = capture_for(model, "repeated", streams, exclude=cap.exclude, attention=attention_graphs)[0]
-        result = dataclasses.replace(result, repeated=_measure_capture(rep_cap, model, **options))
+    options = dict(betas=tuple(float(b) for b in betas), threshold=threshold, min_cluster_size=min_cluster_size, rtol=rtol)
 
-    def measure_random() -> MetastabilityResult:
-        control_cap, random_model = control_capture(model, cap, streams)
-        return _measure_capture(control_cap, random_model, **{**options, "attention_graphs": False})
+    def measure_one(cap: Capture, model) -> MetastabilityResult:
+        if attention_graphs and cap.attention is None:
+            raise ArgumentError("attention_graphs=True needs a capture with attention=True")
+        result = _measure_capture(cap, model, attention_graphs=attention_graphs, **options)
+        if not repeated:
+            return result
+        rep_cap = capture_for(model, "repeated", STREAMS, exclude=cap.exclude, attention=attention_graphs)[0]
+        repeated_result = _measure_capture(rep_cap, model, attention_graphs=attention_graphs, **options)
+        return dataclasses.replace(result, repeated=repeated_result)
 
-    return attach_control(result, control, measure_random)
+    def measure_control(cap: Capture, model) -> MetastabilityResult:  # the control: no graphs, no repeated set
+        return _measure_capture(cap, model, attention_graphs=False, **options)
+
+    return measure_with_control("metastability", capture_or_model, prompts, STREAMS, measure_one, model=model,
+                                control=control, needs_model="the V and OV spectra read its weights",
+                                measure_control=measure_control, **capture_kwargs)
 
 
 def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rtol, attention_graphs) -> MetastabilityResult:

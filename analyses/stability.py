@@ -38,11 +38,12 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit
-from lensdyn.hooks.capture import Capture, capture, capture_for, control_capture
+from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.jacobian import jacobian_spectrum
 from lensdyn.hooks.temperature import attention_type, temperature_hooks
+from lensdyn.measure import measure_with_control
 from lensdyn.ops import masked_tokens
-from lensdyn.results import Conventions, Provenance, Result, attach_control
+from lensdyn.results import Conventions, Provenance, Result
 
 STREAMS = ("resid", "mlp_out")
 BETAS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -259,19 +260,12 @@ def measure(
         context: the Jacobian is taken at the last of each profiled prompt's first ``context`` tokens.
         k: leading eigenvalues per spectrum.
     """
-    cap, captured_from = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
-    model = captured_from if captured_from is not None else model
-    if model is None:
-        raise ArgumentError("stability.measure(capture) needs model= too: Jacobians and temperature runs use it")
-    options = dict(layers=layers, profile_prompts=profile_prompts, context=context, k=k,
-                   betas=tuple(float(b) for b in betas), k_grid=tuple(k_grid), seed=seed)
-    result = _measure(cap, model, **options)
+    def measure_one(cap: Capture, model) -> StabilityResult:
+        return _measure(cap, model, layers=layers, profile_prompts=profile_prompts, context=context, k=k,
+                        betas=tuple(float(b) for b in betas), k_grid=tuple(k_grid), seed=seed)
 
-    def measure_random() -> StabilityResult:
-        control_cap, random_model = control_capture(model, cap, STREAMS)
-        return _measure(control_cap, random_model, **options)
-
-    return attach_control(result, control, measure_random)
+    return measure_with_control("stability", capture_or_model, prompts, STREAMS, measure_one, model=model,
+                                control=control, needs_model="Jacobians and temperature runs use it", **capture_kwargs)
 
 
 def _measure(cap: Capture, model, layers, profile_prompts, context, k, betas, k_grid, seed) -> StabilityResult:
