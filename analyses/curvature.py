@@ -41,7 +41,7 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.hooks.capture import Capture, capture
-from lensdyn.hooks.patching import PATCH_HOOKS, align, last_logits, patch_sweep
+from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweep
 from lensdyn.measure import measure_with_control
 from lensdyn.ops import masked_tokens
 from lensdyn.prompts import EDIT_PAIRS, EditPair
@@ -360,7 +360,8 @@ def _deflect(model, pair: EditPair, patch_streams: tuple[str, ...]) -> Deflectio
             final_angle=float(angle[-1]), output_kl=float("nan"), ld_clean=float("nan"), ld_edited=float("nan"),
             recovery=recovery,
         )
-    logits = [last_logits(model, torch.tensor([ids]))[0] for ids in (clean_ids, edited_ids)]
+    # The capture already holds the last block's output: the logits need no second forward pass.
+    logits = final_logits(model, torch.stack([cap.resid[-1, 0, target_clean], cap.resid[-1, 1, target_edited]]))
     answers = [_answer_id(model, a) for a in (pair.clean_answer, pair.edited_answer)]
     ld = [float(l[answers[0]] - l[answers[1]]) for l in logits]
     logp = [torch.log_softmax(l.double(), dim=-1) for l in logits]

@@ -87,6 +87,13 @@ class _LastState(Exception):
         self.state = state
 
 
+def final_logits(model, state: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
+    """Logits from last-block outputs (before the final norm, the capture's ``resid[n_layers]``): final norm, then unembedding."""
+    param = next(model.parameters())
+    with torch.inference_mode():
+        return model.unembed(model.ln_final(state.to(param.device, param.dtype)[:, None]))[:, -1].float().cpu()
+
+
 def last_logits(model, tokens: Int[Tensor, "batch pos"], fwd_hooks=()) -> Float[Tensor, "batch vocab"]:
     """Logits at the last position of every row, with optional hooks, float32 on CPU.
 
@@ -101,7 +108,7 @@ def last_logits(model, tokens: Int[Tensor, "batch pos"], fwd_hooks=()) -> Float[
         try:
             model.run_with_hooks(tokens.to(next(model.parameters()).device), fwd_hooks=[*fwd_hooks, (last, stop)])
         except _LastState as done:
-            return model.unembed(model.ln_final(done.state))[:, -1].float().cpu()
+            return final_logits(model, done.state[:, -1])
     raise RuntimeError(f"{last} never fired")
 
 
