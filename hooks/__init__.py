@@ -10,6 +10,7 @@ from lensdyn.hooks.circuits import (
     ov_circuits,
     value_matrix,
 )
+from lensdyn.hooks.steering import steered_last_logits, steering, steering_hooks
 
 __all__ = [
     "STREAMS",
@@ -20,4 +21,7 @@ __all__ = [
     "layer_ov_circuit",
     "ov_circuits",
     "value_matrix",
+    "steering",
+    "steering_hooks",
+    "steered_last_logits",
 ]

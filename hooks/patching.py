@@ -94,22 +94,29 @@ def final_logits(model, state: Float[Tensor, "batch d_model"]) -> Float[Tensor, 
         return model.unembed(model.ln_final(state.to(param.device, param.dtype)[:, None]))[:, -1].float().cpu()
 
 
-def last_logits(model, tokens: Int[Tensor, "batch pos"], fwd_hooks=()) -> Float[Tensor, "batch vocab"]:
-    """Logits at the last position of every row, with optional hooks, float32 on CPU.
+def last_logits(
+    model, tokens: Int[Tensor, "batch pos"], fwd_hooks=(), last: Int[Tensor, " batch"] | None = None
+) -> Float[Tensor, "batch vocab"]:
+    """Logits at the last position of every row (or at ``last[b]`` for right-padded rows), float32 on CPU.
 
-    The final norm and unembedding run on the last position only (equal to the full forward's
-    last logits to float32 round-off; tested).
+    The final norm and unembedding run on that position only (equal to the full forward's
+    logits there to float32 round-off; tested). Causal models only: with right padding, the pad
+    tokens after ``last[b]`` cannot change it.
     """
-    def stop(x: Tensor, hook) -> Tensor:
-        raise _LastState(x[:, -1:])
+    device = next(model.parameters()).device
+    rows = torch.arange(tokens.shape[0], device=device)
+    index = None if last is None else last.to(device)
 
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    def stop(x: Tensor, hook) -> Tensor:
+        raise _LastState(x[:, -1] if index is None else x[rows, index])
+
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     with torch.inference_mode():
         try:
-            model.run_with_hooks(tokens.to(next(model.parameters()).device), fwd_hooks=[*fwd_hooks, (last, stop)])
+            model.run_with_hooks(tokens.to(device), fwd_hooks=[*fwd_hooks, (final, stop)])
         except _LastState as done:
-            return final_logits(model, done.state[:, -1])
-    raise RuntimeError(f"{last} never fired")
+            return final_logits(model, done.state)
+    raise RuntimeError(f"{final} never fired")
 
 
 def patch_sweep(

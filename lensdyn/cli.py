@@ -2,7 +2,7 @@
 
     lensdyn models                                   list embedded models and how to install them
     lensdyn report --model smollm2-135m --prompts diverse --out reports/demo
-    lensdyn norms | expansion | gains --model ... --prompts ... --out DIR   one analysis
+    lensdyn norms | expansion | gains | metastability | curvature | stability | steering --model ... --out DIR   one analysis
 
 Exit status: 0 on success, 2 on bad input (with a one-line reason on stderr).
 """
@@ -22,6 +22,7 @@ EPILOG = """examples:
   lensdyn expansion --model smollm2-135m --prompts diverse --fit-space linear --out reports/expansion
   lensdyn gains --model smollm2-135m --reference resid --tokens last --out reports/gains
   lensdyn norms --model smollm2-135m --prompts diverse --out reports/norms
+  lensdyn steering --model smollm2-135m --contrast sentiment --transfer-layers 0 6 12 18 24 29 --out reports/steering
   lensdyn norms --model minilm-l6 --prompts my_texts/ --exclude special --control none --out reports/bert
 
 Prompts are a built-in set (diverse, repeated), a .txt file (one prompt), a .jsonl file
@@ -82,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_curvature_options(report)
     _add_stability_options(sub.choices["stability"])
     _add_stability_options(report)
+    _add_steering_options(sub.choices["steering"])
+    _add_steering_options(report)
     return parser
 
 
@@ -92,9 +95,12 @@ ANALYSES = {
     "metastability": "clustering on the sphere, CKA plateaus, interaction energy and its violations, V/OV spectra",
     "curvature": "turning angles and length-to-chord against null walks; deflection and patching under context edits",
     "stability": "block Jacobian spectra (matrix-free), attention temperature and mixing time, K-theta, stability index",
+    "steering": "difference-of-means steering per block against H(l); redshift vs norm-matching transfer between blocks",
 }
-# Jacobian spectra and temperature sweeps take minutes: they run when asked for (`--analyses ...,stability`).
-DEFAULT_REPORT = tuple(name for name in ANALYSES if name != "stability")
+# Jacobian spectra, temperature sweeps and steering sweeps run their own forward passes (seconds to minutes):
+# they run when asked for (`--analyses ...,stability,steering`).
+OPT_IN = ("stability", "steering")
+DEFAULT_REPORT = tuple(name for name in ANALYSES if name not in OPT_IN)
 
 
 def _add_expansion_options(p: argparse.ArgumentParser) -> None:
@@ -117,6 +123,17 @@ def _add_stability_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile-prompts", type=int, default=1, help="prompts the Jacobian profile uses")
     g.add_argument("--context", type=int, default=32, help="Jacobians at the last of each prompt's first CONTEXT tokens")
     g.add_argument("--betas", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0, 4.0], help="attention temperatures")
+
+
+def _add_steering_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("steering")
+    g.add_argument("--contrast", default="sentiment", help="built-in contrast set (sentiment, formality) or a JSON file")
+    g.add_argument("--steer-layers", type=int, nargs="*", default=None, help="blocks steered with their own vector (default all)")
+    g.add_argument("--transfer-layers", type=int, nargs="*", default=None,
+                   help="source/target blocks of the transfer test (default 6 spread over the steered blocks)")
+    g.add_argument("--relative", type=float, nargs="*", default=[0.125, 0.25, 0.5, 1.0, 2.0],
+                   help="sizes tried, as ||added vector|| / mean residual norm at the block")
+    g.add_argument("--bootstrap", type=int, default=200, help="bootstrap draws over evaluation prompts")
 
 
 def _add_curvature_options(p: argparse.ArgumentParser) -> None:
@@ -173,7 +190,7 @@ def _report(args) -> int:
 
     from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
-    from lensdyn.prompts import resolve_prompts
+    from lensdyn.prompts import resolve_contrast, resolve_prompts
     from lensdyn.report import write_html
 
     chosen = [a.strip() for a in args.analyses.split(",") if a.strip()]
@@ -182,6 +199,8 @@ def _report(args) -> int:
         raise ArgumentError(f"unknown analysis {unknown or chosen}: choose from {', '.join(ANALYSES)}")
     torch.set_num_threads(os.cpu_count() or 1)
     prompts = resolve_prompts(args.prompts, allow_literal=False)
+    if "steering" in chosen:
+        resolve_contrast(args.contrast)  # a bad contrast set fails before any model loads
     streams = sorted({s for name in chosen for s in _analysis(name).STREAMS})
     runs = [("control", "random")] if args.control == "random" and args.weights != "random" else []
     runs.append(("model", args.weights))
@@ -230,7 +249,8 @@ def _section(name: str, by_role: dict):
         text = "\n\n".join(r.summary() for r in (model, control) if r is not None)
         return Section(f"Residual norms of {model.provenance.model}", model.figure(control=control), text)
     heading = {"expansion": "Expansion", "gains": "Sublayer gains", "metastability": "Metastability",
-               "curvature": "Curvature and deflection", "stability": "Stability"}[name]
+               "curvature": "Curvature and deflection", "stability": "Stability",
+               "steering": "Steering across layers"}[name]
     return Section(f"{heading} of {model.provenance.model}", model.figure(), model.summary())
 
 
@@ -250,6 +270,10 @@ def _options(name: str, role: str, model, control, args) -> dict:
     if name == "stability":
         return dict(model=model, control=control, layers=args.layers, profile_prompts=args.profile_prompts,
                     context=args.context, betas=tuple(args.betas), seed=args.seed)
+    if name == "steering":
+        return dict(model=model, control=control, contrast=args.contrast, layers=args.steer_layers,
+                    transfer_layers=args.transfer_layers, relative=tuple(args.relative), n_bootstrap=args.bootstrap,
+                    seed=args.seed)
     if name == "curvature":
         return dict(model=model, control=control, patch_streams=tuple(args.patch_streams), n_draws=args.null_draws,
                     seed=args.seed)

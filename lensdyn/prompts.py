@@ -10,6 +10,10 @@ A ``PromptSet`` is a named, labelled tuple of texts. Built-in sets (``get_prompt
 ``load_prompts(path)`` reads a ``.txt`` file (one prompt), a ``.jsonl`` file (one
 ``{"text": ...}`` per line), or a directory of ``.txt`` files (one prompt each, sorted by name).
 ``resolve_prompts(x)`` accepts any of these, a built-in name, a string, or a list of strings.
+
+``EDIT_PAIRS`` are clean/edited prompt pairs for deflection and patching; ``CONTRAST_SETS``
+(``sentiment``, ``formality``) are contrastive texts for steering vectors, with neutral
+evaluation prompts and target tokens (``resolve_contrast``).
 """
 from __future__ import annotations
 
@@ -287,3 +291,133 @@ EDIT_PAIRS: tuple[EditPair, ...] = (
              "The pond was frozen solid, so the children went",
              " skating", " skating"),
 )
+
+
+@dataclass(frozen=True)
+class ContrastSet:
+    """Two sets of texts that differ in one concept, for difference-of-means steering vectors.
+
+    ``positive`` and ``negative`` are the contrastive texts (the vector points from negative to
+    positive). ``evaluation`` are neutral prompts the vector is added to; its effect is read at
+    their last token as the mean logit of ``positive_targets`` minus that of ``negative_targets``
+    (each target one token). A JSON file with these five keys is a user's own set (``load_contrast``).
+    """
+
+    name: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    evaluation: tuple[str, ...]
+    positive_targets: tuple[str, ...]
+    negative_targets: tuple[str, ...]
+
+    def __post_init__(self):
+        for field_name in ("positive", "negative", "evaluation", "positive_targets", "negative_targets"):
+            values = getattr(self, field_name)
+            if isinstance(values, str) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+                raise PromptError(f"contrast set {self.name!r}: {field_name} must be a non-empty list of non-empty texts")
+        if set(self.positive_targets) & set(self.negative_targets):
+            raise PromptError(f"contrast set {self.name!r}: a target is both positive and negative")
+
+
+# Written for lensdyn. Pairs of sentences share their frame, so the difference of means is the concept.
+CONTRAST_SETS: dict[str, ContrastSet] = {
+    "sentiment": ContrastSet(
+        name="sentiment",
+        positive=(
+            "I loved every minute of the film; it was a joy.",
+            "The soup was delicious and the staff were so kind.",
+            "What a wonderful day at the beach with my friends.",
+            "She was thrilled with the gift and hugged everyone.",
+            "The new park is beautiful, clean and full of flowers.",
+            "His speech was brilliant and the crowd cheered.",
+            "We had a fantastic holiday and can't wait to go back.",
+            "The puppy is adorable and makes us so happy.",
+            "This book is a delight from the first page to the last.",
+            "The team played superbly and won the final.",
+            "Our neighbours are lovely and always help out.",
+            "The concert was amazing, the best night of the year.",
+        ),
+        negative=(
+            "I hated every minute of the film; it was a chore.",
+            "The soup was disgusting and the staff were so rude.",
+            "What a miserable day at the beach with my friends.",
+            "She was upset with the gift and ignored everyone.",
+            "The new park is ugly, dirty and full of litter.",
+            "His speech was dreadful and the crowd booed.",
+            "We had an awful holiday and never want to go back.",
+            "The puppy is aggressive and makes us so anxious.",
+            "This book is a slog from the first page to the last.",
+            "The team played terribly and lost the final.",
+            "Our neighbours are unpleasant and never help out.",
+            "The concert was boring, the worst night of the year.",
+        ),
+        evaluation=(
+            "I watched the movie last night and it was",
+            "The food at the new restaurant was",
+            "My week at work has been",
+            "The weather on our trip was",
+            "Honestly, the service at the hotel was",
+            "Overall, I think the book is",
+        ),
+        positive_targets=(" good", " great", " wonderful", " excellent", " happy"),
+        negative_targets=(" bad", " terrible", " awful", " horrible", " sad"),
+    ),
+    "formality": ContrastSet(
+        name="formality",
+        positive=(
+            "I would be grateful if you could send the report at your earliest convenience.",
+            "Please accept my sincere apologies for the delay in responding.",
+            "We regret to inform you that the meeting has been postponed.",
+            "Kindly find attached the documents you requested.",
+            "I am writing to enquire about the position advertised.",
+            "It is my pleasure to welcome you to the conference.",
+            "Should you require further information, do not hesitate to contact us.",
+            "The committee has reviewed your proposal with great interest.",
+        ),
+        negative=(
+            "hey can u send me the report whenever, thx",
+            "sorry for the late reply lol, been super busy",
+            "so yeah the meeting's off, we'll do it some other time",
+            "here's the stuff you wanted, cheers",
+            "yo is that job still going? kinda keen",
+            "welcome to the thing, glad you made it!",
+            "if you need anything just ping me ok",
+            "we checked out your idea and it's pretty cool tbh",
+        ),
+        evaluation=(
+            "Regarding the schedule for next week,",
+            "About the party on Saturday,",
+            "Thanks for your message. I",
+            "Quick update on the project:",
+            "As discussed in our call,",
+            "Just wanted to say that",
+        ),
+        positive_targets=(" therefore", " however", " regarding", " pleased", " furthermore"),
+        negative_targets=(" gonna", " yeah", " hey", " cool", " awesome"),
+    ),
+}
+
+
+def load_contrast(path: str | Path) -> ContrastSet:
+    """A contrast set from a JSON file with keys positive, negative, evaluation, positive_targets, negative_targets."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise PromptError(f"cannot read contrast set {path}: {err}") from err
+    keys = ("positive", "negative", "evaluation", "positive_targets", "negative_targets")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise PromptError(f"contrast set {path} lacks {', '.join(missing)}: it needs {', '.join(keys)}")
+    return ContrastSet(name=data.get("name", path.stem), **{k: tuple(data[k]) for k in keys})
+
+
+def resolve_contrast(contrast) -> ContrastSet:
+    """A ``ContrastSet``, a built-in name (``CONTRAST_SETS``), or a path to a JSON file."""
+    if isinstance(contrast, ContrastSet):
+        return contrast
+    if isinstance(contrast, str) and contrast in CONTRAST_SETS:
+        return CONTRAST_SETS[contrast]
+    if isinstance(contrast, (str, Path)) and Path(contrast).is_file():
+        return load_contrast(contrast)
+    raise PromptError(f"unknown contrast set {contrast!r}: choose from {', '.join(CONTRAST_SETS)} or give a JSON file")

@@ -89,3 +89,17 @@ def test_single_analysis_commands_and_unknown_analyses(tmp_path, capsys):
     assert "unknown analysis ['cosmology']" in capsys.readouterr().err
     help_text = subprocess.run([sys.executable, "-m", "lensdyn.cli", "gains", "--help"], capture_output=True, text=True).stdout
     assert "--reference" in help_text and "--tokens" in help_text
+
+
+def test_steering_command_writes_its_result(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The river rose through the night, and by morning the lower fields were under water.")
+    out = tmp_path / "steer"
+    code = main(["steering", "--prompts", str(prompts), "--control", "none", "--steer-layers", "5", "20", "27",
+                 "--transfer-layers", "20", "27", "--relative", "0.25", "0.5", "--bootstrap", "5", "--out", str(out)])
+    assert code == 0
+    result = load_result(out / "steering.json")
+    assert result.contrast == "sentiment" and result.layers.tolist() == [5, 20, 27]
+    assert "Plotly.newPlot" in (out / "steering.html").read_text()
+    assert main(["steering", "--contrast", "politeness", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown contrast set 'politeness'" in capsys.readouterr().err

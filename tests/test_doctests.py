@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lensdyn import fits, metric, ops
-from lensdyn.analyses import curvature, expansion, gains, idealized, metastability, norms, stability
+from lensdyn.analyses import curvature, expansion, gains, idealized, metastability, norms, stability, steering
 
-MODULES = [ops, fits, metric, norms, expansion, gains, metastability, idealized, curvature, stability]
-MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching", "jacobian")]
+MODULES = [ops, fits, metric, norms, expansion, gains, metastability, idealized, curvature, stability, steering]
+MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching", "jacobian", "steering")]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -1,0 +1,534 @@
+"""Steering vectors across layers: the expansion write-up's predictions 5 and 6, measured.
+
+The write-up predicts that (5) steering works best at low-H layers and (6) a vector extracted at
+state ``s`` and applied at block ``t`` has its effective magnitude scaled by
+``1 + z = a(t) / a(s)``. It tested neither. Definitions (``h_lpt``: residual at state ``l``,
+prompt ``p``, position ``t``; tokens are each capture's mask):
+
+- vector: ``v_l = mean_{p in positive} mean_t h_lpt - mean_{p in negative} mean_t h_lpt``, the
+  difference of means of a ``ContrastSet`` (float64); ``u_l = v_l / ||v_l||``.
+- applying: the vector is added at ``blocks.t.hook_resid_pre`` at every position
+  (``lensdyn.hooks.steering``). Its size is a relative norm ``r = ||added|| / N(t)``, where
+  ``N(t)`` is the mean residual norm at state ``t`` over the evaluation prompts' included tokens.
+- effect: ``E = LD(steered) - LD(unsteered)`` at the evaluation prompt's last token, with
+  ``LD = mean logit(positive targets) - mean logit(negative targets)``, averaged over the
+  evaluation prompts. ``KL(unsteered || steered)`` there says how much else the vector changed.
+- efficacy (prediction 5, layer selection): the slope through the origin of ``E`` against ``r``
+  over ``r <= LINEAR_MAX``: ``sum r E / sum r^2``, per block, compared with ``H(l)`` (from the
+  capture's ``a(l)``, ``analyses.expansion``) by a Spearman correlation over blocks.
+- transfer (prediction 6): ``v_s`` applied at block ``t``. ``m*(s, t)`` is the norm of the added
+  vector that reaches the effect ``E*`` (first crossing along the ``r`` grid, linear
+  interpolation; NaN when never reached). ``E* = TARGET_FRACTION * median_l max_r E_native(l, r)``.
+  What a user would have to set as the multiplier ``alpha`` under each correction:
+
+  ==================  =============================  =================================
+  correction          vector added at ``t``          ``alpha*``
+  ==================  =============================  =================================
+  ``none``            ``alpha v_s``                  ``m* / ||v_s||``
+  ``redshift``        ``alpha (a(t) / a(s)) v_s``    ``m* a(s) / (||v_s|| a(t))``
+  ``redshift_causal`` the same with causal ``a``     (``lensdyn.metric``)
+  ``norm_match``      ``alpha N(t) u_s``             ``m* / N(t)``
+  ==================  =============================  =================================
+
+  A correction makes transfer layer-independent when ``alpha*`` is the same for every pair:
+  its ``spread`` is the standard deviation of ``log10 alpha*`` over the pairs that reach ``E*``
+  (the same pairs for every correction: a correction only rescales). A bootstrap over the
+  evaluation prompts gives each spread's 95% interval and how often redshift beats the others.
+
+``a(l)`` comes from the capture (by default the diverse set), ``N(t)`` from the evaluation
+prompts: ``redshift`` carries the vector's own size at its source, ``norm_match`` discards it.
+
+>>> result = steering.measure(ld.load_model("smollm2-135m"))      # doctest: +SKIP
+>>> print(result.summary())                                       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from scipy import stats
+from torch import Tensor
+
+from lensdyn.analyses.expansion import hubble, scale_factor
+from lensdyn.errors import ArgumentError, PromptError, UnsupportedArchitectureError
+from lensdyn.hooks.capture import Capture, capture
+from lensdyn.hooks.circuits import model_causal_metric
+from lensdyn.hooks.patching import last_logits
+from lensdyn.hooks.steering import steered_last_logits
+from lensdyn.measure import measure_with_control
+from lensdyn.metric import metric_norms
+from lensdyn.ops import masked_mean, masked_tokens, token_norms
+from lensdyn.prompts import ContrastSet, PromptSet, resolve_contrast
+from lensdyn.results import Conventions, Provenance, Result
+
+STREAMS = ("resid",)
+CORRECTIONS = ("none", "redshift", "redshift_causal", "norm_match")
+RELATIVE = (0.125, 0.25, 0.5, 1.0, 2.0)
+LINEAR_MAX = 0.5
+TARGET_FRACTION = 0.5
+
+
+# --- pure functions of tensors -------------------------------------------------------------
+
+
+def difference_of_means(
+    states: Float[Tensor, "state prompt pos d_model"], mask: Bool[Tensor, "prompt pos"], positive: Bool[Tensor, " prompt"]
+) -> Float[Tensor, "state d_model"]:
+    """``v_l = mean_{p in pos} mean_t h_lpt - mean_{p in neg} mean_t h_lpt`` (each prompt weighs the same), float64.
+
+    >>> h = torch.tensor([[[[1., 0.], [3., 0.]], [[0., 1.], [0., 5.]]]])       # 1 state, 2 prompts, 2 positions
+    >>> difference_of_means(h, torch.ones(2, 2, dtype=torch.bool), torch.tensor([True, False]))
+    tensor([[ 2., -3.]], dtype=torch.float64)
+    """
+    if not bool(positive.any()) or bool(positive.all()):
+        raise ArgumentError("difference of means needs at least one positive and one negative prompt")
+    weights = mask.to(torch.float64) / mask.sum(1, keepdim=True).clamp(min=1)  # each prompt's token mean
+    means = torch.einsum("lptd,pt->lpd", states.to(torch.float64), weights)
+    return means[:, positive].mean(1) - means[:, ~positive].mean(1)
+
+
+def logit_difference(
+    logits: Float[Tensor, "batch vocab"], positive_ids: Int[Tensor, " k"], negative_ids: Int[Tensor, " j"]
+) -> Float[Tensor, " batch"]:
+    """``LD = mean_k logit[positive_k] - mean_j logit[negative_j]``, float64.
+
+    >>> logit_difference(torch.tensor([[1., 5., 2.]]), torch.tensor([1]), torch.tensor([0, 2]))
+    tensor([3.5000], dtype=torch.float64)
+    """
+    x = logits.to(torch.float64)
+    return x[:, positive_ids].mean(1) - x[:, negative_ids].mean(1)
+
+
+def kl_divergence(reference: Float[Tensor, "batch vocab"], logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
+    """``KL(p_ref || p) = sum_v p_ref(v) (log p_ref(v) - log p(v))`` from logits, float64.
+
+    >>> kl_divergence(torch.zeros(1, 3), torch.zeros(1, 3))
+    tensor([0.], dtype=torch.float64)
+    """
+    ref = torch.log_softmax(reference.to(torch.float64), -1)
+    new = torch.log_softmax(logits.to(torch.float64), -1)
+    return (ref.exp() * (ref - new)).sum(-1)
+
+
+def efficacy(relative: Float[np.ndarray, " r"], effect: Float[np.ndarray, "layer r"], linear_max: float = LINEAR_MAX
+             ) -> Float[np.ndarray, " layer"]:
+    """Effect per unit relative norm: the slope through the origin over ``r <= linear_max``, ``sum r E / sum r^2``.
+
+    >>> efficacy(np.array([0.25, 0.5, 1.0]), np.array([[0.5, 1.0, 9.0]]))
+    array([2.])
+    """
+    keep = relative <= linear_max
+    if not keep.any():
+        raise ArgumentError(f"no relative norm <= {linear_max} in the grid {relative.tolist()}: efficacy needs the linear regime")
+    r = relative[keep]
+    return (effect[..., keep] * r).sum(-1) / (r * r).sum()
+
+
+def magnitude_for_effect(
+    magnitudes: Float[np.ndarray, "*#pair r"], effect: Float[np.ndarray, "*pair r"], target: float
+) -> Float[np.ndarray, " *pair"]:
+    """The magnitude where ``effect`` first reaches ``target`` along the grid (effect 0 at magnitude 0),
+    by linear interpolation between the bracketing points; NaN where it never does.
+
+    >>> magnitude_for_effect(np.array([1., 2., 4.]), np.array([0.5, 1.5, 3.0]), 1.0)
+    array(1.5)
+    >>> magnitude_for_effect(np.array([1., 2.]), np.array([0.1, 0.2]), 1.0)
+    array(nan)
+    """
+    magnitudes = np.broadcast_to(magnitudes, effect.shape)
+    m = np.concatenate([np.zeros_like(magnitudes[..., :1]), magnitudes], -1)
+    e = np.concatenate([np.zeros_like(effect[..., :1]), effect], -1)
+    reached = e >= target
+    first = np.argmax(reached, axis=-1)  # the first grid index at or above target
+    hit = reached.any(-1) & (first > 0) if np.isfinite(target) and target > 0 else np.zeros(first.shape, bool)
+    below = np.maximum(first - 1, 0)
+    m0, m1 = np.take_along_axis(m, below[..., None], -1)[..., 0], np.take_along_axis(m, first[..., None], -1)[..., 0]
+    e0, e1 = np.take_along_axis(e, below[..., None], -1)[..., 0], np.take_along_axis(e, first[..., None], -1)[..., 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = m0 + (target - e0) * (m1 - m0) / (e1 - e0)
+    return np.where(hit, out, np.nan)
+
+
+def transfer_alphas(
+    magnitude: Float[np.ndarray, "source target"],
+    vector_norms: Float[np.ndarray, " source"],
+    scale: dict[str, Float[np.ndarray, "source target"]],
+    eval_norms: Float[np.ndarray, " target"],
+) -> dict[str, Float[np.ndarray, "source target"]]:
+    """``alpha*`` under each correction (module docstring) from the needed magnitudes ``m*(s, t)``.
+
+    ``scale[name][s, t]`` is the redshift factor ``a(t) / a(s)`` under metric ``name``.
+
+    >>> out = transfer_alphas(np.array([[2., 8.]]), np.array([1.]), {"redshift": np.array([[1., 4.]])}, np.array([1., 2.]))
+    >>> out["none"], out["redshift"], out["norm_match"]
+    (array([[2., 8.]]), array([[2., 2.]]), array([[2., 4.]]))
+    """
+    out = {"none": magnitude / vector_norms[:, None]}
+    for name, factor in scale.items():
+        out[name] = magnitude / (vector_norms[:, None] * factor)
+    out["norm_match"] = magnitude / eval_norms[None, :]
+    return out
+
+
+def log_spread(alpha: Float[np.ndarray, "*pair"]) -> float:
+    """Standard deviation of ``log10 alpha`` over the finite entries (0: one alpha fits every pair).
+
+    >>> log_spread(np.array([[1., 10.], [np.nan, 100.]]))
+    0.816496580927726
+    """
+    finite = np.log10(alpha[np.isfinite(alpha)])
+    return float(finite.std()) if finite.size >= 2 else float("nan")
+
+
+def redshift_factors(a: Float[np.ndarray, " state"], sources: Int[np.ndarray, " s"], targets: Int[np.ndarray, " t"]
+                     ) -> Float[np.ndarray, "s t"]:
+    """``1 + z(s -> t) = a(t) / a(s)`` for every source and target state.
+
+    >>> redshift_factors(np.array([1., 2., 8.]), np.array([0, 1]), np.array([2]))
+    array([[8.],
+           [4.]])
+    """
+    return a[None, targets] / a[sources, None]
+
+
+# --- the result ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Prediction 6 on one grid of source and target blocks."""
+
+    layers: Int[np.ndarray, " layer"]  # sources = targets
+    magnitude: Float[np.ndarray, "source target"]  # m*(s, t), NaN where E* is never reached
+    alpha: dict[str, Float[np.ndarray, "source target"]]  # per correction
+    spread: dict[str, float]  # std of log10 alpha* over reached pairs
+    spread_low: dict[str, float]  # bootstrap 2.5th percentile
+    spread_high: dict[str, float]  # bootstrap 97.5th percentile
+    redshift_beats: dict[str, float]  # share of bootstrap draws where redshift's spread is below the other's
+    n_reached: int
+    n_pairs: int
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringResult(Result):
+    """Steering effects per block, against ``H(l)``, and transfer between blocks under each correction.
+
+    Shapes: ``block = n_layers``; ``layer`` the steered blocks (``layers``); ``r`` the relative-norm grid.
+    """
+
+    contrast: str
+    positive_targets: tuple[str, ...]
+    negative_targets: tuple[str, ...]
+    n_evaluation: int
+    a: Float[np.ndarray, " state"]  # Euclidean scale factor of the capture
+    a_causal: Float[np.ndarray, " state"]
+    hubble: Float[np.ndarray, " block"]
+    eval_norms: Float[np.ndarray, " block"]  # N(t), mean residual norm of the evaluation prompts
+    vector_norms: Float[np.ndarray, " block"]  # ||v_l||
+    layers: Int[np.ndarray, " layer"]
+    relative: Float[np.ndarray, " r"]
+    effect: Float[np.ndarray, "layer r"]  # native: v_l at block l, mean over evaluation prompts
+    kl: Float[np.ndarray, "layer r"]
+    efficacy: Float[np.ndarray, " layer"]
+    efficacy_h_spearman: float
+    efficacy_h_p: float
+    target_effect: float  # E*
+    transfer: Transfer
+    control: SteeringResult | None = None
+
+    @property
+    def best_layer(self) -> int:
+        return int(self.layers[int(np.nanargmax(self.efficacy))])
+
+    def verdicts(self) -> list[tuple[str, str, str]]:
+        """``(claim, measured, verdict)`` for predictions 5 and 6 under the rules written here."""
+        rows = []
+        rho, p = self.efficacy_h_spearman, self.efficacy_h_p
+        if len(self.layers) < 4 or not np.isfinite(rho):
+            rows.append(("5: low-H layers steer better", "fewer than 4 steered blocks", "not testable here"))
+        else:
+            verdict = "holds" if rho < 0 and p < 0.05 else "does not hold"
+            rows.append(("5: low-H layers steer better", f"Spearman(efficacy, H) = {rho:+.2f} (p = {p:.2g})", verdict))
+        t = self.transfer
+        for other in ("none", "norm_match"):
+            claim = f"6: redshift correction beats {'no correction' if other == 'none' else 'norm matching'}"
+            if t.n_reached < 3 or not np.isfinite(t.redshift_beats.get(other, np.nan)):
+                rows.append((claim, f"{t.n_reached} of {t.n_pairs} pairs reach E*", "not testable here"))
+                continue
+            share = t.redshift_beats[other]
+            measured = (f"spread {t.spread['redshift']:.2f} vs {t.spread[other]:.2f} decades; "
+                        f"lower in {share:.0%} of bootstrap draws")
+            rows.append((claim, measured, "holds" if share >= 0.95 else "does not hold"))
+        return rows
+
+    def summary(self) -> str:
+        t = self.transfer
+        lines = [
+            f"steering {self.provenance.model} ({self.provenance.weights}), contrast {self.contrast!r}: "
+            f"{len(self.layers)} blocks x {len(self.relative)} relative norms x {self.n_evaluation} evaluation prompts",
+            f"  efficacy (logit-difference shift per unit relative norm, r <= {LINEAR_MAX}): best block {self.best_layer} "
+            f"({np.nanmax(self.efficacy):.2f}); median {np.nanmedian(self.efficacy):.2f}",
+            f"  Spearman(efficacy, H) over blocks = {self.efficacy_h_spearman:+.3f} (p = {self.efficacy_h_p:.3g})",
+            f"  target effect E* = {self.target_effect:.3f}; {t.n_reached}/{t.n_pairs} transfer pairs reach it",
+            "  correction       spread of log10 alpha*   95% bootstrap",
+        ]
+        for name in CORRECTIONS:
+            interval = f"[{t.spread_low[name]:.3f}, {t.spread_high[name]:.3f}]"
+            lines.append(f"  {name:<16} {t.spread[name]:>8.3f}               {interval}")
+        lines += [f"  {claim}: {measured} -> {verdict}" for claim, measured, verdict in self.verdicts()]
+        if self.control is not None:
+            c = self.control
+            lines.append(f"  control (random weights): Spearman(efficacy, H) = {c.efficacy_h_spearman:+.3f}; spreads "
+                         + ", ".join(f"{n} {c.transfer.spread[n]:.2f}" for n in CORRECTIONS)
+                         + f"; {c.transfer.n_reached}/{c.transfer.n_pairs} pairs reach E*")
+        return "\n".join(lines)
+
+    def figure(self):
+        """Efficacy against H(l), native effect per block and size, alpha* per target under each correction, spreads."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=2, cols=2, vertical_spacing=0.14, horizontal_spacing=0.1,
+                            specs=[[{"secondary_y": True}, {}], [{}, {}]], subplot_titles=(
+                                "efficacy per block (left) and H(l) (right)",
+                                "native effect: logit-difference shift",
+                                "alpha* / median, per target block (one point per source)",
+                                "spread of log10 alpha* (95% bootstrap); control grey"))
+        fig.add_trace(go.Scatter(x=self.layers, y=self.efficacy, mode="lines+markers", name="efficacy"), row=1, col=1)
+        if self.control is not None:
+            fig.add_trace(go.Scatter(x=self.control.layers, y=self.control.efficacy, mode="lines", name="efficacy (control)",
+                                     line={"color": "grey", "dash": "dot"}), row=1, col=1)
+        fig.add_trace(go.Scatter(x=np.arange(len(self.hubble)), y=self.hubble, mode="lines", name="H(l)",
+                                 line={"color": "firebrick"}), row=1, col=1, secondary_y=True)
+        fig.add_trace(go.Heatmap(z=self.effect, x=[f"r={r:g}" for r in self.relative], y=self.layers, colorscale="RdBu_r",
+                                 zmid=0, colorbar={"title": "dLD", "len": 0.4, "y": 0.8}), row=1, col=2)
+        t = self.transfer
+        for name in CORRECTIONS:
+            alpha = t.alpha[name]
+            normalised = alpha / np.nanmedian(alpha) if np.isfinite(alpha).any() else alpha
+            targets = np.broadcast_to(t.layers[None, :], alpha.shape)
+            fig.add_trace(go.Scatter(x=targets.ravel(), y=normalised.ravel(), mode="markers", name=f"alpha*: {name}"),
+                          row=2, col=1)
+        results = [(self, None)] + ([(self.control, "grey")] if self.control is not None else [])
+        for result, colour in results:
+            s = result.transfer
+            y = [s.spread[n] for n in CORRECTIONS]
+            fig.add_trace(go.Bar(x=list(CORRECTIONS), y=y, name="spread" + (" (control)" if colour else ""),
+                                 marker={"color": colour} if colour else None,
+                                 error_y={"type": "data", "symmetric": False,
+                                          "array": [s.spread_high[n] - v for n, v in zip(CORRECTIONS, y)],
+                                          "arrayminus": [v - s.spread_low[n] for n, v in zip(CORRECTIONS, y)]}),
+                          row=2, col=2)
+        fig.update_yaxes(type="log", row=2, col=1)
+        fig.update_xaxes(title_text="block l", row=1, col=1)
+        fig.update_xaxes(title_text="target block t", row=2, col=1)
+        fig.update_layout(title=f"Steering ({self.contrast}) across layers", template="plotly_white", height=900,
+                          barmode="group")
+        return fig
+
+
+# --- measurement ---------------------------------------------------------------------------
+
+
+def measure(
+    capture_or_model,
+    prompts="diverse",
+    *,
+    model=None,
+    control="random",
+    contrast="sentiment",
+    layers=None,
+    transfer_layers=None,
+    relative=RELATIVE,
+    n_evaluation: int | None = None,
+    n_bootstrap: int = 200,
+    batch_rows: int = 128,
+    seed: int = 0,
+    **capture_kwargs,
+) -> SteeringResult:
+    """Steering with a contrast set's difference-of-means vectors, against ``a(l)`` and ``H(l)`` of ``prompts``.
+
+    ``layers``: the blocks steered with their own vector (default all). ``transfer_layers``: the
+    source and target grid of the transfer test (default 6 blocks spread over ``layers``).
+    ``relative``: the relative norms tried. ``n_evaluation``: use the contrast set's first
+    evaluation prompts only. A ``Capture`` needs ``model=`` (the steered runs are run on it).
+    """
+    contrast = resolve_contrast(contrast)
+    relative = np.asarray(sorted(relative), dtype=np.float64)
+    if relative.size == 0 or relative[0] <= 0:
+        raise ArgumentError(f"relative norms must be positive, not {relative.tolist()}")
+
+    def measure_one(cap: Capture, model) -> SteeringResult:
+        return _measure(cap, model, contrast, layers, transfer_layers, relative, n_evaluation, n_bootstrap, batch_rows, seed)
+
+    return measure_with_control("steering", capture_or_model, prompts, STREAMS, measure_one, model=model, control=control,
+                                needs_model="the steered runs are run on it", **capture_kwargs)
+
+
+def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relative, n_evaluation, n_bootstrap, batch_rows,
+             seed) -> SteeringResult:
+    cap.require_streams(STREAMS)
+    if getattr(model.cfg, "attention_dir", "causal") != "causal":
+        raise UnsupportedArchitectureError(
+            f"{cap.model.name} is not a causal language model: steering effects are read off next-token logits")
+    n_layers = cap.n_layers
+    layers = np.arange(n_layers) if layers is None else np.asarray(sorted(set(int(l) for l in layers)))
+    if layers.size == 0 or layers[0] < 0 or layers[-1] >= n_layers:
+        raise ArgumentError(f"steered blocks must lie in 0..{n_layers - 1}, not {layers.tolist()}")
+    if transfer_layers is None:
+        transfer_layers = layers[np.unique(np.linspace(0, len(layers) - 1, min(6, len(layers))).round().astype(int))]
+    transfer_layers = np.asarray(sorted(set(int(l) for l in transfer_layers)))
+    if transfer_layers.size < 2 or transfer_layers[0] < 0 or transfer_layers[-1] >= n_layers:
+        raise ArgumentError(f"transfer needs at least 2 blocks in 0..{n_layers - 1}, not {transfer_layers.tolist()}")
+
+    states = masked_tokens(cap.resid, cap.mask)
+    a = scale_factor(token_norms(states))
+    a_causal = scale_factor(metric_norms(states, model_causal_metric(model)))
+
+    texts = contrast.positive + contrast.negative
+    contrast_cap = capture(model, PromptSet(contrast.name, texts, tuple(f"{contrast.name}[{i}]" for i in range(len(texts)))),
+                           streams=STREAMS, exclude=cap.exclude)
+    is_positive = torch.arange(len(texts)) < len(contrast.positive)
+    vectors = difference_of_means(contrast_cap.resid[:n_layers], contrast_cap.mask, is_positive)
+
+    evaluation = contrast.evaluation[:n_evaluation]
+    eval_cap = capture(model, PromptSet(f"{contrast.name}-evaluation", evaluation,
+                                        tuple(f"eval[{i}]" for i in range(len(evaluation)))),
+                       streams=STREAMS, exclude=cap.exclude)
+    eval_norms = masked_mean(token_norms(eval_cap.resid[:n_layers]), eval_cap.mask).mean(1).numpy()
+    positive_ids, negative_ids = (_single_tokens(model, t) for t in (contrast.positive_targets, contrast.negative_targets))
+    last = eval_cap.token_mask.sum(1) - 1
+
+    pairs = [(int(l), int(l)) for l in layers]
+    pairs += [(int(s), int(t)) for s in transfer_layers for t in transfer_layers if s != t or s not in layers]
+    effect, kl = steering_sweep(model, vectors, pairs, relative, eval_norms, eval_cap.tokens, last, positive_ids,
+                                negative_ids, batch_rows)  # [pair, r, prompt]
+    native = slice(0, len(layers))
+    grid_index = {pair: i for i, pair in enumerate(pairs)}
+    grid = np.array([[grid_index[(int(s), int(t))] for t in transfer_layers] for s in transfer_layers])
+
+    vector_norms = token_norms(vectors).numpy()
+    scales = {"redshift": redshift_factors(a, transfer_layers, transfer_layers),
+              "redshift_causal": redshift_factors(a_causal, transfer_layers, transfer_layers)}
+    magnitudes = relative[None, None, :] * eval_norms[None, transfer_layers, None]  # [source, target, r]
+
+    def transfer_from(mean_effect: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+        target = TARGET_FRACTION * float(np.median(mean_effect[native].max(-1)))
+        needed = magnitude_for_effect(magnitudes, mean_effect[grid], target)
+        return target, transfer_alphas(needed, vector_norms[transfer_layers], scales, eval_norms[transfer_layers]), needed
+
+    target, alpha, needed = transfer_from(effect.mean(-1))
+    spread = {name: log_spread(alpha[name]) for name in CORRECTIONS}
+    draws = _bootstrap(effect, transfer_from, n_bootstrap, seed)
+    bh = hubble(a)
+    eff = efficacy(relative, effect[native].mean(-1))
+    rho, p = stats.spearmanr(eff, bh[layers]) if len(layers) >= 3 else (np.nan, np.nan)
+    return SteeringResult(
+        conventions=Conventions(
+            aggregation="vectors: difference of per-prompt token means; effect: logit-difference shift at the last token, "
+            f"mean over evaluation prompts; a(l) ratio of means over the capture's tokens; E* = {TARGET_FRACTION} x median "
+            f"native maximum; {n_bootstrap} bootstrap draws over evaluation prompts",
+            excluded_positions=cap.exclude,
+        ),
+        provenance=Provenance.from_capture(cap),
+        contrast=contrast.name,
+        positive_targets=contrast.positive_targets,
+        negative_targets=contrast.negative_targets,
+        n_evaluation=len(evaluation),
+        a=a, a_causal=a_causal, hubble=bh,
+        eval_norms=eval_norms,
+        vector_norms=vector_norms,
+        layers=layers,
+        relative=relative,
+        effect=effect[native].mean(-1),
+        kl=kl[native].mean(-1),
+        efficacy=eff,
+        efficacy_h_spearman=float(rho),
+        efficacy_h_p=float(p),
+        target_effect=target,
+        transfer=Transfer(
+            layers=transfer_layers,
+            magnitude=needed,
+            alpha=alpha,
+            spread=spread,
+            spread_low={n: float(np.nanpercentile(draws[n], 2.5)) if np.isfinite(draws[n]).any() else np.nan
+                        for n in CORRECTIONS},
+            spread_high={n: float(np.nanpercentile(draws[n], 97.5)) if np.isfinite(draws[n]).any() else np.nan
+                         for n in CORRECTIONS},
+            redshift_beats={n: _share_below(draws["redshift"], draws[n]) for n in CORRECTIONS if n != "redshift"},
+            n_reached=int(np.isfinite(needed).sum()),
+            n_pairs=int(needed.size),
+        ),
+    )
+
+
+def steering_sweep(
+    model,
+    vectors: Float[Tensor, "state d_model"],
+    pairs: list[tuple[int, int]],
+    relative: Float[np.ndarray, " r"],
+    norms: Float[np.ndarray, " block"],
+    tokens: Int[Tensor, "prompt pos"],
+    last: Int[Tensor, " prompt"],
+    positive_ids: Int[Tensor, " k"],
+    negative_ids: Int[Tensor, " j"],
+    batch_rows: int = 128,
+) -> tuple[Float[np.ndarray, "pair r prompt"], Float[np.ndarray, "pair r prompt"]]:
+    """Effect and KL for every ``(source, target)`` pair, relative norm and prompt (right-padded rows).
+
+    Row ``(pair, r, prompt)`` adds ``r * norms[target] * vectors[source] / ||vectors[source]||`` at
+    block ``target``; ``batch_rows`` rows share one forward pass.
+    """
+    baseline = last_logits(model, tokens, last=last)
+    directions = torch.nn.functional.normalize(vectors, dim=-1)
+    n_prompts = tokens.shape[0]
+    rows = [(i, j, k) for i in range(len(pairs)) for j in range(len(relative)) for k in range(n_prompts)]
+    effect = np.zeros((len(pairs), len(relative), n_prompts))
+    kl = np.zeros_like(effect)
+    baseline_ld = logit_difference(baseline, positive_ids, negative_ids)
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start:start + batch_rows]
+        prompt = torch.tensor([k for _, _, k in chunk])
+        additions: dict[int, Tensor] = {}
+        for row, (i, j, _) in enumerate(chunk):
+            source, target = pairs[i]
+            added = additions.setdefault(target, torch.zeros(len(chunk), vectors.shape[-1], dtype=torch.float64))
+            added[row] = relative[j] * norms[target] * directions[source]
+        logits = steered_last_logits(model, tokens[prompt], last[prompt], additions)
+        index = tuple(torch.tensor(c) for c in zip(*chunk))
+        effect[index] = (logit_difference(logits, positive_ids, negative_ids) - baseline_ld[prompt]).numpy()
+        kl[index] = kl_divergence(baseline[prompt], logits).numpy()
+    return effect, kl
+
+
+def _bootstrap(effect: np.ndarray, transfer_from, n_bootstrap: int, seed: int) -> dict[str, np.ndarray]:
+    """Spread of every correction over ``n_bootstrap`` resamplings of the evaluation prompts."""
+    rng = np.random.default_rng(seed)
+    n_prompts = effect.shape[-1]
+    draws = {name: np.full(n_bootstrap, np.nan) for name in CORRECTIONS}
+    for b in range(n_bootstrap):
+        _, alpha, _ = transfer_from(effect[..., rng.integers(0, n_prompts, n_prompts)].mean(-1))
+        for name in CORRECTIONS:
+            draws[name][b] = log_spread(alpha[name])
+    return draws
+
+
+def _share_below(x: np.ndarray, y: np.ndarray) -> float:
+    ok = np.isfinite(x) & np.isfinite(y)
+    return float((x[ok] < y[ok]).mean()) if ok.any() else float("nan")
+
+
+def _single_tokens(model, texts: tuple[str, ...]) -> Tensor:
+    """One token id per target text; a target that is several tokens is an error (its logit is not one number)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise PromptError("steering targets are text: this model has no tokenizer")
+    ids = []
+    for text in texts:
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise PromptError(f"steering target {text!r} is {len(encoded)} tokens for this tokenizer: give one-token targets")
+        ids.append(encoded[0])
+    return torch.tensor(ids)
