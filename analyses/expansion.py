@@ -58,6 +58,7 @@ from lensdyn.measure import measure_with_control
 from lensdyn.metric import CausalMetric, metric_norms
 from lensdyn.ops import aggregate_ratio, masked_tokens, token_norms
 from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.verdicts import Claim, Verdict, judge
 
 STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_out")
 
@@ -350,10 +351,14 @@ class ExpansionResult(Result):
     attn_share: float  # sum attn_growth / sum (attn_growth + mlp_growth)
     covariance: CovarianceShape
     control: "ExpansionResult | None" = None
+    d_model: int | None = None
 
     @property
     def n_layers(self) -> int:
         return len(self.euclidean.scale_factor) - 1
+
+    def verdicts(self) -> list[Verdict]:
+        return judge(self, CLAIMS)
 
     def track(self, metric: str) -> ExpansionTrack:
         if metric not in ("euclidean", "causal"):
@@ -477,6 +482,29 @@ class ExpansionResult(Result):
         return fig
 
 
+FLRW = "FLRW expansion note"
+CLAIMS = (
+    Claim(FLRW, "norms grow exponentially (R^2 0.97)", "R^2 >= 0.95 of the exponential fit to the causal a(l)",
+          lambda r: (f"H0 {r.causal.h0:.3f}, R^2 {r.causal.r2:.2f} ({r.fit_space} fit)", r.causal.r2 >= 0.95)),
+    Claim(FLRW, "final contraction", "H < 0 across the last block (final norm not a layer)",
+          lambda r: (f"H(last) {r.euclidean.hubble[-1]:+.3f}", bool(r.euclidean.hubble[-1] < 0))),
+    Claim(FLRW, "per-token H uniform, no position dependence",
+          "causal per-token H: CV <= 10% and Spearman with position p >= 0.05",
+          lambda r: (f"CV {r.causal.per_token_h_cv:.1%}, Spearman {r.causal.per_token_h_position_spearman:+.2f}",
+                     r.causal.per_token_h_cv <= 0.10 and r.causal.per_token_h_position_p >= 0.05)),
+    Claim(FLRW, "comoving coordinates remove the variation", "causal CV reduction above its permutation null, p < 0.05",
+          lambda r: (f"{r.causal.cv_reduction:.1%} vs null {r.causal.cv_reduction_null_mean:.1%}",
+                     r.causal.cv_reduction_p < 0.05)),
+    Claim(FLRW, "3: post-LN norms approximately constant", "CV of the post-LN norm across blocks <= 10%",
+          lambda r: (f"CV {r.post_ln_cv:.1%}, x{r.post_ln_growth:.1f} (raw x{r.pre_ln_growth:.0f})", r.post_ln_cv <= 0.10)),
+    Claim(FLRW, "1: metric shape constant across layers", "top-10 covariance subspace overlap, first vs last state >= 0.5",
+          lambda r: (f"overlap {r.covariance.subspace_overlap[0, -1]:.2f}", bool(r.covariance.subspace_overlap[0, -1] >= 0.5))),
+    Claim(FLRW, "2: M(0) is Euclidean", "participation ratio of C_0 >= half of d_model",
+          lambda r: (f"PR {r.covariance.participation_ratio[0]:.1f} of {r.d_model}",
+                     bool(r.covariance.participation_ratio[0] >= r.d_model / 2) if r.d_model else None)),
+)
+
+
 def measure(
     capture_or_model,
     prompts="diverse",
@@ -554,5 +582,6 @@ def _measure_capture(
         mlp_growth_cross=mlp_cross.mean(dim=1).numpy(),
         attn_share=float(attn_growth.sum() / (attn_growth.sum() + mlp_growth.sum())),
         covariance=covariance_shape(vectors, top_k),
+        d_model=int(vectors.shape[-1]),
         **{name: track for name, track in tracks.items()},
     )

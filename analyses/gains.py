@@ -37,6 +37,7 @@ from lensdyn.hooks.capture import Capture
 from lensdyn.measure import measure_with_control
 from lensdyn.ops import aggregate_ratio, last_token_mask, masked_tokens, token_norms
 from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.verdicts import Claim, Verdict, judge
 
 STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_in", "mlp_out")
 REFERENCES = ("ln_output", "resid")
@@ -137,6 +138,9 @@ class GainsResult(Result):
     def n_layers(self) -> int:
         return len(self.attn_gain)
 
+    def verdicts(self) -> list[Verdict]:
+        return judge(self, CLAIMS)
+
     def summary(self) -> str:
         p, c, n = self.provenance, self.control, self.n_layers
         lines = [
@@ -187,6 +191,24 @@ class GainsResult(Result):
             xaxis_title="block l", yaxis_title="gain", yaxis_type="log", template="plotly_white", height=520,
         )
         return fig
+
+
+PYTHIA = "Pythia FFN expansion note"
+CLAIMS = (
+    Claim(PYTHIA, "attention always contracts", "attention gain < 1 in every block (reference as measured)",
+          lambda r: (f"{r.attn_contracting}/{r.n_layers} blocks (min {r.attn_min:.2f})", r.attn_contracting == r.n_layers)),
+    Claim(PYTHIA, "MLP mostly contracts", "MLP gain < 1 in more than half the blocks",
+          lambda r: (f"{r.mlp_contracting}/{r.n_layers} blocks", r.mlp_contracting > r.n_layers / 2)),
+    Claim(PYTHIA, "last MLP expands", "last block's MLP gain > 1",
+          lambda r: (f"{r.last_mlp_gain:.2f}", r.last_mlp_gain > 1)),
+    Claim(PYTHIA, "last MLP gain is the maximum", "argmax of the MLP gain is the last block",
+          lambda r: (f"max at block {r.mlp_argmax} of {r.n_layers}", r.mlp_argmax == r.n_layers - 1)),
+    Claim(PYTHIA, "net expansion only in the last block", "residual gain > 1 in the last block and in no other",
+          lambda r: (f"{r.resid_expanding}/{r.n_layers} blocks expand",
+                     r.resid_expanding == 1 and bool(r.resid_gain[-1] > 1))),
+    Claim(PYTHIA, "last-MLP gain scales with model size", "a fit over >= 3 model sizes (gains.scaling)",
+          lambda r: ("one model", None)),
+)
 
 
 def measure(

@@ -55,6 +55,7 @@ from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
 from lensdyn.measure import measure_with_control
 from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.verdicts import Claim, Verdict, judge
 
 STREAMS = ("resid",)
 BINS = np.linspace(-1.0, 1.0, 41)
@@ -353,20 +354,20 @@ class MetastabilityResult(Result):
         """A per-prompt metric (``mass_near_one``, ``energy``, ...) averaged over this result's prompts."""
         return np.mean([getattr(p, name) for p in self.prompts], axis=0)
 
-    def verdicts(self) -> dict[str, str]:
-        """The write-up's five claims, each judged on this model by the rules stated here."""
+    def verdicts(self) -> list[Verdict]:
+        """The write-up's claims, each judged on this model by the rules stated in ``CLAIMS``."""
+        return judge(self, CLAIMS)
+
+    def counts(self) -> dict[str, int]:
+        """How many real prompts show each phenomenon, by the rules of ``CLAIMS``."""
         real = self.prompts
-        clustered = sum(p.effective_rank[-1] <= 0.5 * p.effective_rank[0] and p.n_clusters[-1] >= 1 for p in real)
-        with_plateau = sum(len(p.plateaus) > 0 for p in real)
-        separated = sum(p.timescales.formation >= 1 and p.timescales.persistence > p.timescales.formation for p in real)
-        violated = sum(len(p.energy_violations) > 0 for p in real)
         return {
-            "tokens cluster (effective rank halves, clusters at the end)": f"{clustered}/{len(real)} prompts",
-            f"metastable plateaus (CKA >= {CKA_PLATEAU} over >= 2 blocks)": f"{with_plateau}/{len(real)} prompts",
-            "two timescales (forms after state 0, persists longer)": f"{separated}/{len(real)} prompts",
-            "energy never falls (theory)": f"falls in {violated}/{len(real)} prompts",
-            "collapse speed follows rho(V)": f"Spearman {self.collapse_vs_v_spearman:.2f} "
-            f"(rho(OV): {self.collapse_vs_ov_spearman:.2f})",
+            "prompts": len(real),
+            "clustered": sum(p.effective_rank[-1] <= 0.5 * p.effective_rank[0] and p.n_clusters[-1] >= 1 for p in real),
+            "plateau": sum(len(p.plateaus) > 0 for p in real),
+            "two_timescales": sum(p.timescales.formation >= 1 and p.timescales.persistence > p.timescales.formation
+                                  for p in real),
+            "energy_falls": sum(len(p.energy_violations) > 0 for p in real),
         }
 
     def summary(self) -> str:
@@ -378,8 +379,8 @@ class MetastabilityResult(Result):
         runs = [("model", self)] + [(name, r) for name, r in (("control", self.control), ("repeated", self.repeated)) if r]
         for name, r in runs:
             lines.append(f"[{name}: {r.provenance.model} ({r.provenance.weights}), prompts {r.provenance.prompt_set!r}]")
-            for claim, value in r.verdicts().items():
-                lines.append(f"  {claim:62} {value}")
+            for v in judge(r, CLAIMS):
+                lines.append(f"  {v.claim:58} {v.measured:30} {v.verdict}")
         lines.append(f"{'state':>5} {'mass>0.9':>9} {'eff.rank':>9} {'clusters':>9} {'noise':>7} {'CKA':>7}"
                      + "".join(f" {'E(b=' + format(b, 'g') + ')':>10}" for b in self.betas)
                      + f" {'ctrl mass':>9} {'ctrl rank':>9}")
@@ -428,6 +429,41 @@ class MetastabilityResult(Result):
         fig.update_xaxes(title_text="state l")
         fig.update_layout(title="Metastability on the sphere (one line per prompt)", template="plotly_white", height=760)
         return fig
+
+
+METASTABLE = "metastability sequence (Phase 1)"
+
+
+def _share(key: str):
+    def test(r) -> tuple[str, bool]:
+        c = r.counts()
+        return f"{c[key]}/{c['prompts']} prompts", bool(c[key] >= c["prompts"] / 2)
+    return test
+
+
+def _learned(r) -> tuple[str, bool | None]:
+    c = r.counts()
+    if r.control is None or r.control.provenance.weights != "random":  # a --compare model is not an untrained control
+        return f"{c['clustered']}/{c['prompts']} prompts", None
+    k = r.control.counts()
+    return (f"{c['clustered']}/{c['prompts']} vs control {k['clustered']}/{k['prompts']}",
+            bool(c["clustered"] >= c["prompts"] / 2 and k["clustered"] < k["prompts"] / 2))
+
+
+CLAIMS = (
+    Claim(METASTABLE, "tokens cluster", "effective rank halves and clusters remain, in >= half the prompts", _share("clustered")),
+    Claim(METASTABLE, "clustering is learned, not wiring", "the model clusters (rule above), the untrained control does not",
+          _learned),
+    Claim(METASTABLE, "metastable plateaus", f"a CKA >= {CKA_PLATEAU} run over >= 2 blocks, in >= half the prompts",
+          _share("plateau")),
+    Claim(METASTABLE, "two timescales", "clusters form after state 0 and persist longer than they took to form, "
+          "in >= half the prompts", _share("two_timescales")),
+    Claim(METASTABLE, "interaction energy is not monotone", "E_beta falls at some block in >= half the prompts",
+          _share("energy_falls")),
+    Claim(METASTABLE, "collapse speed follows rho(V)", "Spearman(collapse speed, rho(V)) over blocks >= 0.5",
+          lambda r: (f"Spearman {r.collapse_vs_v_spearman:+.2f} (OV {r.collapse_vs_ov_spearman:+.2f})",
+                     None if not np.isfinite(r.collapse_vs_v_spearman) else bool(r.collapse_vs_v_spearman >= 0.5))),
+)
 
 
 def measure(

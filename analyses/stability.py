@@ -44,6 +44,7 @@ from lensdyn.hooks.temperature import attention_type, temperature_hooks
 from lensdyn.measure import measure_with_control
 from lensdyn.ops import masked_tokens
 from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.verdicts import Claim, Verdict, judge
 
 STREAMS = ("resid", "mlp_out")
 BETAS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -176,6 +177,9 @@ class StabilityResult(Result):
                   for l in self.layers]
         return np.array([np.mean(v) if v else np.nan for v in values]), np.array([np.std(v) if v else np.nan for v in values])
 
+    def verdicts(self) -> list[Verdict]:
+        return judge(self, CLAIMS)
+
     def above_null(self, k: int = 8) -> float:
         """Fraction of blocks whose ``cos theta_K`` exceeds the null's 95th percentile at ``K = k``."""
         i = self.k_grid.index(k)
@@ -235,6 +239,33 @@ class StabilityResult(Result):
         fig.update_xaxes(type="log", row=1, col=3)
         fig.update_layout(title="Stability", template="plotly_white", height=520)
         return fig
+
+
+STATELENS = "expansion-system study (statelens)"
+
+
+def _layer2(r) -> tuple[str, bool | None]:
+    if 2 not in r.layers:
+        return "block 2 not profiled", None
+    rho = float(r.radius("context", "live")[0][r.layers.index(2)])
+    return f"rho {rho:.2f}", rho > 1
+
+
+def _temperature(r) -> tuple[str, bool | None]:
+    if not np.isfinite(r.tau_c):
+        return "no temperature sweep", None
+    return f"C {r.tau_c:.2f}, R^2 {r.tau_r2:.2f} ({r.attention_type})", bool(r.tau_c > 0 and r.tau_r2 >= 0.5)
+
+
+CLAIMS = (
+    Claim(STATELENS, "block 2 expands (lambda 1.7-1.8 > 1)", "mean Jacobian spectral radius of block 2 (context, live norms) > 1",
+          _layer2),
+    Claim(STATELENS, "K-theta alignment beyond chance", "cos theta_K above the random-subspace null's 95th percentile "
+          "at K = 8 in >= half the blocks",
+          lambda r: (f"{r.above_null(8):.0%} of blocks", r.above_null(8) >= 0.5) if 8 in r.k_grid else ("K = 8 not run", None)),
+    Claim(STATELENS, "attention temperature modulates mixing (C > 0)", "tau = tau_min + C / beta fit with C > 0 and R^2 >= 0.5",
+          _temperature),
+)
 
 
 def measure(

@@ -62,6 +62,7 @@ from lensdyn.metric import metric_norms
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
 from lensdyn.prompts import ContrastSet, PromptSet, resolve_contrast
 from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.verdicts import Claim, Verdict, judge
 
 STREAMS = ("resid",)
 CORRECTIONS = ("none", "redshift", "redshift_causal", "norm_match")
@@ -242,26 +243,8 @@ class SteeringResult(Result):
     def best_layer(self) -> int:
         return int(self.layers[int(np.nanargmax(self.efficacy))])
 
-    def verdicts(self) -> list[tuple[str, str, str]]:
-        """``(claim, measured, verdict)`` for predictions 5 and 6 under the rules written here."""
-        rows = []
-        rho, p = self.efficacy_h_spearman, self.efficacy_h_p
-        if len(self.layers) < 4 or not np.isfinite(rho):
-            rows.append(("5: low-H layers steer better", "fewer than 4 steered blocks", "not testable here"))
-        else:
-            verdict = "holds" if rho < 0 and p < 0.05 else "does not hold"
-            rows.append(("5: low-H layers steer better", f"Spearman(efficacy, H) = {rho:+.2f} (p = {p:.2g})", verdict))
-        t = self.transfer
-        for other in ("none", "norm_match"):
-            claim = f"6: redshift correction beats {'no correction' if other == 'none' else 'norm matching'}"
-            if t.n_reached < 3 or not np.isfinite(t.redshift_beats.get(other, np.nan)):
-                rows.append((claim, f"{t.n_reached} of {t.n_pairs} pairs reach E*", "not testable here"))
-                continue
-            share = t.redshift_beats[other]
-            measured = (f"spread {t.spread['redshift']:.2f} vs {t.spread[other]:.2f} decades; "
-                        f"lower in {share:.0%} of bootstrap draws")
-            rows.append((claim, measured, "holds" if share >= 0.95 else "does not hold"))
-        return rows
+    def verdicts(self) -> list[Verdict]:
+        return judge(self, CLAIMS)
 
     def summary(self) -> str:
         t = self.transfer
@@ -277,7 +260,7 @@ class SteeringResult(Result):
         for name in CORRECTIONS:
             interval = f"[{t.spread_low[name]:.3f}, {t.spread_high[name]:.3f}]"
             lines.append(f"  {name:<16} {t.spread[name]:>8.3f}               {interval}")
-        lines += [f"  {claim}: {measured} -> {verdict}" for claim, measured, verdict in self.verdicts()]
+        lines += [f"  {v.claim}: {v.measured} -> {v.verdict}" for v in self.verdicts()]
         if self.control is not None:
             c = self.control
             lines.append(f"  control (random weights): Spearman(efficacy, H) = {c.efficacy_h_spearman:+.3f}; spreads "
@@ -327,6 +310,33 @@ class SteeringResult(Result):
         fig.update_layout(title=f"Steering ({self.contrast}) across layers", template="plotly_white", height=900,
                           barmode="group")
         return fig
+
+
+def _low_h(r) -> tuple[str, bool | None]:
+    if len(r.layers) < 4 or not np.isfinite(r.efficacy_h_spearman):
+        return "fewer than 4 steered blocks", None
+    return (f"Spearman(efficacy, H) {r.efficacy_h_spearman:+.2f} (p {r.efficacy_h_p:.2g})",
+            r.efficacy_h_spearman < 0 and r.efficacy_h_p < 0.05)
+
+
+def _redshift_beats(other: str):
+    def test(r) -> tuple[str, bool | None]:
+        t = r.transfer
+        share = t.redshift_beats.get(other, np.nan)
+        if t.n_reached < 3 or not np.isfinite(share):
+            return f"{t.n_reached}/{t.n_pairs} pairs reach E*", None
+        return f"spread {t.spread['redshift']:.2f} vs {t.spread[other]:.2f} ({share:.0%} of draws)", share >= 0.95
+    return test
+
+
+FLRW = "FLRW expansion note"
+CLAIMS = (
+    Claim(FLRW, "5: low-H layers steer better", "Spearman(efficacy per block, H(l)) < 0 with p < 0.05", _low_h),
+    Claim(FLRW, "6: redshift predicts steering transfer (vs none)",
+          "spread of log10 alpha* under a(t)/a(s) below no correction's in >= 95% of bootstrap draws", _redshift_beats("none")),
+    Claim(FLRW, "6: redshift beats norm matching",
+          "spread under a(t)/a(s) below norm matching's in >= 95% of bootstrap draws", _redshift_beats("norm_match")),
+)
 
 
 # --- measurement ---------------------------------------------------------------------------

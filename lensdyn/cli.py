@@ -9,6 +9,7 @@ Exit status: 0 on success, 2 on bad input (with a one-line reason on stderr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -163,6 +164,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--control", choices=("random", "none"), default="random",
         help="also measure the same architecture with random weights, side by side",
     )
+    p.add_argument("--compare", default=None, metavar="MODEL",
+                   help="measure a second (pretrained) model instead of the control and put it beside the first everywhere")
+    p.add_argument("--json-only", action="store_true", help="write the JSON files only, no HTML")
+    p.add_argument("--static", nargs="*", default=[], metavar="FORMAT",
+                   help="also export every figure as png and/or svg into OUT/figures (needs kaleido and a Chromium)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
@@ -186,58 +192,105 @@ def _models(args) -> int:
 
 
 def _report(args) -> int:
+    import json
+
     import torch
+    from tqdm.auto import tqdm
 
     from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
     from lensdyn.prompts import resolve_contrast, resolve_prompts
-    from lensdyn.report import write_html
+    from lensdyn.report import export_figures, write_html
+    from lensdyn.verdicts import verdict_table
 
     chosen = [a.strip() for a in args.analyses.split(",") if a.strip()]
     unknown = sorted(set(chosen) - set(ANALYSES))
     if unknown or not chosen:
         raise ArgumentError(f"unknown analysis {unknown or chosen}: choose from {', '.join(ANALYSES)}")
+    if set(args.static) - {"png", "svg"}:
+        raise ArgumentError(f"--static takes png and/or svg, not {sorted(set(args.static) - {'png', 'svg'})}")
     torch.set_num_threads(os.cpu_count() or 1)
     prompts = resolve_prompts(args.prompts, allow_literal=False)
     if "steering" in chosen:
         resolve_contrast(args.contrast)  # a bad contrast set fails before any model loads
     streams = sorted({s for name in chosen for s in _analysis(name).STREAMS})
-    runs = [("control", "random")] if args.control == "random" and args.weights != "random" else []
-    runs.append(("model", args.weights))
+    # The reference runs first so that the model's results can carry it (result.control).
+    runs = []
+    if args.compare:
+        runs.append(("reference", args.compare, "pretrained"))
+    elif args.control == "random" and args.weights != "random":
+        runs.append(("reference", args.model, "random"))
+    runs.append(("model", args.model, args.weights))
     results: dict[str, dict[str, object]] = {}
-    for role, weights in runs:
+    timings: dict[str, dict[str, float]] = {}
+    for role, name, weights in runs:
         started = time.perf_counter()
-        model = load_model(args.model, weights=weights, seed=args.seed, device=args.device)
+        model = load_model(name, weights=weights, seed=args.seed, device=args.device)
+        loaded = time.perf_counter()
         cap = capture(
             model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size,
             streams=streams, truncate=args.truncate, progress=True, attention=_graphs(args, role),
         )
-        for name in chosen:
-            control = results.get(name, {}).get("control")
-            results.setdefault(name, {})[role] = _analysis(name).measure(cap, **_options(name, role, model, control, args))
-        print(f"{role}: {args.model} ({weights}) measured in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        captured = time.perf_counter()
+        steps = {}
+        for analysis in tqdm(chosen, desc=f"{role}: {name} ({weights})", unit="analysis", disable=None):
+            began = time.perf_counter()
+            reference = results.get(analysis, {}).get("reference")
+            results.setdefault(analysis, {})[role] = _analysis(analysis).measure(
+                cap, **_options(analysis, role, model, reference, args))
+            steps[analysis] = round(time.perf_counter() - began, 3)
+        timings[role] = {"load_s": round(loaded - started, 3), "capture_s": round(captured - loaded, 3), **steps,
+                         "total_s": round(time.perf_counter() - started, 3)}
+        print(f"{role}: {name} ({weights}) loaded in {loaded - started:.1f} s, measured in {time.perf_counter() - loaded:.1f} s",
+              file=sys.stderr)
         del model, cap
 
+    reference_label = _reference_label(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    written, sections = [], []
+    written, sections, verdicts, files = [], [], [], {}
     for name in chosen:
         result = results[name]["model"]
-        written.append(result.to_json(args.out / f"{name}.json"))
-        if name == "norms" and "control" in results[name]:
-            written.append(results[name]["control"].to_json(args.out / "norms_control.json"))
-        sections.append(_section(name, results[name]))
+        path = result.to_json(args.out / f"{name}.json")
+        written.append(path)
+        files[name] = path.name
+        if name == "norms" and "reference" in results[name]:
+            written.append(results[name]["reference"].to_json(args.out / "norms_reference.json"))
+            files["norms_reference"] = written[-1].name
+        verdicts += result.verdicts()
         print(result.summary(), end="\n\n")
-    page = "report.html" if len(chosen) > 1 else f"{chosen[0]}.html"
-    written.append(write_html(
-        args.out / page,
-        title=f"lensdyn: {', '.join(chosen)} of {args.model}",
-        subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights"
-        + (", untrained control in grey" if args.control == "random" else ""),
-        sections=sections,
-    ))
+    if verdicts:
+        print(verdict_table(verdicts, reference_label), end="\n\n")
+    index = {
+        "model": args.model, "weights": args.weights, "reference": reference_label, "prompts": prompts.name,
+        "n_prompts": len(prompts), "excluded_positions": list(args.exclude), "analyses": chosen, "files": files,
+        "verdicts": [dataclasses.asdict(v) for v in verdicts], "timings_s": timings,
+    }
+    report_json = args.out / ("report.json" if len(chosen) > 1 else f"{chosen[0]}_report.json")
+    report_json.write_text(json.dumps(index, indent=1), encoding="utf-8")
+    written.append(report_json)
+    if not args.json_only:
+        sections = [_section(name, results[name]) for name in chosen]
+        page = "report.html" if len(chosen) > 1 else f"{chosen[0]}.html"
+        written.append(write_html(
+            args.out / page,
+            title=f"lensdyn: {', '.join(chosen)} of {args.model}",
+            subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights; "
+            f"reference: {reference_label} (grey)",
+            sections=sections, verdicts=verdicts, reference_label=reference_label,
+        ))
+        figures = {name: section.figure for name, section in zip(chosen, sections)}
+        written += export_figures(figures, args.out / "figures", args.static)
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _reference_label(args) -> str:
+    if args.compare:
+        return f"{args.compare} (compare)"
+    if args.control == "random" and args.weights != "random":
+        return "untrained control"
+    return "none"
 
 
 def _section(name: str, by_role: dict):
@@ -245,7 +298,7 @@ def _section(name: str, by_role: dict):
 
     model = by_role["model"]
     if name == "norms":
-        control = by_role.get("control")
+        control = by_role.get("reference")
         text = "\n\n".join(r.summary() for r in (model, control) if r is not None)
         return Section(f"Residual norms of {model.provenance.model}", model.figure(control=control), text)
     heading = {"expansion": "Expansion", "gains": "Sublayer gains", "metastability": "Metastability",

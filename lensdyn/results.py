@@ -128,6 +128,10 @@ class Result:
         """A short text table of the result."""
         raise NotImplementedError(f"{self.kind} has no summary")
 
+    def verdicts(self) -> list:
+        """The write-ups' claims this result tests, judged by stated rules (``lensdyn.verdicts``); none by default."""
+        return []
+
     def __eq__(self, other: object) -> bool:
         # Arrays make the dataclass __eq__ ambiguous; compare the plain data instead.
         if type(other) is not type(self):

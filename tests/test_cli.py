@@ -53,7 +53,7 @@ def test_norms_writes_json_and_self_contained_html(tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["norms", "--model", "minilm-l6", "--prompts", str(prompts), "--exclude", "special", "--out", str(out)])
     assert code == 0
-    model, control = load_result(out / "norms.json"), load_result(out / "norms_control.json")
+    model, control = load_result(out / "norms.json"), load_result(out / "norms_reference.json")
     assert model.provenance.weights == "pretrained" and control.provenance.weights == "random"
     assert model.prompt_labels == ("a", "b") and len(model.mean) == 7
     assert model.conventions.excluded_positions == ("special",)
@@ -81,7 +81,28 @@ def test_report_runs_every_analysis_from_one_capture_per_model(tmp_path, capsys)
     html = (out / "report.html").read_text()
     assert html.count("Plotly.newPlot") == 5  # norms, expansion, gains, metastability, curvature
     assert load_result(out / "metastability.json").repeated.provenance.prompt_set == "repeated"
+    index = json.loads((out / "report.json").read_text())
+    assert index["reference"] == "untrained control" and set(index["files"]) >= {"norms", "expansion", "curvature"}
+    verdicts = index["verdicts"]
+    assert {v["verdict"] for v in verdicts} <= {"holds", "does not hold", "not testable here"}
+    assert {v["source"] for v in verdicts} >= {"FLRW expansion note", "Pythia FFN expansion note"}
+    assert 'id="verdicts"' in html and html.index('id="verdicts"') < html.index("Plotly.newPlot")
     assert "wrote" in capsys.readouterr().out
+
+
+def test_compare_json_only_and_bad_static_formats(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The lighthouse keeper counted the ships at dawn, then wrote their names in a notebook.")
+    out = tmp_path / "cmp"
+    code = main(["report", "--analyses", "norms,gains", "--model", "minilm-l6", "--compare", "smollm2-135m",
+                 "--prompts", str(prompts), "--json-only", "--out", str(out)])
+    assert code == 0
+    gains = load_result(out / "gains.json")
+    assert gains.provenance.model == "minilm-l6" and gains.control.provenance.model == "smollm2-135m"
+    assert json.loads((out / "report.json").read_text())["reference"] == "smollm2-135m (compare)"
+    assert not list(out.glob("*.html"))
+    assert main(["report", "--static", "gif", "--out", str(tmp_path / "x")]) == 2
+    assert "png and/or svg" in capsys.readouterr().err
 
 
 def test_single_analysis_commands_and_unknown_analyses(tmp_path, capsys):

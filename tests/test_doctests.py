@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lensdyn import fits, metric, ops
+from lensdyn import fits, metric, ops, verdicts
 from lensdyn.analyses import curvature, expansion, gains, idealized, metastability, norms, stability, steering
 
-MODULES = [ops, fits, metric, norms, expansion, gains, metastability, idealized, curvature, stability, steering]
+MODULES = [ops, fits, metric, verdicts, norms, expansion, gains, metastability, idealized, curvature, stability, steering]
 MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching", "jacobian", "steering")]
 
 

@@ -175,7 +175,7 @@ def test_smollm2_steering_measure_and_round_trip(smollm2, smollm2_diverse, tmp_p
     assert (result.effect[:, :2] > 0).all()
     assert (result.kl >= 0).all() and np.isfinite(result.efficacy).all()
     assert result.a[0] == 1.0 and len(result.hubble) == smollm2.cfg.n_layers
-    assert {v for _, _, v in result.verdicts()} <= {"holds", "does not hold", "not testable here"}
+    assert {v.verdict for v in result.verdicts()} <= {"holds", "does not hold", "not testable here"}
     assert "spread of log10 alpha*" in result.summary()
     result.figure()
     assert load_result(result.to_json(tmp_path / "steering.json")) == result
