@@ -103,3 +103,23 @@ def minilm_reference():
     from lensdyn.models import embedded_checkpoint
 
     return AutoModelForMaskedLM.from_pretrained(embedded_checkpoint("minilm-l6"), attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_report(tmp_path_factory):
+    """``lensdyn report`` with every default analysis on minilm-l6 and two short prompts (run once per session)."""
+    import json
+
+    from lensdyn.cli import main
+
+    root = tmp_path_factory.mktemp("minilm_report")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"text": "The river rose to the fourth step of the old mill before dawn."}) + "\n"
+        + json.dumps({"text": "Snow fell on the quiet village all night long, and nobody went out."}) + "\n"
+    )
+    out = root / "report"
+    code = main(["report", "--model", "minilm-l6", "--prompts", str(prompts), "--exclude", "special",
+                 "--permutations", "10", "--out", str(out)])
+    assert code == 0
+    return out

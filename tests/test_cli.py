@@ -65,16 +65,8 @@ def test_norms_writes_json_and_self_contained_html(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_report_runs_every_analysis_from_one_capture_per_model(tmp_path, capsys):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        json.dumps({"text": "The river rose to the fourth step of the old mill before dawn."}) + "\n"
-        + json.dumps({"text": "Snow fell on the quiet village all night long, and nobody went out."}) + "\n"
-    )
-    out = tmp_path / "report"
-    code = main(["report", "--model", "minilm-l6", "--prompts", str(prompts), "--exclude", "special",
-                 "--permutations", "10", "--out", str(out)])
-    assert code == 0
+def test_report_runs_every_analysis_from_one_capture_per_model(minilm_report):
+    out = minilm_report
     expansion, gains = load_result(out / "expansion.json"), load_result(out / "gains.json")
     assert expansion.control.provenance.weights == "random" and gains.control.provenance.weights == "random"
     assert expansion.provenance.n_tokens == gains.provenance.n_tokens == load_result(out / "norms.json").provenance.n_tokens
@@ -87,7 +79,6 @@ def test_report_runs_every_analysis_from_one_capture_per_model(tmp_path, capsys)
     assert {v["verdict"] for v in verdicts} <= {"holds", "does not hold", "not testable here"}
     assert {v["source"] for v in verdicts} >= {"FLRW expansion note", "Pythia FFN expansion note"}
     assert 'id="verdicts"' in html and html.index('id="verdicts"') < html.index("Plotly.newPlot")
-    assert "wrote" in capsys.readouterr().out
 
 
 def test_compare_json_only_and_bad_static_formats(tmp_path, capsys):

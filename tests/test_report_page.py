@@ -1,0 +1,94 @@
+"""The report page in a real headless Chromium: it loads with no console errors and every figure renders.
+
+A copy of the page gets a small harness at the top of ``<head>`` that records ``console.error``
+calls and uncaught errors, and after ``load`` writes them, with what each figure drew, into the
+DOM; Chromium's ``--dump-dom`` hands that back. The page itself is not changed. Figure export
+(kaleido drives the same Chromium) is tested here too.
+"""
+import json
+import re
+import subprocess
+
+import plotly.graph_objects as go
+import pytest
+
+from lensdyn.report import export_figures, find_chromium
+
+CHROMIUM = find_chromium()
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (make test installs Debian's chromium)")
+
+HARNESS = """<script>
+window.__errors = [];
+const __consoleError = console.error;
+console.error = (...args) => { window.__errors.push(args.map(String).join(" ")); __consoleError(...args); };
+window.addEventListener("error", e => window.__errors.push("uncaught: " + e.message));
+window.addEventListener("unhandledrejection", e => window.__errors.push("unhandled rejection: " + e.reason));
+window.addEventListener("load", () => setTimeout(() => {
+  const figures = [...document.querySelectorAll(".js-plotly-plot")].map(gd => ({
+    id: gd.id, svg: gd.querySelectorAll(".main-svg").length, traces: (gd._fullData || []).length,
+  }));
+  const table = document.getElementById("verdicts");
+  document.body.setAttribute("data-harness", JSON.stringify({
+    errors: window.__errors, figures: figures, verdict_rows: table ? table.tBodies[0].rows.length : -1,
+  }));
+}, 500));
+</script>"""
+
+
+def load_in_chromium(page, tmp_path) -> dict:
+    """What the harness recorded after Chromium loaded ``page``, plus Chromium's own console lines."""
+    html = page.read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("<head>", "<head>\n" + HARNESS, 1), encoding="utf-8")
+    run = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium'}", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=30000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    found = re.search(r'data-harness="([^"]*)"', run.stdout)
+    assert found, f"the page never finished loading in Chromium:\n{run.stderr[-2000:]}"
+    recorded = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    recorded["console"] = [line for line in run.stderr.splitlines() if "CONSOLE" in line]
+    return recorded
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_report_page_loads_without_errors_and_every_figure_renders(minilm_report, tmp_path):
+    page = minilm_report / "report.html"
+    n_figures = page.read_text(encoding="utf-8").count("Plotly.newPlot")
+    recorded = load_in_chromium(page, tmp_path)
+    assert recorded["errors"] == [], recorded["errors"]
+    assert not [line for line in recorded["console"] if "Uncaught" in line or "Error" in line], recorded["console"]
+    figures = recorded["figures"]
+    assert len(figures) == n_figures == 5
+    for figure in figures:
+        assert figure["svg"] >= 1 and figure["traces"] >= 1, f"{figure['id']} did not render: {figure}"
+    index = json.loads((minilm_report / "report.json").read_text())
+    assert recorded["verdict_rows"] == len(index["verdicts"]) > 0
+
+
+@needs_chromium
+def test_the_harness_catches_a_broken_page(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text("<html><head></head><body><script>console.error('bad'); notAFunction();</script></body></html>")
+    recorded = load_in_chromium(page, tmp_path)
+    assert "bad" in recorded["errors"] and any("notAFunction" in e for e in recorded["errors"])
+
+
+@needs_chromium
+def test_static_export_writes_png_and_svg(tmp_path):
+    figure = go.Figure(go.Scatter(y=[1, 3, 2]))
+    paths = export_figures({"toy": figure}, tmp_path, ["png", "svg"])
+    assert [p.name for p in paths] == ["toy.png", "toy.svg"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in paths[1].read_text()
+
+
+def test_static_export_without_chromium_says_so_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("lensdyn.report.find_chromium", lambda: None)
+    assert export_figures({"toy": go.Figure()}, tmp_path, ["png"]) == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no Chromium" in err[0]
