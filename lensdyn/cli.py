@@ -2,6 +2,8 @@
 
     lensdyn models                                   list embedded models and how to install them
     lensdyn report --model smollm2-135m --prompts diverse --out reports/demo
+        verdict table + every default analysis, beside the untrained control (--compare MODEL: beside
+        another model; --json-only: no HTML; --static png svg: figures as images too)
     lensdyn norms | expansion | gains | metastability | curvature | stability | steering --model ... --out DIR   one analysis
 
 Exit status: 0 on success, 2 on bad input (with a one-line reason on stderr).

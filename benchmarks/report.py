@@ -1,0 +1,77 @@
+"""The whole `lensdyn report` against the bare forward passes it replaces, on smollm2-135m.
+
+    python benchmarks/report.py [--repeats 1]
+
+The report runs the default analyses (all but stability and steering, which have their own
+forward passes and flags) on the built-in diverse set for the model and its untrained control,
+then writes the JSON files and the HTML page. The reference is one bare forward pass per prompt
+for each of the two models (trained and random weights): what the report's two captures replace.
+Model loading is timed apart (it is the same for any use of the model).
+Target (issue 8): report without loading <= 4x the bare forward passes.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import lensdyn as ld  # noqa: E402
+from _timing import best_of  # noqa: E402
+from lensdyn.cli import main as lensdyn_main  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    bare = 0.0
+    for weights in ("pretrained", "random"):
+        model = ld.load_model("smollm2-135m", weights=weights)
+        cap = ld.capture(model, "diverse", streams=("resid",))
+        prompts = [cap.tokens[i: i + 1, : int(cap.token_mask[i].sum())] for i in range(cap.n_prompts)]
+
+        def forward() -> None:
+            with torch.inference_mode():
+                for ids in prompts:
+                    model(ids)
+
+        bare += best_of(forward, args.repeats)
+
+    best = None
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as out:
+            started = time.perf_counter()
+            assert lensdyn_main(["report", "--model", "smollm2-135m", "--prompts", "diverse", "--out", out]) == 0
+            wall = time.perf_counter() - started
+            timings = json.loads((Path(out) / "report.json").read_text())["timings_s"]
+        if best is None or wall < best[0]:
+            best = (wall, timings)
+    wall, timings = best
+    loads = sum(t["load_s"] for t in timings.values())
+    measured = sum(t["total_s"] - t["load_s"] for t in timings.values())
+    rows = [("bare forward, model + control, prompt by prompt", bare)]
+    for role, steps in timings.items():
+        rows += [(f"{role}: {step.removesuffix('_s')}", seconds) for step, seconds in steps.items() if step != "total_s"]
+    rows += [
+        ("JSON + HTML writing", wall - measured - loads),
+        ("report without model loading", wall - loads),
+        ("report, wall clock", wall),
+    ]
+    print(f"smollm2-135m, diverse set, default analyses + untrained control, {torch.get_num_threads()} threads, "
+          f"best of {args.repeats}")
+    print(f"{'step':<52} {'time (s)':>9} {'x bare':>8}")
+    for label, seconds in rows:
+        print(f"{label:<52} {seconds:>9.2f} {seconds / bare:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
