@@ -50,6 +50,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from scipy import stats
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lensdyn.analyses.expansion import hubble, scale_factor
 from lensdyn.errors import ArgumentError, PromptError, UnsupportedArchitectureError
@@ -356,6 +357,7 @@ def measure(
     n_bootstrap: int = 200,
     batch_rows: int = 128,
     seed: int = 0,
+    progress: bool = False,
     **capture_kwargs,
 ) -> SteeringResult:
     """Steering with a contrast set's difference-of-means vectors, against ``a(l)`` and ``H(l)`` of ``prompts``.
@@ -364,6 +366,7 @@ def measure(
     source and target grid of the transfer test (default 6 blocks spread over ``layers``).
     ``relative``: the relative norms tried. ``n_evaluation``: use the contrast set's first
     evaluation prompts only. A ``Capture`` needs ``model=`` (the steered runs are run on it).
+    ``progress`` shows a bar over the steered batches.
     """
     contrast = resolve_contrast(contrast)
     relative = np.asarray(sorted(relative), dtype=np.float64)
@@ -371,14 +374,15 @@ def measure(
         raise ArgumentError(f"relative norms must be positive, not {relative.tolist()}")
 
     def measure_one(cap: Capture, model) -> SteeringResult:
-        return _measure(cap, model, contrast, layers, transfer_layers, relative, n_evaluation, n_bootstrap, batch_rows, seed)
+        return _measure(cap, model, contrast, layers, transfer_layers, relative, n_evaluation, n_bootstrap, batch_rows, seed,
+                        progress)
 
     return measure_with_control("steering", capture_or_model, prompts, STREAMS, measure_one, model=model, control=control,
                                 needs_model="the steered runs are run on it", **capture_kwargs)
 
 
 def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relative, n_evaluation, n_bootstrap, batch_rows,
-             seed) -> SteeringResult:
+             seed, progress) -> SteeringResult:
     cap.require_streams(STREAMS)
     if getattr(model.cfg, "attention_dir", "causal") != "causal":
         raise UnsupportedArchitectureError(
@@ -414,7 +418,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     pairs = [(int(l), int(l)) for l in layers]
     pairs += [(int(s), int(t)) for s in transfer_layers for t in transfer_layers if s != t or s not in layers]
     effect, kl = steering_sweep(model, vectors, pairs, relative, eval_norms, eval_cap.tokens, last, positive_ids,
-                                negative_ids, batch_rows)  # [pair, r, prompt]
+                                negative_ids, batch_rows, progress)  # [pair, r, prompt]
     native = slice(0, len(layers))
     grid_index = {pair: i for i, pair in enumerate(pairs)}
     grid = np.array([[grid_index[(int(s), int(t))] for t in transfer_layers] for s in transfer_layers])
@@ -485,6 +489,7 @@ def steering_sweep(
     positive_ids: Int[Tensor, " k"],
     negative_ids: Int[Tensor, " j"],
     batch_rows: int = 128,
+    progress: bool = False,
 ) -> tuple[Float[np.ndarray, "pair r prompt"], Float[np.ndarray, "pair r prompt"]]:
     """Effect and KL for every ``(source, target)`` pair, relative norm and prompt (right-padded rows).
 
@@ -498,7 +503,7 @@ def steering_sweep(
     effect = np.zeros((len(pairs), len(relative), n_prompts))
     kl = np.zeros_like(effect)
     baseline_ld = logit_difference(baseline, positive_ids, negative_ids)
-    for start in range(0, len(rows), batch_rows):
+    for start in tqdm(range(0, len(rows), batch_rows), desc="steering", unit="batch", disable=not progress, leave=False):
         chunk = rows[start:start + batch_rows]
         prompt = torch.tensor([k for _, _, k in chunk])
         additions: dict[int, Tensor] = {}

@@ -328,7 +328,7 @@ def _options(name: str, role: str, model, control, args) -> dict:
     if name == "steering":
         return dict(model=model, control=control, contrast=args.contrast, layers=args.steer_layers,
                     transfer_layers=args.transfer_layers, relative=tuple(args.relative), n_bootstrap=args.bootstrap,
-                    seed=args.seed)
+                    seed=args.seed, progress=True)
     if name == "curvature":
         return dict(model=model, control=control, patch_streams=tuple(args.patch_streams), n_draws=args.null_draws,
                     seed=args.seed)
