@@ -9,7 +9,10 @@ and ``O`` the heads' ``W_O`` stacked row-wise. Both are returned as ``FactoredMa
 nothing ``d_model x d_model`` is formed until asked for.
 
 Grouped-query attention (SmolLM2: 9 query heads share 3 KV heads): query head ``h`` reads KV
-head ``h // (n_heads / n_kv_heads)``, so ``W_V`` is expanded to one copy per query head.
+head ``h // (n_heads / n_kv_heads)``, so ``W_V`` is expanded to one copy per query head. Then
+``V = U P`` (``U`` the distinct KV heads side by side, ``P`` the duplication) has rank at most
+``n_kv d_head``, and ``circuit_spectra`` takes the nonzero eigenvalues of ``V`` and of ``OV = U P O``
+from the small ``P U`` and ``(P O) U`` (equal nonzero spectra of ``AB`` and ``BA``).
 
 The layer's value matrix ``value_matrix(model, l) = V`` is square when
 ``n_heads * d_head == d_model`` (GPT-2, BERT, SmolLM2); its spectral radius is the metastability
@@ -94,9 +97,15 @@ class CircuitSpectra:
 
     @property
     def ov_complex_fraction(self) -> Float[np.ndarray, " layer"]:
-        """Fraction of OV eigenvalues off the real axis (relative imaginary part above 1e-9)."""
+        """Fraction of the nonzero OV eigenvalues off the real axis (relative imaginary part above 1e-9).
+
+        Zeros (the rank deficit of grouped-query attention or ``H d_head < d_model``) are left out:
+        they say nothing about rotation.
+        """
         eig = self.ov_eigenvalues
-        return (np.abs(eig.imag) > 1e-9 * np.maximum(np.abs(eig), 1e-300)).mean(axis=1)
+        nonzero = np.abs(eig) > 1e-12 * np.abs(eig).max(axis=1, keepdims=True)
+        off_axis = np.abs(eig.imag) > 1e-9 * np.maximum(np.abs(eig), 1e-300)
+        return (off_axis & nonzero).sum(axis=1) / nonzero.sum(axis=1)
 
 
 def circuit_spectra(model) -> CircuitSpectra:
@@ -112,12 +121,20 @@ def _circuit_spectra(model) -> CircuitSpectra:
     ov_eig, ov_head, v_eig = [], [], []
     for layer in range(model.cfg.n_layers):
         W_V, W_O = (w.to(torch.float64) for w in _value_and_output(model, layer))
-        layer_ov = _sum_over_heads(W_V, W_O)
-        ov_eig.append(torch.linalg.eigvals(layer_ov.BA).numpy())
+        shared, grouped_O = _shared_values(model, layer)
+        # OV = U (P O) and V = U P, with U the distinct KV heads' values and P the duplication: their
+        # nonzero eigenvalues are those of (P O) U and P U, n_kv d_head square (27x cheaper on SmolLM2).
+        rank = shared.shape[1]
+        ov_eig.append(_pad(torch.linalg.eigvals(grouped_O @ shared).numpy(), W_O.shape[0] * W_O.shape[1]))
         head_eig = torch.linalg.eigvals(FactoredMatrix(W_V, W_O).BA)  # [head, d_head]
         ov_head.append(head_eig.abs().amax(dim=-1).numpy())
-        V = layer_ov.A
-        v_eig.append(torch.linalg.eigvals(V).numpy() if V.shape[0] == V.shape[1] else None)
+        d_model, width = shared.shape[0], W_V.shape[0] * W_V.shape[2]
+        if width == d_model:
+            group = W_V.shape[0] * W_V.shape[2] // rank
+            P_U = einops.reduce(shared, "(kv g d_head) c -> (kv d_head) c", "sum", g=group, d_head=W_V.shape[2])
+            v_eig.append(_pad(torch.linalg.eigvals(P_U).numpy(), d_model))
+        else:
+            v_eig.append(None)
     square = all(e is not None for e in v_eig)
     return CircuitSpectra(
         ov_eigenvalues=np.stack(ov_eig),
@@ -126,6 +143,21 @@ def _circuit_spectra(model) -> CircuitSpectra:
         v_eigenvalues=np.stack(v_eig) if square else None,
         v_radius=np.abs(np.stack(v_eig)).max(axis=1) if square else None,
     )
+
+
+def _shared_values(model, layer: int) -> tuple[Float[Tensor, "d_model kv_width"], Float[Tensor, "kv_width d_model"]]:
+    """``U``: the distinct KV heads' ``W_V`` side by side; ``P O``: each KV head's query heads' ``W_O`` summed (float64)."""
+    attn = model.blocks[layer].attn
+    W_V, W_O = attn.W_V.detach().to(torch.float64), attn.W_O.detach().to(torch.float64)
+    group = W_O.shape[0] // W_V.shape[0]
+    shared = einops.rearrange(W_V, "kv d_model d_head -> d_model (kv d_head)")
+    grouped_O = einops.reduce(W_O, "(kv g) d_head d_model -> (kv d_head) d_model", "sum", g=group)
+    return shared, grouped_O
+
+
+def _pad(eigenvalues: np.ndarray, size: int) -> np.ndarray:
+    """The nonzero eigenvalues of a rank-deficient map, completed by its exact zeros."""
+    return np.concatenate([eigenvalues, np.zeros(size - len(eigenvalues), dtype=eigenvalues.dtype)])
 
 
 def unembedding(model) -> Float[Tensor, "d_model vocab"]:
