@@ -9,7 +9,10 @@ residual stream or projected to the sphere (``x_l / ||x_l||``). Steps ``d_l = x_
   ``flat``: ``theta <= FLAT`` (60).
 - ``length_to_chord = sum_l ||d_l|| / ||x_L - x_0||`` (1 for a straight line).
 - nulls with the same step lengths: ``walk``, steps in isotropic random directions of
-  ``d_model`` dimensions; ``shuffle``, the token's own steps in a random layer order. Each
+  ``d_model`` dimensions; ``shuffle``, the token's own steps in a random layer order. Every
+  statistic is a function of the inner products of a token's ``k = L`` steps, so both nulls run
+  on ``k`` exact coordinates per token (``step_coordinates``), the walk's directions drawn there
+  by the Bartlett decomposition (``null_steps``): ``k(k+1)/2`` draws per token, not ``k d_model``. Each
   statistic (mean angle, sharp and flat fractions, mean length-to-chord) is compared with its
   null draws: ``p`` is the one-sided permutation p-value ``(1 + #{null >= observed}) / (1 + n)``
   (``<=`` for the flat fraction, where "more bent" means fewer flat angles), and the effect size is
@@ -21,10 +24,11 @@ residual stream or projected to the sphere (``x_l / ||x_l||``). Steps ``d_l = x_
   steps, and ``part_layer``, the first state where the angle exceeds ``PART_ANGLE`` (5 degrees).
   Meaning-changing edits are compared with control edits by a Mann-Whitney U test on the final
   angle and on the output KL.
-- patched-context runs: the logit difference ``LD = logit(clean answer) - logit(edited answer)``
-  at the target; patching the edited run's activation at the target into the clean run at block
-  ``l`` gives ``recovery[l] = (LD_patched - LD_clean) / (LD_edited - LD_clean)`` (1: that block's
-  state carries the whole edit to the output).
+- patched-context runs (every edit pair's prompts in one capture, every pair's sweep in one batch):
+  the logit difference ``LD = logit(clean answer) - logit(edited answer)`` at the target;
+  patching the edited run's activation at the target into the clean run at block ``l`` gives
+  ``recovery[l] = (LD_patched - LD_clean) / (LD_edited - LD_clean)`` (1: that block's state
+  carries the whole edit to the output).
 
 >>> result = curvature.measure(ld.load_model("smollm2-135m"))      # doctest: +SKIP
 >>> print(result.summary())                                         # doctest: +SKIP
@@ -41,7 +45,7 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.hooks.capture import Capture, capture
-from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweep
+from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweeps
 from lensdyn.measure import measure_with_control
 from lensdyn.ops import masked_tokens
 from lensdyn.prompts import EDIT_PAIRS, EditPair
@@ -86,8 +90,8 @@ def _step_chord(d: Tensor) -> Tensor:
 def step_statistics(steps: Float[Tensor, "block token d_model"]) -> dict[str, float]:
     """Mean angle, sharp and flat fractions, and mean length-to-chord of trajectories given by their steps.
 
-    Angles are computed in the steps' dtype (float32 for a capture: a cosine to 1e-7 is a
-    fraction of a millidegree); every mean is taken in float64.
+    Angles are computed in the steps' dtype (``compare_with_nulls`` passes float64 coordinates);
+    every mean is taken in float64.
     """
     angles = _angle(steps[:-1], steps[1:]).to(torch.float64)
     return {
@@ -98,20 +102,94 @@ def step_statistics(steps: Float[Tensor, "block token d_model"]) -> dict[str, fl
     }
 
 
+def step_coordinates(steps: Float[Tensor, "block token d_model"]) -> Float[Tensor, "block token coord"]:
+    """Each token's steps in an orthonormal basis of their span (float64): every inner product, in ``min(k, d_model)`` numbers.
+
+    For one token with steps ``d_1..d_k`` as the columns of ``A`` (``d_model x k``), ``A = Q R``
+    with orthonormal ``Q`` gives ``<d_i, d_j> = (A^T A)_ij = (R^T R)_ij``: row ``i`` of ``R^T`` is
+    step ``i`` in coordinates. ``R^T`` is the Cholesky factor of the Gram matrix ``A^T A``, which
+    is how it is computed (a ``k x k`` factorisation per token); a token whose steps are linearly
+    dependent (Gram matrix singular) gets it from the QR of ``A`` instead. Cholesky is backward
+    stable, so the coordinates' inner products match the steps' to float64 round-off of
+    ``||d_i|| ||d_j||``. With ``d_model <= k`` the steps are returned as they are (in float64).
+
+        steps [k, token, d_model] -> coordinates [k, token, k]: <c_i, c_j> = <d_i, d_j> per token
+
+    >>> steps = torch.tensor([[[0., 3., 0., 0.]], [[0., 4., 0., 5.]]])     # 2 steps of 1 token in 4 dimensions
+    >>> step_coordinates(steps)                                           # lengths 3 and sqrt(41), inner product 12
+    tensor([[[3., 0.]],
+    <BLANKLINE>
+            [[4., 5.]]], dtype=torch.float64)
+    """
+    k, _, d = steps.shape
+    x = steps.to(torch.float64)
+    if d <= k:
+        return x
+    a = x.permute(1, 0, 2)  # [token, k, d]: row i of a[t] is step i
+    lower, info = torch.linalg.cholesky_ex(a @ a.mT)
+    dependent = info != 0
+    if dependent.any():
+        lower[dependent] = torch.linalg.qr(a[dependent].mT, mode="r").R.mT
+    return lower.permute(1, 0, 2)
+
+
 def null_steps(
-    steps: Float[Tensor, "block token d_model"], kind: str, generator: torch.Generator
-) -> Float[Tensor, "block token d_model"]:
+    steps: Float[Tensor, "block token coord"], kind: str, generator: torch.Generator, dim: int | None = None
+) -> Float[Tensor, "block token coord"]:
     """Null steps with the same lengths: ``"walk"`` (isotropic directions) or ``"shuffle"`` (the token's own, reordered).
 
-    Shuffling keeps the chord (a sum of the same steps), so its length-to-chord equals the observed one.
+    ``steps`` are vectors of ``dim`` dimensions (default: their own last axis) given by their
+    coordinates in an orthonormal basis, as ``step_coordinates`` returns them; the null steps
+    are given the same way. Shuffling keeps the chord (a sum of the same steps), so its
+    length-to-chord equals the observed one.
+
+    Walk with ``dim`` larger than the coordinates (the Bartlett decomposition): ``k`` independent
+    ``N(0, I_dim)`` vectors ``g_0..g_{k-1}``, written in the Gram-Schmidt basis ``q_0..q_{k-1}``
+    they span, are the rows of a lower-triangular ``L`` with independent entries
+
+        L[i, j] = <g_i, q_j> ~ N(0, 1)  (j < i),   L[i, i] = ||g_i - sum_{j<i} L[i, j] q_j|| ~ sqrt(chi2(dim - i))
+
+    (given ``g_0..g_{i-1}``, ``g_i`` is still standard normal: ``i`` independent coordinates on
+    their span and a ``dim - i``-dimensional remainder). A row of ``L`` normalised to length one
+    is a uniform direction, and the rows' inner products are those of the ``g``, so the
+    statistics of ``dim``-dimensional walks come from ``k(k+1)/2`` draws per token instead of
+    ``k dim``. Rows are padded with zeros to the coordinates' width. ``L`` is drawn by numpy
+    (torch has no public seeded chi-square sampler), seeded from ``generator``.
+
+        steps [k, token, k] (coordinates), dim = 576 -> L [token, k, k] -> rows / ||rows|| * ||steps||
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> steps = torch.tensor([[[3., 0.]], [[4., 5.]]], dtype=torch.float64)   # 2 steps of 1 token, in coordinates
+    >>> null = null_steps(steps, "walk", g, dim=576)                          # directions drawn in 576 dimensions
+    >>> null.norm(dim=-1).squeeze(-1).round(decimals=6)                       # lengths kept: 3 and sqrt(41)
+    tensor([3.0000, 6.4031], dtype=torch.float64)
     """
     if kind == "walk":
-        directions = torch.randn(steps.shape, generator=generator, dtype=steps.dtype)
+        k, n_tokens, width = steps.shape
+        dim = width if dim is None else dim
+        if dim < width:
+            raise ArgumentError(f"dim {dim} is smaller than the {width} coordinates of the steps")
+        if dim == width:
+            directions = torch.randn(steps.shape, generator=generator, dtype=steps.dtype)
+        elif width < k:
+            raise ArgumentError(f"{k} steps in {dim} dimensions need {k} coordinates, not {width}")
+        else:
+            directions = torch.nn.functional.pad(_bartlett(n_tokens, k, dim, generator), (0, width - k)).to(steps.dtype)
         return directions * (steps.norm(dim=-1, keepdim=True) / directions.norm(dim=-1, keepdim=True))
     if kind == "shuffle":
         order = torch.argsort(torch.rand(steps.shape[:2], generator=generator), dim=0)
         return torch.gather(steps, 0, order[..., None].expand_as(steps))
     raise ArgumentError(f"null kind must be 'walk' or 'shuffle', not {kind!r}")
+
+
+def _bartlett(n_tokens: int, k: int, dim: int, generator: torch.Generator) -> Float[Tensor, "block token block"]:
+    """Per token ``t``, ``k`` standard normal vectors of ``dim`` dimensions in the basis they span: ``out[i, t] = L_t[i]``."""
+    rng = np.random.default_rng(int(torch.randint(2**62, (), generator=generator)))
+    rows, cols = np.tril_indices(k, -1)
+    lower = np.zeros((n_tokens, k * k))
+    lower[:, rows * k + cols] = rng.standard_normal((n_tokens, len(rows)))
+    lower[:, np.arange(k) * (k + 1)] = np.sqrt(rng.chisquare(dim - np.arange(k), (n_tokens, k)))
+    return torch.from_numpy(lower.reshape(n_tokens, k, k)).permute(1, 0, 2)
 
 
 @dataclass(frozen=True)
@@ -130,13 +208,13 @@ class NullComparison:
 def compare_with_nulls(
     states: Float[Tensor, "state token d_model"], n_draws: int = 20, seed: int = 0
 ) -> tuple[NullComparison, ...]:
-    """Every statistic of ``step_statistics`` against both nulls (module docstring)."""
-    steps = torch.diff(states, dim=0)
+    """Every statistic of ``step_statistics`` against both nulls (module docstring), on the steps' exact coordinates."""
+    steps = step_coordinates(torch.diff(states.to(torch.float64), dim=0))
     observed = step_statistics(steps)
     g = torch.Generator().manual_seed(seed)
     out = []
     for kind in ("walk", "shuffle"):
-        draws = [step_statistics(null_steps(steps, kind, g)) for _ in range(n_draws)]
+        draws = [step_statistics(null_steps(steps, kind, g, dim=states.shape[-1])) for _ in range(n_draws)]
         for name, value in observed.items():
             null = np.array([d[name] for d in draws])
             # Ties count as extreme: the shuffle's chord equals the observed one up to summation order.
@@ -300,7 +378,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
     spherical = torch.nn.functional.normalize(states, dim=-1)
     landscape_index = int(torch.argmax(cap.mask.sum(1)))  # the longest prompt
     keep = cap.mask[landscape_index]
-    deflections = tuple(_deflect(model, pair, patch_streams) for pair in pairs)
+    deflections = _deflections(model, pairs, patch_streams)
     meaning = [d for d in deflections if d.kind == "meaning"]
     controls = [d for d in deflections if d.kind == "control"]
     angle_stats = _one_sided([d.final_angle for d in meaning], [d.final_angle for d in controls])
@@ -341,39 +419,51 @@ def _answer_id(model, text: str) -> int:
     return int(tokenizer(text, add_special_tokens=False)["input_ids"][0])
 
 
-def _deflect(model, pair: EditPair, patch_streams: tuple[str, ...]) -> Deflection:
-    cap = capture(model, [pair.clean, pair.edited], streams=("resid", "attn_out", "mlp_out"), exclude=())
+def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, ...]) -> tuple[Deflection, ...]:
+    """Every pair's deflection from one capture of all their prompts, and every patch sweep of one stream in one batch."""
+    if not pairs:
+        return ()
+    texts = list(dict.fromkeys(t for pair in pairs for t in (pair.clean, pair.edited)))  # shared clean prompts run once
+    row = {t: i for i, t in enumerate(texts)}
+    cap = capture(model, texts, streams=("resid", *(s for s in patch_streams if s != "resid")), exclude=())
     lengths = cap.token_mask.sum(1).tolist()
-    clean_ids, edited_ids = (cap.tokens[i, : lengths[i]].tolist() for i in range(2))
-    alignment = align(clean_ids, edited_ids)
-    # The target is the last token that is not special (an encoder ends on [SEP]).
+    ids = [cap.tokens[i, :n].tolist() for i, n in enumerate(lengths)]
     special = set(getattr(model.tokenizer, "all_special_ids", ()))
-    target_clean = max(i for i, t in enumerate(clean_ids) if t not in special)
-    target_edited = alignment.edited_position(target_clean)
-    clean_states, edited_states = cap.resid[:, 0, target_clean], cap.resid[:, 1, target_edited]
-    distance, angle, step_angle, part = deflection_profile(clean_states, edited_states)
-    recovery: dict[str, np.ndarray] = {}
+    rows = [(row[pair.clean], row[pair.edited]) for pair in pairs]
+    # The target is the last token that is not special (an encoder ends on [SEP]).
+    targets = []
+    for c, e in rows:
+        target = max(i for i, t in enumerate(ids[c]) if t not in special)
+        targets.append((target, align(ids[c], ids[e]).edited_position(target)))
+    profiles = [deflection_profile(cap.resid[:, c, tc], cap.resid[:, e, te]) for (c, e), (tc, te) in zip(rows, targets)]
     if getattr(model.cfg, "attention_dir", "causal") != "causal":
         # Next-token logits belong to causal language models; an encoder gets the geometry only.
-        return Deflection(
-            label=pair.label, kind=pair.kind, distance=distance, angle=angle, step_angle=step_angle, part_layer=part,
-            final_angle=float(angle[-1]), output_kl=float("nan"), ld_clean=float("nan"), ld_edited=float("nan"),
-            recovery=recovery,
+        nan = float("nan")
+        return tuple(
+            Deflection(label=pair.label, kind=pair.kind, distance=distance, angle=angle, step_angle=step_angle,
+                       part_layer=part, final_angle=float(angle[-1]), output_kl=nan, ld_clean=nan, ld_edited=nan, recovery={})
+            for pair, (distance, angle, step_angle, part) in zip(pairs, profiles)
         )
     # The capture already holds the last block's output: the logits need no second forward pass.
-    logits = final_logits(model, torch.stack([cap.resid[-1, 0, target_clean], cap.resid[-1, 1, target_edited]]))
-    answers = [_answer_id(model, a) for a in (pair.clean_answer, pair.edited_answer)]
-    ld = [float(l[answers[0]] - l[answers[1]]) for l in logits]
-    logp = [torch.log_softmax(l.double(), dim=-1) for l in logits]
-    kl = float((logp[0].exp() * (logp[0] - logp[1])).sum())
-    if pair.kind == "meaning" and abs(ld[1] - ld[0]) > 1e-6:
-        n = len(edited_ids)
-        for stream in patch_streams:
-            edited_act = cap.resid[:-1, 1, :n] if stream == "resid" else getattr(cap, stream)[:, 1, :n]
-            patched = patch_sweep(model, torch.tensor(clean_ids), edited_act, [target_clean], [target_edited], stream)
-            ld_patched = (patched[:, answers[0]] - patched[:, answers[1]]).double().numpy()
-            recovery[stream] = (ld_patched - ld[0]) / (ld[1] - ld[0])
-    return Deflection(
-        label=pair.label, kind=pair.kind, distance=distance, angle=angle, step_angle=step_angle, part_layer=part,
-        final_angle=float(angle[-1]), output_kl=kl, ld_clean=ld[0], ld_edited=ld[1], recovery=recovery,
+    last_states = torch.stack([cap.resid[-1, r, t] for (c, e), (tc, te) in zip(rows, targets) for r, t in ((c, tc), (e, te))])
+    logits = final_logits(model, last_states).reshape(len(pairs), 2, -1)
+    answers = [(_answer_id(model, pair.clean_answer), _answer_id(model, pair.edited_answer)) for pair in pairs]
+    ld = [[float(l[a] - l[b]) for l in pair_logits] for pair_logits, (a, b) in zip(logits, answers)]
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    kl = (logp[:, 0].exp() * (logp[:, 0] - logp[:, 1])).sum(-1).tolist()
+    patched = [i for i, pair in enumerate(pairs) if pair.kind == "meaning" and abs(ld[i][1] - ld[i][0]) > 1e-6]
+    recovery: list[dict[str, np.ndarray]] = [{} for _ in pairs]
+    for stream in patch_streams if patched else ():
+        acts = cap.resid[:-1] if stream == "resid" else getattr(cap, stream)
+        sweeps = patch_sweeps(model, [torch.tensor(ids[rows[i][0]]) for i in patched],
+                              [acts[:, rows[i][1], : lengths[rows[i][1]]] for i in patched],
+                              [[targets[i][0]] for i in patched], [[targets[i][1]] for i in patched], stream)
+        for i, sweep in zip(patched, sweeps):
+            (a, b), (ld_clean, ld_edited) = answers[i], ld[i]
+            ld_patched = (sweep[:, a] - sweep[:, b]).double().numpy()
+            recovery[i][stream] = (ld_patched - ld_clean) / (ld_edited - ld_clean)
+    return tuple(
+        Deflection(label=pair.label, kind=pair.kind, distance=distance, angle=angle, step_angle=step_angle, part_layer=part,
+                   final_angle=float(angle[-1]), output_kl=kl[i], ld_clean=ld[i][0], ld_edited=ld[i][1], recovery=recovery[i])
+        for i, (pair, (distance, angle, step_angle, part)) in enumerate(zip(pairs, profiles))
     )

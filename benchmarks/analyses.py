@@ -10,6 +10,9 @@ Target (issue 3): expansion and gains, excluding the forward pass, each <= 0.5x 
 Target (issue 4): the per-prompt metastability analysis of one 512-token prompt (31 states,
 without attention graphs) <= 2x that prompt's forward pass. The V/OV spectra are a per-model
 constant (cached) and timed on their own line.
+Curvature is timed on the same capture: its nulls, plus its own forward passes over the 14
+built-in edit pairs (one capture of their prompts, one batched patch sweep); target <= 4 s on
+2 threads, about one bare forward pass of the diverse set.
 """
 import argparse
 import os
@@ -22,7 +25,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
-from lensdyn.analyses import expansion, gains  # noqa: E402
+from lensdyn.analyses import curvature, expansion, gains  # noqa: E402
 from lensdyn.analyses import metastability as ms  # noqa: E402
 from lensdyn.hooks.circuits import _circuit_spectra, unembedding  # noqa: E402
 from lensdyn.metric import causal_metric  # noqa: E402
@@ -35,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     model = ld.load_model("smollm2-135m")
-    streams = tuple(sorted(set(expansion.STREAMS) | set(gains.STREAMS)))
+    streams = tuple(sorted(set(expansion.STREAMS) | set(gains.STREAMS) | set(curvature.STREAMS)))
     cap = ld.capture(model, "diverse", streams=streams)
     forward = best_of(lambda: ld.capture(model, "diverse", streams=streams), args.repeats)
     prompts = [cap.tokens[i : i + 1, : int(cap.token_mask[i].sum())] for i in range(cap.n_prompts)]
@@ -47,6 +50,8 @@ def main() -> None:
         ("expansion.measure (100 permutations)",
          best_of(lambda: expansion.measure(cap, model=model, control=None), args.repeats)),
         ("gains.measure", best_of(lambda: gains.measure(cap, control=None), args.repeats)),
+        ("curvature.measure (2 nulls x 20 draws, 14 edit pairs)",
+         best_of(lambda: curvature.measure(cap, model=model, control=None), args.repeats)),
     ]
     print(f"smollm2-135m, diverse set: {cap.n_prompts} prompts, {int(cap.token_mask.sum())} tokens, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")

@@ -9,13 +9,21 @@ be aligned and is an error.
 ``patch_sweep`` answers "which layer carries the edit to the output": for every block ``l`` it
 runs the clean prompt with the edited run's activation written in at ``l`` (at the aligned
 positions) and returns the logits at the last position. All ``n_layers`` patched runs go through
-one forward pass as one batch, row ``l`` patched at block ``l`` only.
+one forward pass as one batch, row ``l`` patched at block ``l`` only; ``patch_sweeps`` puts the
+sweeps of several prompts into that one batch.
+
+In a causal model the positions before the first patched one are the clean run's in every row,
+so the sweep computes them once (one short forward pass more), as a Hugging Face key/value
+cache, and the rows hold only the rest of the prompt (for a patch at the last token: one
+position per row, not the whole prompt). A bridge that keeps no such cache
+(TransformerLens-native models) runs the whole prompt per row.
 
 Streams: ``"resid"`` patches ``blocks.l.hook_resid_pre`` (the whole state entering block ``l``),
 ``"attn_out"`` and ``"mlp_out"`` the sublayer's write.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,13 +103,14 @@ def final_logits(model, state: Float[Tensor, "batch d_model"]) -> Float[Tensor, 
 
 
 def last_logits(
-    model, tokens: Int[Tensor, "batch pos"], fwd_hooks=(), last: Int[Tensor, " batch"] | None = None
+    model, tokens: Int[Tensor, "batch pos"], fwd_hooks=(), last: Int[Tensor, " batch"] | None = None, **forward_kwargs
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at the last position of every row (or at ``last[b]`` for right-padded rows), float32 on CPU.
 
     The final norm and unembedding run on that position only (equal to the full forward's
     logits there to float32 round-off; tested). Causal models only: with right padding, the pad
-    tokens after ``last[b]`` cannot change it.
+    tokens after ``last[b]`` cannot change it. ``forward_kwargs`` go to the forward
+    (``attention_mask``, ``past_key_values``).
     """
     device = next(model.parameters()).device
     rows = torch.arange(tokens.shape[0], device=device)
@@ -113,7 +122,7 @@ def last_logits(
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     with torch.inference_mode():
         try:
-            model.run_with_hooks(tokens.to(device), fwd_hooks=[*fwd_hooks, (final, stop)])
+            model.run_with_hooks(tokens.to(device), fwd_hooks=[*fwd_hooks, (final, stop)], **forward_kwargs)
         except _LastState as done:
             return final_logits(model, done.state)
     raise RuntimeError(f"{final} never fired")
@@ -132,22 +141,86 @@ def patch_sweep(
     ``edited_activations[l]`` is the edited run's ``stream`` at block ``l``; position
     ``edited_positions[k]`` of it replaces clean position ``clean_positions[k]``.
     """
+    return patch_sweeps(model, [clean_tokens], [edited_activations], [clean_positions], [edited_positions], stream)[0]
+
+
+def patch_sweeps(
+    model,
+    clean_tokens: Sequence[Tensor],
+    edited_activations: Sequence[Tensor],
+    clean_positions: Sequence[Sequence[int]],
+    edited_positions: Sequence[Sequence[int]],
+    stream: str = "resid",
+    prefix_cache: bool = True,
+) -> Float[Tensor, "prompt block vocab"]:
+    """``patch_sweep`` of several prompts (item ``p`` of every argument is prompt ``p``'s) in one batch.
+
+    Row ``p * n_layers + l`` is prompt ``p`` patched at block ``l``; rows are right-padded (with
+    the attention mask) and the logits read at each row's last real token. In a causal model
+    each prompt is cut at its first patched position ``c_p``: ``tokens[:c_p]`` runs once
+    (left-padded, so that every prompt's rest follows its prefix without a gap) and is handed to
+    the rows as a key/value cache; the rows hold only ``tokens[c_p:]``. Without a cache
+    (``prefix_cache=False``, an encoder, a bridge that keeps none, or a patch at position 0)
+    every row holds its whole prompt.
+    """
     if stream not in PATCH_HOOKS:
         raise ArgumentError(f"stream must be one of {sorted(PATCH_HOOKS)}, not {stream!r}")
-    if len(clean_positions) != len(edited_positions) or not clean_positions:
+    if not (len(clean_tokens) == len(edited_activations) == len(clean_positions) == len(edited_positions) > 0):
+        raise ArgumentError("patch_sweeps: give every argument one item per prompt, at least one prompt")
+    if any(len(c) != len(e) or not c for c, e in zip(clean_positions, edited_positions)):
         raise ArgumentError("patch positions: give as many edited positions as clean ones, at least one")
-    n_layers = model.cfg.n_layers
+    n_layers, n_prompts = model.cfg.n_layers, len(clean_tokens)
     device = next(model.parameters()).device
-    batch = clean_tokens.to(device)[None].expand(n_layers, -1)
-    source = edited_activations[:, edited_positions].to(device)  # [block, k, d_model]
-    clean_index = torch.tensor(clean_positions, device=device)
+    positions = [[p % len(t) for p in ps] for t, ps in zip(clean_tokens, clean_positions)]
+    cuts = [min(ps) for ps in positions]
+    causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
+    cached = None
+    if prefix_cache and causal and min(cuts) > 0:
+        cached = _prefix_cache(model, [t[:c] for t, c in zip(clean_tokens, cuts)])
+    if cached is None:
+        cuts = [0] * n_prompts
+    rest = [t[c:] for t, c in zip(clean_tokens, cuts)]
+    width = max(len(r) for r in rest)
+    tokens = torch.zeros(n_prompts, width, dtype=torch.long)
+    mask = torch.zeros(n_prompts, width, dtype=torch.long)
+    for p, r in enumerate(rest):
+        tokens[p, : len(r)] = r
+        mask[p, : len(r)] = 1
+    last = torch.tensor([len(r) - 1 for r in rest]).repeat_interleave(n_layers)
+    # Every prompt's patches flattened: at block l, row first_row[k] + l takes source[l, k] at position rest_position[k].
+    first_row = torch.tensor([p * n_layers for p, ps in enumerate(positions) for _ in ps], device=device)
+    rest_position = torch.tensor([q - c for ps, c in zip(positions, cuts) for q in ps], device=device)
+    source = torch.cat([a[:, e] for a, e in zip(edited_activations, edited_positions)], dim=1).to(device)
 
     def make(layer: int):
         def hook(x: Tensor, hook) -> Tensor:
             x = x.clone()
-            x[layer, clean_index] = source[layer].to(x.dtype)
+            x[first_row + layer, rest_position] = source[layer].to(x.dtype)
             return x
 
         return hook
 
-    return last_logits(model, batch, [(f"blocks.{l}.{PATCH_HOOKS[stream]}", make(l)) for l in range(n_layers)])
+    forward_kwargs = {}
+    if cached is not None:
+        cache, prefix_mask = cached
+        cache.batch_repeat_interleave(n_layers)
+        forward_kwargs["past_key_values"] = cache
+        mask = torch.cat([prefix_mask, mask], 1)
+    forward_kwargs["attention_mask"] = mask.repeat_interleave(n_layers, 0).to(device)
+    hooks = [(f"blocks.{l}.{PATCH_HOOKS[stream]}", make(l)) for l in range(n_layers)]
+    logits = last_logits(model, tokens.repeat_interleave(n_layers, 0), hooks, last=last, **forward_kwargs)
+    return logits.reshape(n_prompts, n_layers, -1)
+
+
+def _prefix_cache(model, prefixes: list[Tensor]) -> tuple[object, Int[Tensor, "prompt prefix"]] | None:
+    """``(Hugging Face key/value cache, attention mask)`` of the left-padded prefixes; None if the bridge keeps no cache."""
+    width = max(len(p) for p in prefixes)
+    tokens = torch.zeros(len(prefixes), width, dtype=torch.long)
+    mask = torch.zeros(len(prefixes), width, dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        tokens[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        _, cache = model(tokens.to(device), attention_mask=mask.to(device), return_type="logits_and_cache")
+    return None if cache is None else (cache, mask)

@@ -8,7 +8,7 @@ import torch
 import lensdyn as ld
 from lensdyn.analyses import curvature
 from lensdyn.errors import ArgumentError, PromptError
-from lensdyn.hooks.patching import align, last_logits, patch_sweep
+from lensdyn.hooks.patching import align, last_logits, patch_sweep, patch_sweeps
 from lensdyn.prompts import EDIT_PAIRS
 
 
@@ -64,6 +64,77 @@ def test_a_smooth_curve_is_flatter_than_the_walk_null_and_a_walk_matches_it():
     assert abs(walk_vs_null["mean_angle", "walk"].effect_size) < 4
 
 
+def test_step_coordinates_keep_every_inner_product_and_statistic():
+    """k steps in 576 dimensions -> k coordinates: the same Gram matrix, angles and statistics, also for dependent steps."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.logspace(-2, 2, 30, dtype=torch.float64)[:, None, None]
+    steps = torch.randn(30, 40, 576, generator=g, dtype=torch.float64) * lengths
+    for token, rank in ((0, 2), (1, 5)):  # steps in a plane, in 5 dimensions: a singular Gram matrix
+        steps[:, token] = torch.randn(30, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 576, generator=g,
+                                                                                              dtype=torch.float64)
+    coords = curvature.step_coordinates(steps)
+    assert coords.shape == (30, 40, 30) and coords.dtype == torch.float64
+    gram, coord_gram = (torch.einsum("itd,jtd->tij", x, x) for x in (steps, coords))
+    scale = gram.diagonal(dim1=1, dim2=2).sqrt()
+    np.testing.assert_allclose(((coord_gram - gram) / (scale[:, :, None] * scale[:, None, :])).numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(curvature._angle(coords[:-1], coords[1:]).numpy(),
+                               curvature._angle(steps[:-1], steps[1:]).numpy(), atol=1e-9)
+    full, reduced = curvature.step_statistics(steps), curvature.step_statistics(coords)
+    for name in full:
+        assert reduced[name] == pytest.approx(full[name], abs=1e-9, rel=1e-9)
+    few = steps[:, :, :20]  # fewer dimensions than steps: nothing to reduce
+    torch.testing.assert_close(curvature.step_coordinates(few), few, atol=0, rtol=0)
+
+
+def test_the_bartlett_walk_turns_like_an_isotropic_walk_in_576_dimensions():
+    """Independent directions in d = 576: cosines with mean 0 and std 1/sqrt(d) (angles 90 +- 2.4 degrees).
+
+    And the squared chord of independent steps has mean sum_i l_i^2.
+    """
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.linspace(0.5, 3.0, 30, dtype=torch.float64)
+    steps = torch.diag(lengths)[:, None, :].expand(30, 2000, 30)  # any coordinates with these lengths
+    null = curvature.null_steps(steps, "walk", g, dim=576)
+    assert null.shape == steps.shape
+    torch.testing.assert_close(null.norm(dim=-1), steps.norm(dim=-1))
+    unit = null / null.norm(dim=-1, keepdim=True)
+    pairs = torch.triu_indices(30, 30, offset=1)
+    cos = torch.einsum("itc,jtc->tij", unit, unit)[:, pairs[0], pairs[1]].flatten()
+    assert abs(cos.mean().item()) < 4 / math.sqrt(576) / math.sqrt(cos.numel())  # 4 standard errors
+    assert cos.std().item() == pytest.approx(1 / math.sqrt(576), rel=0.02)
+    angles = curvature._angle(null[:-1], null[1:])
+    assert angles.mean().item() == pytest.approx(90.0, abs=0.1)
+    assert angles.std().item() == pytest.approx(math.degrees(1 / math.sqrt(576)), rel=0.03)
+    squared_chord = null.sum(0).pow(2).sum(-1)
+    assert squared_chord.mean().item() == pytest.approx(float(lengths.pow(2).sum()), rel=4 * squared_chord.std().item()
+                                                         / squared_chord.mean().item() / math.sqrt(2000))
+
+
+def test_the_bartlett_walk_agrees_with_the_gaussian_walk_in_distribution():
+    """d = 64, k = 10: statistics of the walk drawn in 10 coordinates vs drawn in 64 dimensions, within 4 standard errors."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.linspace(1, 4, 10, dtype=torch.float64)[:, None, None]
+    steps = torch.randn(10, 4000, 64, generator=g, dtype=torch.float64) * lengths
+    coords = curvature.step_coordinates(steps)
+    plain, bartlett = curvature.null_steps(steps, "walk", g), curvature.null_steps(coords, "walk", g, dim=64)
+    for statistic in (lambda x: curvature._angle(x[:-1], x[1:]).flatten(), lambda x: curvature._step_chord(x),
+                      lambda x: (curvature._angle(x[:-1], x[1:]) - 90).abs().flatten()):
+        a, b = statistic(plain), statistic(bartlett)
+        se = math.sqrt(a.var().item() / a.numel() + b.var().item() / b.numel())
+        assert abs(a.mean().item() - b.mean().item()) < 4 * se
+        assert b.std().item() == pytest.approx(a.std().item(), rel=0.05)
+
+
+def test_null_steps_refuse_coordinates_that_cannot_hold_the_walk():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ArgumentError, match="smaller than"):
+        curvature.null_steps(torch.ones(5, 3, 8), "walk", g, dim=4)
+    with pytest.raises(ArgumentError, match="need 5 coordinates"):
+        curvature.null_steps(torch.ones(5, 3, 4), "walk", g, dim=64)
+    padded = curvature.null_steps(torch.ones(5, 3, 8, dtype=torch.float64), "walk", g, dim=64)  # 5 steps in 8 coordinates
+    assert padded[..., 5:].abs().max().item() == 0.0
+
+
 def test_alignment_handles_different_lengths_and_refuses_the_edited_span():
     a = align([1, 2, 3, 4, 5], [1, 9, 9, 9, 4, 5])
     assert (a.prefix, a.suffix, a.offset) == (1, 2, 1)
@@ -90,6 +161,22 @@ def test_patching_the_clean_state_changes_nothing_and_the_edited_state_reproduce
         torch.testing.assert_close(own, clean_logits.expand_as(own), atol=1e-5, rtol=1e-5)
     with pytest.raises(ArgumentError, match="stream must be"):
         patch_sweep(tiny_model, clean, cap.resid[:-1, 1], every, every, "ln1")
+
+
+def test_patch_sweeps_of_prompts_of_different_lengths_equal_one_sweep_each(tiny_model):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 50, (n,), generator=g) for n in (12, 7, 10)]
+    cap = ld.capture(tiny_model, [p.tolist() for p in prompts] * 2, streams=("resid", "mlp_out"), exclude=())
+    clean_positions, edited_positions = [[11], [3, 6], [9]], [[11], [4, 6], [8]]
+    for stream in ("resid", "mlp_out"):
+        acts = cap.resid[:-1] if stream == "resid" else cap.mlp_out
+        edited = [acts[:, 3 + i, : len(p)] for i, p in enumerate(prompts)]  # another prompt's run, at aligned positions
+        one_each = torch.stack([patch_sweep(tiny_model, p, e, c, d, stream)
+                                for p, e, c, d in zip(prompts, edited, clean_positions, edited_positions)])
+        together = patch_sweeps(tiny_model, prompts, edited, clean_positions, edited_positions, stream)
+        torch.testing.assert_close(together, one_each, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ArgumentError, match="one item per prompt"):
+        patch_sweeps(tiny_model, prompts, edited[:2], clean_positions, edited_positions)
 
 
 def test_last_logits_equal_the_full_forward(tiny_model):
@@ -122,7 +209,7 @@ def test_measure_needs_the_model_and_round_trips_without_pairs(tmp_path, tiny_mo
 @pytest.mark.slow
 def test_smollm2_deflection_matches_hugging_face_states_and_patches_recover(smollm2, smollm2_reference):
     pair = EDIT_PAIRS[2]  # Paris / Berlin: prompts of different lengths
-    deflection = curvature._deflect(smollm2, pair, ("resid",))
+    deflection = curvature._deflections(smollm2, EDIT_PAIRS, ("resid",))[2]  # captured and swept with every other pair
     tok = smollm2.tokenizer
     with torch.inference_mode():
         # The bridge's tokenizer has BOS switched on by TransformerLens; SmolLM2 itself uses none.
@@ -152,3 +239,18 @@ def test_smollm2_deflection_matches_hugging_face_states_and_patches_recover(smol
         ld_patched = float(patched[french] - patched[german])
         expected = (ld_patched - deflection.ld_clean) / (deflection.ld_edited - deflection.ld_clean)
         assert deflection.recovery["resid"][layer] == pytest.approx(expected, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_smollm2_patch_sweeps_through_the_prefix_cache_equal_whole_prompts(smollm2):
+    """Prefixes of different lengths, left-padded into one cache, against every row running its whole prompt."""
+    pairs = [p for p in EDIT_PAIRS if p.kind == "meaning"][:3]
+    cap = ld.capture(smollm2, [t for p in pairs for t in (p.clean, p.edited)], streams=("resid", "attn_out"), exclude=())
+    n = cap.token_mask.sum(1).tolist()
+    clean = [cap.tokens[2 * i, : n[2 * i]] for i in range(3)]
+    positions = [[n[2 * i] - 1] for i in range(3)], [[n[2 * i + 1] - 1] for i in range(3)]
+    for stream, acts in (("resid", cap.resid[:-1]), ("attn_out", cap.attn_out)):
+        edited = [acts[:, 2 * i + 1, : n[2 * i + 1]] for i in range(3)]
+        cached = patch_sweeps(smollm2, clean, edited, *positions, stream)
+        whole = patch_sweeps(smollm2, clean, edited, *positions, stream, prefix_cache=False)
+        torch.testing.assert_close(cached, whole, atol=2e-4, rtol=1e-4)
