@@ -50,6 +50,7 @@ from lensdyn.measure import measure_with_control
 from lensdyn.ops import masked_tokens
 from lensdyn.prompts import EDIT_PAIRS, EditPair
 from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.verdicts import Claim, Verdict, judge
 
 STREAMS = ("resid",)
 SHARP, FLAT, PART_ANGLE = 120.0, 60.0, 5.0
@@ -284,6 +285,9 @@ class CurvatureResult(Result):
     output_kl_p: float
     control: "CurvatureResult | None" = None
 
+    def verdicts(self) -> list[Verdict]:
+        return judge(self, CLAIMS)
+
     def comparison(self, space: str, statistic: str, null: str) -> NullComparison:
         return next(c for c in getattr(self, space) if c.statistic == statistic and c.null == null)
 
@@ -334,6 +338,31 @@ class CurvatureResult(Result):
         fig.update_xaxes(title_text="block l", row=3, col=1)
         fig.update_layout(title="Curvature and deflection", template="plotly_white", height=1100)
         return fig
+
+
+CURVATURE = "curvature paper (arXiv 2511.03060)"
+
+
+def _beats_walk(statistic: str):
+    def test(r) -> tuple[str, bool]:
+        c = r.comparison("raw", statistic, "walk")
+        return f"{c.observed:.3g} vs walk {c.null_mean:.3g} (p {c.p_value:.2g})", bool(c.p_value < 0.05)
+    return test
+
+
+def _deflects(r) -> tuple[str, bool | None]:
+    measured = f"{r.final_angle_meaning:.1f} vs {r.final_angle_control:.1f} deg (p {r.final_angle_p:.2g})"
+    return measured, None if not np.isfinite(r.final_angle_p) else bool(r.final_angle_p < 0.05)
+
+
+CLAIMS = (
+    Claim(CURVATURE, "excess sharp turns", "raw-stream fraction of turns >= 120 deg above the random-walk null, p < 0.05",
+          _beats_walk("sharp_fraction")),
+    Claim(CURVATURE, "longer length-to-chord than chance", "raw-stream length-to-chord above the random-walk null, p < 0.05",
+          _beats_walk("length_to_chord")),
+    Claim(CURVATURE, "meaning edits deflect more than control edits",
+          "final angle between clean and edited target: Mann-Whitney meaning > control, p < 0.05", _deflects),
+)
 
 
 def measure(
