@@ -61,7 +61,7 @@ def sublayer_gain(
     array([5.])
     """
     return aggregate_ratio(
-        masked_tokens(token_norms(output), mask), masked_tokens(token_norms(reference), mask), aggregation
+        token_norms(masked_tokens(output, mask)), token_norms(masked_tokens(reference, mask)), aggregation
     ).numpy()
 
 

@@ -17,7 +17,8 @@ def token_norms(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead"]:
     >>> token_norms(torch.ones(2, 3, 4)).shape
     torch.Size([2, 3])
     """
-    return torch.linalg.vector_norm(x.to(torch.float64), dim=-1)
+    # dtype= accumulates in float64 without materialising a float64 copy of a whole capture stream.
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
 
 
 def masked_tokens(
