@@ -43,10 +43,11 @@ from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
 
-from lensdyn.errors import ArgumentError, PromptError
+from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweeps
 from lensdyn.measure import measure_with_control
+from lensdyn.models import text_token_ids
 from lensdyn.ops import masked_tokens
 from lensdyn.prompts import EDIT_PAIRS, EditPair
 from lensdyn.results import Conventions, Provenance, Result
@@ -440,14 +441,6 @@ def _one_sided(a: list[float], b: list[float]) -> float:
     return float(stats.mannwhitneyu(a, b, alternative="greater").pvalue)
 
 
-def _answer_id(model, text: str) -> int:
-    """First token of an answer, without special tokens."""
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise PromptError("edit pairs are text: this model has no tokenizer")
-    return int(tokenizer(text, add_special_tokens=False)["input_ids"][0])
-
-
 def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, ...]) -> tuple[Deflection, ...]:
     """Every pair's deflection from one capture of all their prompts, and every patch sweep of one stream in one batch."""
     if not pairs:
@@ -476,7 +469,9 @@ def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, .
     # The capture already holds the last block's output: the logits need no second forward pass.
     last_states = torch.stack([cap.resid[-1, r, t] for (c, e), (tc, te) in zip(rows, targets) for r, t in ((c, tc), (e, te))])
     logits = final_logits(model, last_states).reshape(len(pairs), 2, -1)
-    answers = [(_answer_id(model, pair.clean_answer), _answer_id(model, pair.edited_answer)) for pair in pairs]
+    # An answer's first token stands for it (" sunglasses" is several tokens).
+    answers = [tuple(text_token_ids(model, (pair.clean_answer, pair.edited_answer), "edit-pair answers", single=False))
+               for pair in pairs]
     ld = [[float(l[a] - l[b]) for l in pair_logits] for pair_logits, (a, b) in zip(logits, answers)]
     logp = torch.log_softmax(logits.double(), dim=-1)
     kl = (logp[:, 0].exp() * (logp[:, 0] - logp[:, 1])).sum(-1).tolist()

@@ -53,13 +53,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lensdyn.analyses.expansion import hubble, scale_factor
-from lensdyn.errors import ArgumentError, PromptError, UnsupportedArchitectureError
+from lensdyn.errors import ArgumentError, UnsupportedArchitectureError
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.circuits import model_causal_metric
 from lensdyn.hooks.patching import last_logits
 from lensdyn.hooks.steering import steered_last_logits
 from lensdyn.measure import measure_with_control
 from lensdyn.metric import metric_norms
+from lensdyn.models import text_token_ids
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
 from lensdyn.prompts import ContrastSet, PromptSet, resolve_contrast
 from lensdyn.results import Conventions, Provenance, Result
@@ -412,7 +413,8 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
                                         tuple(f"eval[{i}]" for i in range(len(evaluation)))),
                        streams=STREAMS, exclude=cap.exclude)
     eval_norms = masked_mean(token_norms(eval_cap.resid[:n_layers]), eval_cap.mask).mean(1).numpy()
-    positive_ids, negative_ids = (_single_tokens(model, t) for t in (contrast.positive_targets, contrast.negative_targets))
+    positive_ids, negative_ids = (torch.tensor(text_token_ids(model, t, "steering targets"))
+                                  for t in (contrast.positive_targets, contrast.negative_targets))
     last = eval_cap.token_mask.sum(1) - 1
 
     pairs = [(int(l), int(l)) for l in layers]
@@ -533,17 +535,3 @@ def _bootstrap(effect: np.ndarray, transfer_from, n_bootstrap: int, seed: int) -
 def _share_below(x: np.ndarray, y: np.ndarray) -> float:
     ok = np.isfinite(x) & np.isfinite(y)
     return float((x[ok] < y[ok]).mean()) if ok.any() else float("nan")
-
-
-def _single_tokens(model, texts: tuple[str, ...]) -> Tensor:
-    """One token id per target text; a target that is several tokens is an error (its logit is not one number)."""
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise PromptError("steering targets are text: this model has no tokenizer")
-    ids = []
-    for text in texts:
-        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(encoded) != 1:
-            raise PromptError(f"steering target {text!r} is {len(encoded)} tokens for this tokenizer: give one-token targets")
-        ids.append(encoded[0])
-    return torch.tensor(ids)

@@ -76,18 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_run_options(p)
         p.set_defaults(command=name, run=_report, analyses=name)
-    _add_expansion_options(sub.choices["expansion"])
-    _add_expansion_options(report)
-    _add_gains_options(sub.choices["gains"])
-    _add_gains_options(report)
-    _add_metastability_options(sub.choices["metastability"])
-    _add_metastability_options(report)
-    _add_curvature_options(sub.choices["curvature"])
-    _add_curvature_options(report)
-    _add_stability_options(sub.choices["stability"])
-    _add_stability_options(report)
-    _add_steering_options(sub.choices["steering"])
-    _add_steering_options(report)
+    # Each analysis's options go on its own command and on `report`.
+    for name, add_options in (("expansion", _add_expansion_options), ("gains", _add_gains_options),
+                              ("metastability", _add_metastability_options), ("curvature", _add_curvature_options),
+                              ("stability", _add_stability_options), ("steering", _add_steering_options)):
+        add_options(sub.choices[name])
+        add_options(report)
     return parser
 
 

@@ -40,6 +40,7 @@ import torch
 from lensdyn.errors import (
     ArgumentError,
     MissingModelPackageError,
+    PromptError,
     UnknownModelError,
     UnsupportedArchitectureError,
 )
@@ -239,6 +240,24 @@ def _native_tokenizer(source: str):
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):  # no tokenizer files: the model takes token ids
         return None
+
+
+def text_token_ids(model, texts, purpose: str, single: bool = True) -> list[int]:
+    """The token id of each text, without special tokens: its only token (``single``) or its first.
+
+    A text of several tokens is an error when ``single``: its logit is not one number. ``purpose``
+    names what the texts are, for the error message.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise PromptError(f"{purpose} are text: this model has no tokenizer")
+    ids = []
+    for text in texts:
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not encoded or (single and len(encoded) != 1):
+            raise PromptError(f"{purpose}: {text!r} is {len(encoded)} tokens for this tokenizer: give one-token texts")
+        ids.append(int(encoded[0]))
+    return ids
 
 
 def layout_of(model) -> Literal["pre-norm", "post-norm"]:
