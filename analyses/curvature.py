@@ -48,7 +48,6 @@ from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweeps
 from lensdyn.measure import measure_with_control
 from lensdyn.models import text_token_ids
-from lensdyn.ops import masked_tokens
 from lensdyn.prompts import EDIT_PAIRS, EditPair
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
@@ -402,7 +401,7 @@ def measure(
 
 def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> CurvatureResult:
     cap.require_streams(STREAMS)
-    states = masked_tokens(cap.resid, cap.mask)  # [state, token, d_model]
+    states = cap.tokens_of("resid")  # [state, token, d_model]
     if states.shape[1] == 0:
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
     spherical = torch.nn.functional.normalize(states, dim=-1)
@@ -422,7 +421,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
         provenance=Provenance.from_capture(cap),
         raw=compare_with_nulls(states, n_draws, seed),
         sphere=compare_with_nulls(spherical, n_draws, seed),
-        landscape=turning_angles(cap.resid[:, landscape_index, keep]).numpy(),
+        landscape=turning_angles(cap.tokens_of("resid", prompt=landscape_index)).numpy(),
         landscape_tokens=tuple(t for t, k in zip(cap.str_tokens[landscape_index], keep.tolist()) if k),
         landscape_prompt=cap.prompts.labels[landscape_index],
         deflections=deflections,
@@ -457,7 +456,8 @@ def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, .
     for c, e in rows:
         target = max(i for i, t in enumerate(ids[c]) if t not in special)
         targets.append((target, align(ids[c], ids[e]).edited_position(target)))
-    profiles = [deflection_profile(cap.resid[:, c, tc], cap.resid[:, e, te]) for (c, e), (tc, te) in zip(rows, targets)]
+    profiles = [deflection_profile(cap.prompt_of("resid", c)[:, tc], cap.prompt_of("resid", e)[:, te])
+                for (c, e), (tc, te) in zip(rows, targets)]
     if getattr(model.cfg, "attention_dir", "causal") != "causal":
         # Next-token logits belong to causal language models; an encoder gets the geometry only.
         nan = float("nan")
@@ -467,7 +467,8 @@ def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, .
             for pair, (distance, angle, step_angle, part) in zip(pairs, profiles)
         )
     # The capture already holds the last block's output: the logits need no second forward pass.
-    last_states = torch.stack([cap.resid[-1, r, t] for (c, e), (tc, te) in zip(rows, targets) for r, t in ((c, tc), (e, te))])
+    last_states = torch.stack([cap.prompt_of("resid", r)[-1, t] for (c, e), (tc, te) in zip(rows, targets)
+                               for r, t in ((c, tc), (e, te))])
     logits = final_logits(model, last_states).reshape(len(pairs), 2, -1)
     # An answer's first token stands for it (" sunglasses" is several tokens).
     answers = [tuple(text_token_ids(model, (pair.clean_answer, pair.edited_answer), "edit-pair answers", single=False))
@@ -478,9 +479,9 @@ def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, .
     patched = [i for i, pair in enumerate(pairs) if pair.kind == "meaning" and abs(ld[i][1] - ld[i][0]) > 1e-6]
     recovery: list[dict[str, np.ndarray]] = [{} for _ in pairs]
     for stream in patch_streams if patched else ():
-        acts = cap.resid[:-1] if stream == "resid" else getattr(cap, stream)
+        blocks = slice(0, cap.n_layers)  # resid holds one more state (the last block's output) than there are blocks
         sweeps = patch_sweeps(model, [torch.tensor(ids[rows[i][0]]) for i in patched],
-                              [acts[:, rows[i][1], : lengths[rows[i][1]]] for i in patched],
+                              [cap.prompt_of(stream, rows[i][1])[blocks] for i in patched],
                               [[targets[i][0]] for i in patched], [[targets[i][1]] for i in patched], stream)
         for i, sweep in zip(patched, sweeps):
             (a, b), (ld_clean, ld_edited) = answers[i], ld[i]

@@ -56,7 +56,7 @@ from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.circuits import model_causal_metric
 from lensdyn.measure import measure_with_control
 from lensdyn.metric import CausalMetric, metric_norms
-from lensdyn.ops import aggregate_ratio, masked_tokens, token_norms
+from lensdyn.ops import aggregate_ratio, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
 
@@ -548,16 +548,16 @@ def _measure_capture(
     mask = cap.mask
     if not bool(mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
-    vectors = masked_tokens(cap.resid, mask)  # [state, token, d_model]
+    vectors = cap.tokens_of("resid")  # [state, token, d_model]
     positions = torch.arange(mask.shape[1]).expand_as(mask)[mask]
     prompts = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
     tracks = {
         name: expansion_track(norms, positions, name, aggregation, fit_space, n_permutations, seed)
         for name, norms in (("euclidean", token_norms(vectors)), ("causal", metric_norms(vectors, metric)))
     }
-    post_ln = token_norms(masked_tokens(cap.attn_in, mask)).mean(dim=1).numpy()
-    attn_cross, attn_self = growth_terms(masked_tokens(cap.resid[:-1], mask), masked_tokens(cap.attn_out, mask))
-    mlp_cross, mlp_self = growth_terms(masked_tokens(cap.resid_mid, mask), masked_tokens(cap.mlp_out, mask))
+    post_ln = token_norms(cap.tokens_of("attn_in")).mean(dim=1).numpy()
+    attn_cross, attn_self = growth_terms(vectors[:-1], cap.tokens_of("attn_out"))
+    mlp_cross, mlp_self = growth_terms(cap.tokens_of("resid_mid"), cap.tokens_of("mlp_out"))
     attn_growth, mlp_growth = (attn_cross + attn_self).mean(dim=1), (mlp_cross + mlp_self).mean(dim=1)
     euclid = tracks["euclidean"]
     return ExpansionResult(

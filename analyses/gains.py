@@ -28,14 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.measure import measure_with_control
-from lensdyn.ops import aggregate_ratio, last_token_mask, masked_tokens, token_norms
+from lensdyn.ops import aggregate_ratio, last_token_mask, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
 
@@ -49,20 +49,17 @@ NEUTRAL_BAND = 0.1
 
 
 def sublayer_gain(
-    output: Float[Tensor, "block batch pos d_model"],
-    reference: Float[Tensor, "block batch pos d_model"],
-    mask: Bool[Tensor, "batch pos"],
+    output: Float[Tensor, "block token d_model"],
+    reference: Float[Tensor, "block token d_model"],
     aggregation: str = "ratio_of_means",
 ) -> Float[np.ndarray, " block"]:
-    """``||output|| / ||reference||`` per block over the masked tokens, aggregated as named.
+    """``||output|| / ||reference||`` per block over the given tokens, aggregated as named.
 
-    >>> out, ref = torch.tensor([[[[3., 4.]]]]), torch.tensor([[[[1., 0.]]]])
-    >>> sublayer_gain(out, ref, torch.tensor([[True]]))
+    >>> out, ref = torch.tensor([[[3., 4.]]]), torch.tensor([[[1., 0.]]])
+    >>> sublayer_gain(out, ref)
     array([5.])
     """
-    return aggregate_ratio(
-        token_norms(masked_tokens(output, mask)), token_norms(masked_tokens(reference, mask)), aggregation
-    ).numpy()
+    return aggregate_ratio(token_norms(output), token_norms(reference), aggregation).numpy()
 
 
 def count_contracting(gain: Float[np.ndarray, " block"]) -> tuple[int, int]:
@@ -244,10 +241,14 @@ def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str
     mask = cap.mask & last_token_mask(cap.token_mask) if tokens == "last" else cap.mask
     if not bool(mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
-    attn_ref, mlp_ref = (cap.attn_in, cap.mlp_in) if reference == "ln_output" else (cap.resid[:-1], cap.resid_mid)
-    attn = sublayer_gain(cap.attn_out, attn_ref, mask, aggregation)
-    mlp = sublayer_gain(cap.mlp_out, mlp_ref, mask, aggregation)
-    resid = sublayer_gain(cap.resid[1:], cap.resid[:-1], mask, aggregation)
+    resid_tokens = cap.tokens_of("resid", mask)
+    if reference == "ln_output":
+        attn_ref, mlp_ref = cap.tokens_of("attn_in", mask), cap.tokens_of("mlp_in", mask)
+    else:
+        attn_ref, mlp_ref = resid_tokens[:-1], cap.tokens_of("resid_mid", mask)
+    attn = sublayer_gain(cap.tokens_of("attn_out", mask), attn_ref, aggregation)
+    mlp = sublayer_gain(cap.tokens_of("mlp_out", mask), mlp_ref, aggregation)
+    resid = sublayer_gain(resid_tokens[1:], resid_tokens[:-1], aggregation)
     counts = {name: count_contracting(g) for name, g in (("attn", attn), ("mlp", mlp), ("resid", resid))}
     return GainsResult(
         conventions=Conventions(

@@ -519,7 +519,7 @@ def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rt
         keep = cap.mask[p]
         if int(keep.sum()) < 2:
             raise ArgumentError(f"prompt {cap.prompts.labels[p]!r} has fewer than 2 included tokens: nothing to cluster")
-        per_prompt.append(cloud_metrics(cap.resid[:, p, keep], betas, threshold, min_cluster_size, rtol))
+        per_prompt.append(cloud_metrics(cap.tokens_of("resid", prompt=p), betas, threshold, min_cluster_size, rtol))
     spectra = circuit_spectra(model)
     mass = np.mean([m.mass_near_one for m in per_prompt], axis=0)
     speed = np.diff(mass)

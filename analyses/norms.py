@@ -22,7 +22,7 @@ QUANTILES = (0.05, 0.5, 0.95)
 STREAMS = ("resid",)
 
 
-def residual_norms(resid: Float[Tensor, "layer batch pos d_model"]) -> Float[Tensor, "layer batch pos"]:
+def residual_norms(resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead"]:
     """``||x_l||_2`` of every token at every state, in float64."""
     return token_norms(resid)
 
@@ -131,7 +131,8 @@ def measure(capture_or_model, prompts="diverse", **capture_kwargs) -> NormsResul
     >>> print(result.summary())                                      # doctest: +SKIP
     """
     cap, _ = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
-    norms = residual_norms(cap.require("resid"))
+    cap.require_streams(STREAMS)
+    norms = cap.pad(residual_norms(cap.packed["resid"]))  # [layer, batch, pos], zeros at padding
     stats = layer_statistics(norms, cap.mask)
     return NormsResult(
         conventions=Conventions(

@@ -19,6 +19,14 @@ bridge's own ``hook_attn_out`` holds ``LN1``'s output and its ``hook_resid_mid``
 post-attention state, so lensdyn reads ``ln1.hook_in``/``ln1.hook_out`` instead (tested against
 the Hugging Face modules).
 
+Storage is packed: each stream holds only the real tokens, prompt after prompt
+(``Capture.packed[stream]``, ``[layer, token, ...]``), so a set of prompts of very different
+lengths costs its tokens, not prompts x longest prompt (the built-in diverse set: 1,331 tokens
+instead of 9 x 455 padded positions). Analyses read it through ``tokens_of`` (the tokens in a
+mask, pooled) and ``prompt_of`` (one prompt's states, a view). ``cap.resid`` and the other stream
+names still give the padded ``[layer, batch, pos, ...]`` tensors (zeros at padding), built on
+first use and kept, for notebooks and per-position work.
+
 ``attn_in``/``mlp_in`` are what each sublayer reads: on pre-norm models the norm's output with
 its learned gain (``ln{1,2}.hook_out``), on post-norm models the residual itself (``resid_pre``,
 and ``LN1``'s output for the MLP). ``ln{1,2}_normalized`` is the norm's output before its learned
@@ -26,6 +34,7 @@ gain (``ln.hook_normalized``); ``ln{1,2}_scale`` the divisor the norm applied.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -61,11 +70,11 @@ EXCLUDE_RULES = ("first", "bos", "special")
 
 @dataclass(frozen=True, repr=False)
 class Capture:
-    """Activations of one set of prompts, padded to a common length.
+    """Activations of one set of prompts (module docstring: packed storage, padded views).
 
-    Shapes: ``layer = n_layers + 1`` states, ``block = n_layers`` sublayer outputs. Padding
-    positions (``token_mask`` False) hold zeros. Streams not asked for are None;
-    ``require(name)`` returns one or says how to capture it.
+    Shapes: ``layer = n_layers + 1`` states, ``block = n_layers`` sublayer outputs, ``token`` the
+    real tokens of every prompt, prompt after prompt (``token_mask.sum()`` of them). Streams not
+    asked for are absent from ``packed``; ``require(name)`` returns one or says how to capture it.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -77,25 +86,81 @@ class Capture:
     exclude: tuple[str, ...]
     truncated: tuple[int, ...]  # indices of prompts cut to the context length (truncate=True)
     n_layers: int
-    resid: Float[Tensor, "layer batch pos d_model"] | None = None
-    resid_mid: Float[Tensor, "block batch pos d_model"] | None = None
-    attn_in: Float[Tensor, "block batch pos d_model"] | None = None  # what attention reads (after ln1)
-    mlp_in: Float[Tensor, "block batch pos d_model"] | None = None  # what the MLP reads (after ln2)
-    attn_out: Float[Tensor, "block batch pos d_model"] | None = None
-    mlp_out: Float[Tensor, "block batch pos d_model"] | None = None
-    ln1_normalized: Float[Tensor, "block batch pos d_model"] | None = None
-    ln2_normalized: Float[Tensor, "block batch pos d_model"] | None = None
-    ln1_scale: Float[Tensor, "block batch pos"] | None = None
-    ln2_scale: Float[Tensor, "block batch pos"] | None = None
+    packed: dict[str, Tensor] = field(default_factory=dict)  # stream -> [layer or block, token, (d_model)]
     attention: Float[Tensor, "block batch head query key"] | None = None
+    _padded: dict[str, Tensor] = field(default_factory=dict, init=False, compare=False)  # padded views, built on use
+
+    def __post_init__(self):
+        n_real = int(self.token_mask.sum())
+        for stream, value in self.packed.items():
+            if stream not in STREAMS:
+                raise ArgumentError(f"unknown stream {stream!r}: choose from {', '.join(STREAMS)}")
+            n_states = self.n_layers + 1 if stream == "resid" else self.n_layers
+            if value.shape[:2] != (n_states, n_real):
+                raise ArgumentError(f"packed {stream!r} has shape {tuple(value.shape)}: expected ({n_states}, {n_real}, ...) "
+                                    f"for {self.n_layers} blocks and {n_real} real tokens")
+
+    @classmethod
+    def from_padded(cls, *, token_mask: Bool[Tensor, "batch pos"], **fields) -> Capture:
+        """A Capture from padded ``[layer, batch, pos, ...]`` streams (``resid=...``), for hand-built known inputs."""
+        streams = {name: fields.pop(name) for name in STREAMS if fields.get(name) is not None}
+        for name in STREAMS:
+            fields.pop(name, None)
+        for name, value in streams.items():
+            if value.shape[1:3] != token_mask.shape:
+                raise ArgumentError(f"{name} has shape {tuple(value.shape)}: its batch and pos must be {tuple(token_mask.shape)}")
+        return cls(token_mask=token_mask, packed={name: v[:, token_mask] for name, v in streams.items()}, **fields)
 
     def require(self, stream: str) -> Tensor:
-        """The named stream, or a clear error saying how to capture it."""
-        value = getattr(self, stream)
-        if value is None:
-            how = "attention=True" if stream == "attention" else f"streams=(..., {stream!r})"
-            raise ArgumentError(f"this capture holds no {stream!r}: capture again with {how}")
-        return value
+        """The named stream, padded ``[layer, batch, pos, ...]``, or a clear error saying how to capture it."""
+        if stream == "attention":
+            if self.attention is None:
+                raise ArgumentError("this capture holds no 'attention': capture again with attention=True")
+            return self.attention
+        self.require_streams((stream,))
+        if stream not in self._padded:
+            value = self.packed[stream]
+            padded = value.new_zeros(value.shape[0], *self.token_mask.shape, *value.shape[2:])
+            padded[:, self.token_mask] = value
+            self._padded[stream] = padded
+        return self._padded[stream]
+
+    def tokens_of(self, stream: str, mask: Bool[Tensor, "batch pos"] | None = None, prompt: int | None = None) -> Tensor:
+        """``[layer, n, ...]``: the stream at the positions where ``mask`` (default ``self.mask``) holds, in
+        (prompt, position) order; only prompt ``prompt`` when given. The same as
+        ``masked_tokens(cap.require(stream), mask)`` without the padded copy; do not write into it.
+        """
+        self.require_streams((stream,))
+        mask = self.mask if mask is None else mask
+        if prompt is not None:
+            n = self.lengths[prompt]
+            return self.prompt_of(stream, prompt)[:, mask[prompt, :n]]
+        keep = mask[self.token_mask]
+        if len(keep) and bool(keep.all()):
+            return self.packed[stream]
+        return self.packed[stream][:, keep]
+
+    def prompt_of(self, stream: str, prompt: int) -> Tensor:
+        """``[layer, length, ...]``: every real position of one prompt (a view into the packed stream)."""
+        self.require_streams((stream,))
+        start = self.offsets[prompt]
+        return self.packed[stream][:, start: start + self.lengths[prompt]]
+
+    def pad(self, values: Tensor) -> Tensor:
+        """Per-token values ``[layer, token, ...]`` (packed order) laid out as ``[layer, batch, pos, ...]``, zeros at padding."""
+        padded = values.new_zeros(values.shape[0], *self.token_mask.shape, *values.shape[2:])
+        padded[:, self.token_mask] = values
+        return padded
+
+    @property
+    def lengths(self) -> list[int]:
+        """Real tokens of each prompt."""
+        return self.token_mask.sum(1).tolist()
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each prompt starts in the packed streams."""
+        return [0, *itertools.accumulate(self.lengths)][:-1]
 
     def same_prompts(self):
         """What to pass to ``capture`` to run these prompts again: the texts, or the token ids when it was given ids."""
@@ -105,7 +170,7 @@ class Capture:
 
     def require_streams(self, streams: Sequence[str]) -> None:
         """Fail with every missing stream named at once (an analysis checks its ``STREAMS`` up front)."""
-        missing = [s for s in streams if getattr(self, s) is None]
+        missing = [s for s in streams if s not in self.packed]
         if missing:
             raise ArgumentError(
                 f"this capture holds no {', '.join(map(repr, missing))}: capture again with streams={tuple(streams)!r}"
@@ -113,14 +178,13 @@ class Capture:
 
     def __repr__(self) -> str:
         # The default dataclass repr would print every tensor; a notebook wants the shapes.
-        held = ", ".join(
-            f"{name}={tuple(value.shape)}" for name in (*STREAMS, "attention")
-            if (value := getattr(self, name)) is not None
-        )
+        held = ", ".join(f"{name}={tuple(value.shape)}" for name, value in self.packed.items())
+        if self.attention is not None:
+            held += f", attention={tuple(self.attention.shape)}"
         return (
             f"Capture(model={self.model.name!r} ({self.model.weights}), prompts={self.prompts.name!r} "
             f"x{self.n_prompts}, tokens={self.n_tokens} of {int(self.token_mask.sum())}, "
-            f"exclude={self.exclude}, {held})"
+            f"exclude={self.exclude}, packed {held})"
         )
 
     @property
@@ -131,6 +195,13 @@ class Capture:
     def n_tokens(self) -> int:
         """Tokens that enter aggregates (``mask.sum()``)."""
         return int(self.mask.sum())
+
+
+# Every stream is also readable by its name, padded: cap.resid is cap.require("resid").
+for _stream in STREAMS:
+    setattr(Capture, _stream, property(lambda self, _s=_stream: self.require(_s) if _s in self.packed else None,
+                                       doc=f"``{_stream}`` padded to ``[layer, batch, pos, ...]`` (None if not captured)."))
+del _stream
 
 
 def capture(
@@ -177,8 +248,10 @@ def capture(
     Example:
         >>> model = ld.load_model("smollm2-135m")                          # doctest: +SKIP
         >>> cap = ld.capture(model, "diverse", streams=("resid",))       # doctest: +SKIP
-        >>> cap.resid.shape   # doctest: +SKIP
-        (31, 9, 455, 576)     # 30 block inputs + the last block output before the final norm
+        >>> cap.packed["resid"].shape   # doctest: +SKIP
+        (31, 1331, 576)     # 30 block inputs + the last block output before the final norm, for every real token
+        >>> cap.resid.shape             # doctest: +SKIP
+        (31, 9, 455, 576)   # the same, padded (built on first use)
     """
     unknown = set(streams) - set(STREAMS)
     if unknown:
@@ -204,7 +277,7 @@ def capture(
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         token_mask[i, : len(ids)] = True
 
-    buffers = _Buffers(model, info.layout == "post-norm", streams, attention, n_prompts, max_len, store_device,
+    buffers = _Buffers(model, info.layout == "post-norm", streams, attention, token_mask, store_device,
                        extra_hooks=list(fwd_hooks))
     device = next(model.parameters()).device
     batches = _length_batches([len(t) for t in token_lists], batch_size)
@@ -215,7 +288,6 @@ def capture(
             batch_tokens = tokens[row_index, :length].to(device)
             batch_mask = token_mask[row_index, :length]
             buffers.run(batch_tokens, batch_mask, row_index)
-    buffers.zero_padding(token_mask)
 
     str_tokens = _str_tokens(model, token_lists)
     return Capture(
@@ -228,7 +300,8 @@ def capture(
         exclude=tuple(exclude),
         truncated=tuple(truncated),
         n_layers=model.cfg.n_layers,
-        **buffers.tensors,
+        packed=buffers.packed,
+        attention=buffers.attention,
     )
 
 
@@ -275,34 +348,36 @@ class _CaptureComplete(Exception):
 
 @dataclass
 class _Buffers:
-    """Preallocated outputs and the hook functions that fill them."""
+    """Preallocated outputs (packed streams, padded attention) and the hook functions that fill them."""
 
     model: object
     post_norm: bool
     streams: Sequence[str]
-    attention: bool
-    n_prompts: int
-    max_len: int
+    want_attention: bool
+    token_mask: Tensor
     store_device: str | torch.device
     extra_hooks: list = field(default_factory=list)
-    tensors: dict[str, Tensor] = field(default_factory=dict)
+    packed: dict[str, Tensor] = field(default_factory=dict)
+    attention: Tensor | None = None
     plan: list[tuple[str, str | None, int]] = field(default_factory=list)
 
     def __post_init__(self):
         cfg = self.model.cfg
-        wanted = set(self.streams) | ({"attention"} if self.attention else set())
+        wanted = set(self.streams) | ({"attention"} if self.want_attention else set())
         # Checked before anything is allocated or run: a bridge without these hooks fails at once.
         self.plan = _check_hooks_exist(self.model, _hook_plan(cfg.n_layers, self.post_norm, wanted))
         dtype = next(self.model.parameters()).dtype
-        n, shape = cfg.n_layers, (self.n_prompts, self.max_len)
+        n, n_real = cfg.n_layers, int(self.token_mask.sum())
+        # Every real token of every stream is written by some batch, so nothing needs zeroing.
         for stream in self.streams:
             n_states = n + 1 if stream == "resid" else n
             trailing = () if stream.endswith("_scale") else (cfg.d_model,)
-            self.tensors[stream] = torch.zeros(n_states, *shape, *trailing, dtype=dtype, device=self.store_device)
-        if self.attention:
-            self.tensors["attention"] = torch.zeros(
-                n, self.n_prompts, cfg.n_heads, self.max_len, self.max_len, dtype=dtype, device=self.store_device
-            )
+            self.packed[stream] = torch.empty(n_states, n_real, *trailing, dtype=dtype, device=self.store_device)
+        if self.want_attention:
+            n_prompts, max_len = self.token_mask.shape
+            self.attention = torch.zeros(n, n_prompts, cfg.n_heads, max_len, max_len, dtype=dtype, device=self.store_device)
+        # Where each prompt's first token goes in the packed streams.
+        self.starts = torch.cumsum(self.token_mask.sum(1), 0) - self.token_mask.sum(1)
 
     def run(self, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor) -> None:
         fwd_hooks = self._hooks(batch_mask, rows)
@@ -317,30 +392,29 @@ class _Buffers:
             pass
         else:
             raise RuntimeError(f"capture: hook {last_hook} never fired; the bridge did not run every block")
-
-    def zero_padding(self, token_mask: Bool[Tensor, "batch pos"]) -> None:
-        """Padding positions hold whatever the batch computed there; make them zeros, whatever the batching."""
-        pad = ~token_mask.to(self.store_device)
-        for stream, tensor in self.tensors.items():
-            if stream == "attention":
-                tensor.masked_fill_(pad[:, None, :, None] | pad[:, None, None, :], 0)
-            elif stream.endswith("_scale"):
-                tensor.masked_fill_(pad, 0)
-            else:
-                tensor.masked_fill_(pad[..., None], 0)
+        if self.attention is not None:
+            # Padding positions hold whatever the batch computed there.
+            pad = ~self.token_mask[rows].to(self.store_device)
+            outside = pad[None, :, None, :, None] | pad[None, :, None, None, :]
+            self.attention[:, rows] = self.attention[:, rows].masked_fill(outside, 0)
 
     def _hooks(self, batch_mask: Tensor, rows: Tensor) -> list[tuple[str, Callable]]:
         post_norm, length, last_hook = self.post_norm, batch_mask.shape[1], self.plan[-1][0]
         resid_pre: dict[int, Tensor] = {}
+        # The batch's real tokens, in (row, position) order, and where they go in the packed streams.
+        lengths = batch_mask.sum(1)
+        destination = torch.cat([torch.arange(int(n)) + self.starts[r] for r, n in zip(rows.tolist(), lengths)])
 
         def write(stream: str, index: int, value: Tensor) -> None:
+            if stream == "attention":
+                target = self.attention[index, :, :, :length, :length]
+                target.index_copy_(0, rows, value.to(self.store_device, target.dtype))
+                return
             if stream.endswith("_scale"):
                 value = value.squeeze(-1)
-            if stream == "attention":
-                target = self.tensors[stream][index, :, :, :length, :length]
-            else:
-                target = self.tensors[stream][index, :, :length]
-            target.index_copy_(0, rows, value.to(self.store_device, target.dtype))
+            target = self.packed[stream][index]
+            real = value[batch_mask.to(value.device)].to(self.store_device, target.dtype)
+            target.index_copy_(0, destination.to(target.device), real)
 
         def make(name: str, stream: str | None, index: int) -> Callable:
             def hook_fn(x: Tensor, hook) -> Tensor:
@@ -409,7 +483,9 @@ def _check_hooks_exist(model, plan: list[tuple[str, str | None, int]]) -> list[t
 
 
 def _check_finite(x: Tensor, hook_name: str, batch_mask: Tensor, rows: Tensor) -> None:
-    if bool(torch.isfinite(x).all()):
+    # A finite sum proves every entry finite (a NaN or inf anywhere makes the sum NaN or inf), in one cheap pass;
+    # float64 so that large finite activations cannot overflow it.
+    if bool(torch.isfinite(x.sum(dtype=torch.float64))):
         return
     # Only real tokens count: padding positions may legitimately hold anything.
     bad = ~torch.isfinite(x)

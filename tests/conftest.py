@@ -36,7 +36,7 @@ def synthetic_capture(token_mask, exclude=("first",), layout="pre-norm", **strea
         mask[:, 0] = False
     n_prompts, n_pos = token_mask.shape
     n_layers = streams["resid"].shape[0] - 1 if "resid" in streams else next(iter(streams.values())).shape[0]
-    return Capture(
+    return Capture.from_padded(
         tokens=torch.zeros(token_mask.shape, dtype=torch.long),
         token_mask=token_mask,
         mask=mask,

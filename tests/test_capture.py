@@ -67,7 +67,7 @@ def test_masks_mark_padding_and_excluded_positions(tiny_model):
 def test_streams_subset_and_require(tiny_model):
     cap = ld.capture(tiny_model, IDS, streams=("resid",))
     assert cap.attn_out is None and cap.resid is not None
-    assert "resid=(4, 3, 10, 32)" in repr(cap) and "attn_out" not in repr(cap)
+    assert "resid=(4, 22, 32)" in repr(cap) and "attn_out" not in repr(cap)  # packed: 22 real tokens
     with pytest.raises(ArgumentError, match="attn_out"):
         cap.require("attn_out")
     with pytest.raises(ArgumentError, match="unknown stream"):
@@ -230,26 +230,49 @@ def test_minilm_post_norm_capture_matches_hugging_face(minilm, minilm_reference)
 
 
 def test_capture_record_checks_its_shapes():
-    """Capture is shape-checked at construction under the test suite's jaxtyping + beartype hook."""
+    """Capture is shape-checked at construction: by jaxtyping + beartype (padded fields), and by its own
+    check that every packed stream holds one row per real token."""
     from jaxtyping import TypeCheckError
 
     from lensdyn.hooks.capture import Capture
     from lensdyn.models import ModelInfo
     from lensdyn.prompts import PromptSet
 
+    common = dict(
+        tokens=torch.zeros(2, 5, dtype=torch.long),
+        mask=torch.ones(2, 5, dtype=torch.bool),
+        str_tokens=(),
+        prompts=PromptSet.from_texts(["a", "b"]),
+        model=ModelInfo("m", "pretrained", 0, "float32", "none", "pre-norm"),
+        exclude=(),
+        truncated=(),
+        n_layers=1,
+    )
     with pytest.raises(TypeCheckError):
-        Capture(
-            tokens=torch.zeros(2, 5, dtype=torch.long),
-            token_mask=torch.ones(2, 5, dtype=torch.bool),
-            mask=torch.ones(2, 5, dtype=torch.bool),
-            str_tokens=(),
-            prompts=PromptSet.from_texts(["a", "b"]),
-            model=ModelInfo("m", "pretrained", 0, "float32", "none", "pre-norm"),
-            exclude=(),
-            truncated=(),
-            n_layers=1,
-            resid=torch.zeros(2, 3, 5, 8),  # 3 prompts where tokens has 2
-        )
+        Capture(token_mask=torch.ones(3, 5, dtype=torch.bool), **common)  # 3 prompts where tokens has 2
+    with pytest.raises(ArgumentError, match="10 real tokens"):
+        Capture(token_mask=torch.ones(2, 5, dtype=torch.bool), packed={"resid": torch.zeros(2, 9, 8)}, **common)
+    with pytest.raises(ArgumentError, match="batch and pos"):
+        Capture.from_padded(token_mask=torch.ones(2, 5, dtype=torch.bool), resid=torch.zeros(2, 3, 5, 8), **common)
+
+
+def test_packed_streams_match_the_padded_views(smollm2):
+    """Prompts of different lengths: the packed stream is the padded one at the real tokens, and the accessors agree."""
+    from lensdyn.ops import masked_tokens
+
+    prompts = ["One two three four five six seven.", "Short.", "A middle one here."]
+    cap = ld.capture(smollm2, prompts, streams=("resid", "mlp_out"))
+    assert cap.packed["resid"].shape == (cap.n_layers + 1, int(cap.token_mask.sum()), smollm2.cfg.d_model)
+    for stream in ("resid", "mlp_out"):
+        padded = cap.require(stream)
+        assert torch.equal(cap.tokens_of(stream), masked_tokens(padded, cap.mask))
+        assert torch.equal(cap.tokens_of(stream, cap.token_mask), cap.packed[stream])
+        assert not padded[:, ~cap.token_mask].any()  # zeros at padding
+        for p, n in enumerate(cap.lengths):
+            assert torch.equal(cap.prompt_of(stream, p), padded[:, p, :n])
+            assert torch.equal(cap.tokens_of(stream, prompt=p), padded[:, p][:, cap.mask[p]])
+    norms = cap.pad(cap.packed["resid"].norm(dim=-1))
+    assert torch.equal(norms, cap.resid.norm(dim=-1))
 
 
 @pytest.mark.slow

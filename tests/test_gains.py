@@ -9,6 +9,7 @@ import lensdyn as ld
 from conftest import synthetic_capture
 from lensdyn.analyses import gains
 from lensdyn.errors import ArgumentError
+from lensdyn.ops import masked_tokens
 
 
 def known_stream(n_blocks=4, n_prompts=2, n_pos=5, d=6):
@@ -48,8 +49,9 @@ def test_ratio_of_means_mean_of_ratios_and_last_token_differ_as_computed_by_hand
     ref[0, 0, :3, 0] = torch.tensor([9.0, 2.0, 1.0])
     mask = token_mask.clone()
     mask[0, 0] = False
-    assert gains.sublayer_gain(out, ref, mask)[0] == pytest.approx(5 / 3)
-    assert gains.sublayer_gain(out, ref, mask, "mean_of_ratios")[0] == pytest.approx((0.5 + 4) / 2)
+    out_tokens, ref_tokens = masked_tokens(out, mask), masked_tokens(ref, mask)
+    assert gains.sublayer_gain(out_tokens, ref_tokens)[0] == pytest.approx(5 / 3)
+    assert gains.sublayer_gain(out_tokens, ref_tokens, "mean_of_ratios")[0] == pytest.approx((0.5 + 4) / 2)
     streams = dict(resid=torch.cat([ref, ref]), resid_mid=ref, attn_in=ref, attn_out=out, mlp_in=ref, mlp_out=out)
     last = gains.measure(synthetic_capture(token_mask, **streams), control=None, tokens="last")
     assert last.attn_gain[0] == pytest.approx(4.0)  # position 2 is the last real token
