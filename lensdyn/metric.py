@@ -23,6 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lensdyn.ops import token_norms
+
 
 @dataclass(frozen=True)
 class CausalMetric:
@@ -64,12 +66,11 @@ def causal_metric(unembedding: Float[Tensor, "d_model vocab"], ridge: float = 1e
 def metric_norms(x: Float[Tensor, "*lead d_model"], metric: CausalMetric | None) -> Float[Tensor, "*lead"]:
     """``||x||_M = ||W^T x||`` per vector (Euclidean when ``metric`` is None), float64 result.
 
-    The projection runs in ``x``'s own dtype (one matmul over every token); the norm in float64.
+    The projection runs in ``x``'s own dtype (one matmul over every token); norms as ``ops.token_norms``.
 
     >>> metric_norms(torch.tensor([[1., 1.]]), causal_metric(torch.tensor([[1., -1., 0., 0.], [0., 0., 2., -2.]]), ridge=0.0))
     tensor([1.5811], dtype=torch.float64)
     """
     if metric is None:
-        return torch.linalg.vector_norm(x.to(torch.float64), dim=-1)
-    projected = x @ metric.whitener.to(x.dtype)  # whitener is symmetric
-    return torch.linalg.vector_norm(projected.to(torch.float64), dim=-1)
+        return token_norms(x)
+    return token_norms(x @ metric.whitener.to(x.dtype))  # the whitener is symmetric
