@@ -173,6 +173,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--serial", action="store_true",
+                   help="measure the reference and the model one after the other, not side by side (half the peak memory)")
 
 
 def _models(args) -> int:
@@ -189,6 +191,7 @@ def _models(args) -> int:
 
 def _report(args) -> int:
     import json
+    from concurrent.futures import ThreadPoolExecutor
 
     import torch
     from tqdm.auto import tqdm
@@ -197,6 +200,7 @@ def _report(args) -> int:
     from lensdyn.models import load_model
     from lensdyn.prompts import resolve_contrast, resolve_prompts
     from lensdyn.report import export_figures, write_html
+    from lensdyn.results import attach_control
     from lensdyn.verdicts import verdict_table
 
     chosen = [a.strip() for a in args.analyses.split(",") if a.strip()]
@@ -210,36 +214,58 @@ def _report(args) -> int:
     if "steering" in chosen:
         resolve_contrast(args.contrast)  # a bad contrast set fails before any model loads
     streams = sorted({s for name in chosen for s in _analysis(name).STREAMS})
-    # The reference runs first so that the model's results can carry it (result.control).
     runs = []
     if args.compare:
         runs.append(("reference", args.compare, "pretrained"))
     elif args.control == "random" and args.weights != "random":
         runs.append(("reference", args.model, "random"))
     runs.append(("model", args.model, args.weights))
-    results: dict[str, dict[str, object]] = {}
-    timings: dict[str, dict[str, float]] = {}
-    for role, name, weights in runs:
-        started = time.perf_counter()
-        model = load_model(name, weights=weights, seed=args.seed, device=args.device)
-        loaded = time.perf_counter()
-        cap = capture(
-            model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size,
-            streams=streams, truncate=args.truncate, progress=True, attention=_graphs(args, role),
-        )
-        captured = time.perf_counter()
-        steps = {}
-        for analysis in tqdm(chosen, desc=f"{role}: {name} ({weights})", unit="analysis", disable=None):
+    timings: dict[str, dict[str, float]] = {role: {} for role, _, _ in runs}
+    models = {}
+    started = time.perf_counter()
+    for role, name, weights in runs:  # one after the other: random weights are drawn from the global RNG
+        began = time.perf_counter()
+        models[role] = load_model(name, weights=weights, seed=args.seed, device=args.device)
+        timings[role]["load_s"] = round(time.perf_counter() - began, 3)
+    loaded = time.perf_counter()
+    bar = tqdm(total=len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)
+
+    def measure_role(role: str) -> dict[str, object]:
+        """Capture once, then every chosen analysis, without the control (attached below)."""
+        model, steps, out = models[role], timings[role], {}
+        began = time.perf_counter()
+        cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
+                      truncate=args.truncate, attention=_graphs(args, role))
+        steps["capture_s"] = round(time.perf_counter() - began, 3)
+        bar.update(1)
+        for analysis in chosen:
             began = time.perf_counter()
-            reference = results.get(analysis, {}).get("reference")
-            results.setdefault(analysis, {})[role] = _analysis(analysis).measure(
-                cap, **_options(analysis, role, model, reference, args))
+            out[analysis] = _analysis(analysis).measure(cap, **_options(analysis, role, model, None, args))
             steps[analysis] = round(time.perf_counter() - began, 3)
-        timings[role] = {"load_s": round(loaded - started, 3), "capture_s": round(captured - loaded, 3), **steps,
-                         "total_s": round(time.perf_counter() - started, 3)}
-        print(f"{role}: {name} ({weights}) loaded in {loaded - started:.1f} s, measured in {time.perf_counter() - loaded:.1f} s",
-              file=sys.stderr)
-        del model, cap
+            bar.set_postfix_str(f"{role} {analysis}")
+            bar.update(1)
+        return out
+
+    roles = [role for role, _, _ in runs]
+    if len(roles) > 1 and not args.serial:
+        # The reference and the model share nothing until the end: measuring them side by side overlaps
+        # one's Python-bound steps (clustering, nulls, hooks) with the other's matrix work.
+        with ThreadPoolExecutor(max_workers=len(roles)) as pool:
+            by_role = dict(zip(roles, pool.map(measure_role, roles)))
+    else:
+        by_role = {role: measure_role(role) for role in roles}
+    bar.close()
+    models.clear()  # free both models before writing
+    results: dict[str, dict[str, object]] = {}
+    for analysis in chosen:
+        reference = by_role.get("reference", {}).get(analysis)
+        result = by_role["model"][analysis]
+        if reference is not None and any(f.name == "control" for f in dataclasses.fields(result)):
+            result = attach_control(result, reference)  # norms keeps its reference apart
+        results[analysis] = {"model": result, **({"reference": reference} if reference is not None else {})}
+    measured = time.perf_counter()
+    print(f"loaded in {loaded - started:.1f} s, measured in {measured - loaded:.1f} s"
+          + (" (reference and model side by side)" if len(roles) > 1 and not args.serial else ""), file=sys.stderr)
 
     reference_label = _reference_label(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -256,14 +282,6 @@ def _report(args) -> int:
         print(result.summary(), end="\n\n")
     if verdicts:
         print(verdict_table(verdicts, reference_label), end="\n\n")
-    index = {
-        "model": args.model, "weights": args.weights, "reference": reference_label, "prompts": prompts.name,
-        "n_prompts": len(prompts), "excluded_positions": list(args.exclude), "analyses": chosen, "files": files,
-        "verdicts": [dataclasses.asdict(v) for v in verdicts], "timings_s": timings,
-    }
-    report_json = args.out / ("report.json" if len(chosen) > 1 else f"{chosen[0]}_report.json")
-    report_json.write_text(json.dumps(index, indent=1), encoding="utf-8")
-    written.append(report_json)
     if not args.json_only:
         sections = [_section(name, results[name]) for name in chosen]
         page = "report.html" if len(chosen) > 1 else f"{chosen[0]}.html"
@@ -276,6 +294,17 @@ def _report(args) -> int:
         ))
         figures = {name: section.figure for name, section in zip(chosen, sections)}
         written += export_figures(figures, args.out / "figures", args.static)
+    # Per-role steps overlap when the roles run side by side; "wall" is what the whole report took.
+    timings["wall"] = {"load_s": round(loaded - started, 3), "measure_s": round(measured - loaded, 3),
+                       "write_s": round(time.perf_counter() - measured, 3)}
+    index = {
+        "model": args.model, "weights": args.weights, "reference": reference_label, "prompts": prompts.name,
+        "n_prompts": len(prompts), "excluded_positions": list(args.exclude), "analyses": chosen, "files": files,
+        "verdicts": [dataclasses.asdict(v) for v in verdicts], "timings_s": timings,
+    }
+    report_json = args.out / ("report.json" if len(chosen) > 1 else f"{chosen[0]}_report.json")
+    report_json.write_text(json.dumps(index, indent=1), encoding="utf-8")
+    written.append(report_json)
     for path in written:
         print(f"wrote {path}")
     return 0

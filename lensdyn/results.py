@@ -141,12 +141,14 @@ class Result:
     __hash__ = None  # type: ignore[assignment]
 
 
-def attach_control(result: Result, control, measure_random: Callable[[], Result]) -> Result:
+def attach_control(result: Result, control, measure_random: Callable[[], Result] | None = None) -> Result:
     """``result`` with its untrained control: ``"random"`` runs ``measure_random()``, a result of
     the same kind is attached as is, None attaches nothing."""
     if isinstance(control, str):
         if control != "random":
             raise ArgumentError(f"control must be 'random', a {type(result).__name__}, or None, not {control!r}")
+        if measure_random is None:
+            raise ArgumentError("control='random' needs a way to measure it here: pass a result or None")
         control = measure_random()
     if control is not None and type(control) is not type(result):
         raise ArgumentError(f"control must be 'random', a {type(result).__name__}, or None, not {type(control).__name__}")

@@ -96,6 +96,25 @@ def test_compare_json_only_and_bad_static_formats(tmp_path, capsys):
     assert "png and/or svg" in capsys.readouterr().err
 
 
+def test_side_by_side_and_serial_reports_are_identical(tmp_path):
+    """The reference and the model measured in two threads give the same files as one after the other."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The lighthouse keeper counted the ships at dawn, then wrote their names in a notebook.")
+    outs = {mode: tmp_path / mode for mode in ("side_by_side", "serial")}
+    for mode, out in outs.items():
+        flags = ["--serial"] if mode == "serial" else []
+        assert main(["report", "--analyses", "norms,expansion,gains,metastability", "--model", "minilm-l6",
+                     "--prompts", str(prompts), "--exclude", "special", "--json-only", "--out", str(out), *flags]) == 0
+    def undated(text: str) -> str:  # the creation time is the only field allowed to differ
+        return re.sub(r'"created": "[^"]*"', "", text)
+
+    for name in ("norms", "norms_reference", "expansion", "gains", "metastability"):
+        side, serial = (undated((out / f"{name}.json").read_text()) for out in outs.values())
+        assert side == serial, name
+    index = json.loads((outs["side_by_side"] / "report.json").read_text())
+    assert set(index["timings_s"]) == {"reference", "model", "wall"}
+
+
 def test_single_analysis_commands_and_unknown_analyses(tmp_path, capsys):
     assert main(["report", "--analyses", "norms,cosmology", "--out", str(tmp_path)]) == 2
     assert "unknown analysis ['cosmology']" in capsys.readouterr().err
