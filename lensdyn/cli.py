@@ -4,6 +4,8 @@
     lensdyn report --model smollm2-135m --prompts diverse --out reports/demo
         verdict table + every default analysis, beside the untrained control (--compare MODEL: beside
         another model; --json-only: no HTML; --static png svg: figures as images too)
+    lensdyn corpus --prompts my_corpus/ --out reports/corpus [--shard i/n]   streamed statistics, resumable
+    lensdyn merge reports/corpus/shard-*.json --out reports/corpus          shards -> the single-run result
     lensdyn norms | expansion | gains | metastability | curvature | stability | steering --model ... --out DIR   one analysis
 
 Exit status: 0 on success, 2 on bad input (with a one-line reason on stderr).
@@ -71,6 +73,35 @@ def _parser() -> argparse.ArgumentParser:
         "--analyses", default=",".join(DEFAULT_REPORT), help=f"comma-separated subset of {', '.join(ANALYSES)}",
     )
     report.set_defaults(command="report", run=_report)
+
+    corpus = sub.add_parser(
+        "corpus", help="stream a corpus through the model: per-layer statistics in float64 accumulators, resumable, sharded",
+        description="Corpus-scale statistics (lensdyn.corpus): resumable; --shard i/n writes one shard, `lensdyn merge` "
+        "combines them into what a single run gives.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    corpus.add_argument("--model", default=None, help="embedded name, local checkpoint dir, or hub id (default: smollm2-135m)")
+    corpus.add_argument("--prompts", required=True, help="built-in set, .txt/.jsonl file, or directory of .txt files")
+    corpus.add_argument("--out", required=True, type=Path, help="directory for shard records and the result")
+    corpus.add_argument("--shard", default="0/1", help="i/n: this process takes prompts i, i+n, i+2n, ...")
+    corpus.add_argument("--chunk", type=int, default=16, help="prompts per capture (peak memory grows with it)")
+    corpus.add_argument("--batch-size", type=int, default=8,
+                        help="prompts per forward pass; 1 makes every shard's activations identical to a single run's")
+    corpus.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
+    corpus.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    corpus.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="forward-pass dtype (statistics are float64 whatever it is)")
+    corpus.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
+    corpus.add_argument("--exclude", nargs="*", default=["first"], choices=("first", "bos", "special"))
+    corpus.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
+    corpus.add_argument("--restart", action="store_true", help="ignore this shard's saved progress and start again")
+    corpus.set_defaults(command="corpus", run=_corpus)
+
+    merge = sub.add_parser("merge", help="merge corpus shards (their shard-*.json records) into one result",
+                           description="Merge every shard of a `lensdyn corpus --shard i/n` run into corpus.json + corpus.html.")
+    merge.add_argument("records", nargs="+", type=Path, help="shard-i-of-n.json files (all n of them)")
+    merge.add_argument("--out", required=True, type=Path)
+    merge.set_defaults(command="merge", run=_merge)
 
     for name, help_text in ANALYSES.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -187,6 +218,49 @@ def _models(args) -> int:
         default = " [default]" if r["default"] else ""
         print(f"{r['name']:<{width}}  {status}{default}\n{'':<{width}}  {r['description']}")
     return 0
+
+
+def _corpus(args) -> int:
+    import torch
+
+    from lensdyn.corpus import parse_shard, run_corpus
+    from lensdyn.models import DEFAULT_MODEL, load_model
+    from lensdyn.prompts import resolve_prompts
+
+    shard = parse_shard(args.shard)
+    prompts = resolve_prompts(args.prompts, allow_literal=False)  # a bad corpus fails before the model loads
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model(args.model or DEFAULT_MODEL, weights=args.weights, seed=args.seed,
+                       dtype=getattr(torch, args.dtype), device=args.device)
+    stats, record = run_corpus(model, prompts, args.out, shard=shard, chunk=args.chunk, batch_size=args.batch_size,
+                               exclude=tuple(args.exclude),
+                               truncate=args.truncate, resume=not args.restart)
+    print(f"shard {shard[0]}/{shard[1]}: {record['prompts_done']} prompts, {record['n_tokens']} tokens -> {args.out}")
+    if shard[1] == 1:
+        _write_corpus(stats, record, args.out)
+    else:
+        print(f"when every shard is done: lensdyn merge {args.out}/shard-*-of-{shard[1]}.json --out {args.out}")
+    return 0
+
+
+def _merge(args) -> int:
+    from lensdyn.corpus import merge_shards
+
+    _write_corpus(*merge_shards(args.records), args.out)
+    return 0
+
+
+def _write_corpus(stats, record, out: Path) -> None:
+    from lensdyn.corpus import corpus_result
+    from lensdyn.report import Section, write_html
+
+    result = corpus_result(stats, record)
+    print(result.summary())
+    for path in (result.to_json(out / "corpus.json"),
+                 write_html(out / "corpus.html", title=f"lensdyn: corpus statistics of {record['model']}",
+                            subtitle=f"prompts {record['prompt_set']!r} ({record['n_prompts']}), {record['n_tokens']} tokens",
+                            sections=[Section("Streamed statistics", result.figure(), result.summary())])):
+        print(f"wrote {path}")
 
 
 def _report(args) -> int:

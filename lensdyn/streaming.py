@@ -676,16 +676,11 @@ class StreamingStats:
 
     def update_from_capture(self, cap) -> StreamingStats:
         """Fold in a whole ``Capture``: packed streams are its tokens under ``cap.mask``, clouds each prompt's included tokens."""
-        from lensdyn.ops import masked_tokens
-
         packed_names = {s for acc, source in self.entries.values() if not isinstance(acc, CloudAccumulator) for s in source}
         cloud_names = {source[0] for acc, source in self.entries.values() if isinstance(acc, CloudAccumulator)}
         cap.require_streams(sorted(packed_names | cloud_names))
-        packed = {s: masked_tokens(getattr(cap, s), cap.mask) for s in packed_names}
-        clouds = {}
-        for s in cloud_names:
-            padded = getattr(cap, s)
-            clouds[s] = [padded[:, p, cap.mask[p]] for p in range(cap.n_prompts)]
+        packed = {s: cap.tokens_of(s) for s in packed_names}
+        clouds = {s: [cap.tokens_of(s, prompt=p) for p in range(cap.n_prompts)] for s in cloud_names}
         return self.update_from(packed, clouds)
 
     def merge(self, other: StreamingStats) -> StreamingStats:
