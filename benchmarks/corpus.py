@@ -1,0 +1,94 @@
+"""Corpus streaming at 10, 100 and 1,000 prompts: peak memory stays flat, throughput against a bare forward pass.
+
+    python benchmarks/corpus.py [--sizes 10 100 1000] [--chunk 16]
+
+Each size runs in a fresh process on smollm2-135m. The corpus is built offline from the sentences
+of the built-in sets (prompt k joins two of them, so prompts are distinct and 15-60 tokens long).
+Peak memory is the process's peak resident set while streaming, above what it held once the
+model was loaded (the kernel's high-water mark is reset after loading: /proc/self/clear_refs).
+The bare forward pass runs the same prompts in the same length-sorted batches of 8, without hooks.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_corpus(n: int) -> list[str]:
+    from lensdyn.prompts import get_prompts
+
+    sentences = [s.strip() + "." for name in ("diverse", "repeated") for text in get_prompts(name).texts
+                 for s in text.replace("\n", " ").split(". ") if len(s.split()) >= 4]
+    return [f"{sentences[k % len(sentences)]} {sentences[(7 * k + 3) % len(sentences)]}" for k in range(n)]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def measure_one(n: int, chunk: int) -> dict:
+    import torch
+
+    import lensdyn as ld
+    from lensdyn.corpus import run_corpus
+    from lensdyn.hooks.capture import _length_batches
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = ld.load_model("smollm2-135m")
+    texts = build_corpus(n)
+    ids = [model.tokenizer(t)["input_ids"] for t in texts]
+    with torch.inference_mode():  # warm-up, untimed
+        model(torch.tensor([ids[0]]))
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for begin in range(0, n, chunk):
+            part = ids[begin: begin + chunk]
+            for rows in _length_batches([len(t) for t in part], 8):
+                length = max(len(part[i]) for i in rows)
+                batch = torch.zeros(len(rows), length, dtype=torch.long)
+                mask = torch.zeros(len(rows), length, dtype=torch.long)
+                for j, i in enumerate(rows):
+                    batch[j, : len(part[i])], mask[j, : len(part[i])] = torch.tensor(part[i]), 1
+                model(batch, attention_mask=mask)
+    bare = time.perf_counter() - started
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS high-water mark: loading's own peak is not the stream's
+    baseline = _rss_kib("VmRSS:")
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        _, record = run_corpus(model, texts, out, chunk=chunk, progress=False)
+        streamed = time.perf_counter() - started
+    return {"prompts": n, "tokens": record["n_tokens"], "bare_s": bare, "stream_s": streamed,
+            "peak_mib": (_rss_kib("VmHWM:") - baseline) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 100, 1000])
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(measure_one(args.one, args.chunk)))
+        return
+    rows = []
+    for n in args.sizes:
+        done = subprocess.run([sys.executable, __file__, "--one", str(n), "--chunk", str(args.chunk)],
+                              capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"smollm2-135m, corpus streaming (chunk {args.chunk} prompts, batches of 8), {os.cpu_count()} threads")
+    print(f"{'prompts':>8} {'tokens':>8} {'peak MiB':>9} {'stream s':>9} {'bare s':>8} {'x bare':>7} "
+          f"{'tok/s stream':>13} {'tok/s bare':>11}")
+    for r in rows:
+        print(f"{r['prompts']:>8} {r['tokens']:>8} {r['peak_mib']:>9.0f} {r['stream_s']:>9.2f} {r['bare_s']:>8.2f} "
+              f"{r['stream_s'] / r['bare_s']:>7.2f} {r['tokens'] / r['stream_s']:>13.0f} {r['tokens'] / r['bare_s']:>11.0f}")
+
+
+if __name__ == "__main__":
+    main()
