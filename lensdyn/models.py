@@ -180,6 +180,7 @@ def load_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
 ):
     """Load a model as a TransformerBridge in eval mode with raw weights.
 
@@ -191,6 +192,12 @@ def load_model(
         seed: seeds the random initialisation; ignored for pretrained weights.
         dtype: parameter dtype of the forward pass.
         device: where to place the model; None lets TransformerLens choose.
+        device_map: split a checkpoint (local directory or hub id) over several devices, as
+            Hugging Face / accelerate take it (``"auto"``, ``"balanced"``, or a dict from module
+            name to device, e.g. blocks 0-11 on ``"cuda:0"`` and 12-23 on ``"cuda:1"``); passed
+            to TransformerLens' ``boot_transformers``, which dispatches the blocks and keeps every
+            hook point. Not with ``device``. The embedded models are small enough for one device
+            and refuse it.
 
     Returns:
         A ``TransformerBridge`` with ``.lensdyn_info`` (a ``ModelInfo``).
@@ -201,7 +208,12 @@ def load_model(
     """
     if weights not in ("pretrained", "random"):
         raise ArgumentError(f"weights must be 'pretrained' or 'random', not {weights!r}")
+    if device_map is not None and device is not None:
+        raise ArgumentError("give device or device_map, not both")
     if name_or_path in EMBEDDED_MODELS:
+        if device_map is not None:
+            raise ArgumentError(f"{name_or_path} is embedded and small: load it on one device (device=...), "
+                                "device_map is for checkpoints (a local directory or hub id)")
         hf_model, tokenizer, source = _load_embedded_hf(
             EMBEDDED_MODELS[name_or_path], weights=weights, seed=seed, dtype=dtype
         )
@@ -209,7 +221,7 @@ def load_model(
         bridge = _bridge_from_hf(source, hf_model, tokenizer, device=device, dtype=dtype)
     else:
         source = _resolve_external(name_or_path)
-        bridge = _boot_external(source, weights=weights, seed=seed, dtype=dtype, device=device)
+        bridge = _boot_external(source, weights=weights, seed=seed, dtype=dtype, device=device, device_map=device_map)
         prepend_bos = _prepends_bos(_native_tokenizer(source))
     bridge.eval()
     bridge.lensdyn_info = ModelInfo(
@@ -449,14 +461,15 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def _boot_external(source: str, *, weights: Weights, seed: int, dtype, device):
+def _boot_external(source: str, *, weights: Weights, seed: int, dtype, device, device_map=None):
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            placement = {"device_map": device_map} if device_map is not None else {"device": device}
             bridge = TransformerBridge.boot_transformers(
-                source, dtype=dtype, device=device, load_weights=(weights == "pretrained")
+                source, dtype=dtype, load_weights=(weights == "pretrained"), **placement
             )
     except OSError as err:
         raise UnknownModelError(f"cannot load model {source!r}: {err}") from err

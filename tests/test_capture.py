@@ -295,3 +295,27 @@ def test_missing_hook_points_fail_before_any_forward_pass(tiny_model, monkeypatc
     monkeypatch.setattr(tiny_model, "run_with_hooks", lambda *a, **k: pytest.fail("a forward pass ran"))
     with pytest.raises(UnsupportedArchitectureError, match="blocks.0.hook_not_there"):
         ld.capture(tiny_model, IDS)
+
+
+def test_a_model_split_over_two_devices_captures_the_same_activations(smollm2, tmp_path):
+    """device_map places half the blocks on one device and half on another (on CPU: "cpu" and "disk", accelerate's
+    offload); every hook still fires, and the capture equals the one-device model's exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=smollm2.cfg.d_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                  "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    split, whole = ld.load_model(str(tmp_path), device_map=device_map), ld.load_model(str(tmp_path))
+    assert split.cfg.n_devices == 2
+    prompts = ["Hello there, the ships came in at dawn.", "Short one."]
+    a, b = (ld.capture(m, prompts, streams=("resid", "attn_out", "mlp_out")) for m in (split, whole))
+    for stream in ("resid", "attn_out", "mlp_out"):
+        assert torch.equal(a.packed[stream], b.packed[stream])
+    with pytest.raises(ArgumentError, match="device or device_map"):
+        ld.load_model(str(tmp_path), device="cpu", device_map=device_map)
+    with pytest.raises(ArgumentError, match="embedded"):
+        ld.load_model("smollm2-135m", device_map=device_map)
