@@ -23,8 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def build_corpus(n: int) -> list[str]:
     from lensdyn.prompts import get_prompts
 
-    sentences = [s.strip() + "." for name in ("diverse", "repeated") for text in get_prompts(name).texts
-                 for s in text.replace("\n", " ").split(". ") if len(s.split()) >= 4]
+    sentences = list(dict.fromkeys(  # the repeated set repeats its sentences: each one once
+        s.strip() + "." for name in ("diverse", "repeated") for text in get_prompts(name).texts
+        for s in text.replace("\n", " ").split(". ") if len(s.split()) >= 4))
     m = len(sentences)
     if n > m * (m - 1):
         raise SystemExit(f"at most {m * (m - 1)} distinct prompts from {m} sentences")
