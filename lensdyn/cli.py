@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--exclude", nargs="*", default=["first"], choices=("first", "bos", "special"))
     corpus.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
     corpus.add_argument("--restart", action="store_true", help="ignore this shard's saved progress and start again")
+    corpus.add_argument("--subsample", type=int, default=32,
+                        help="prompts (seeded draw) on which shard 0 also runs clustering and CKA, which need every "
+                        "token at once (0: none)")
     corpus.set_defaults(command="corpus", run=_corpus)
 
     merge = sub.add_parser("merge", help="merge corpus shards (their shard-*.json records) into one result",
@@ -223,7 +226,8 @@ def _models(args) -> int:
 def _corpus(args) -> int:
     import torch
 
-    from lensdyn.corpus import parse_shard, run_corpus
+    from lensdyn.analyses import metastability
+    from lensdyn.corpus import parse_shard, run_corpus, subsample
     from lensdyn.models import DEFAULT_MODEL, load_model
     from lensdyn.prompts import resolve_prompts
 
@@ -236,6 +240,12 @@ def _corpus(args) -> int:
                                exclude=tuple(args.exclude),
                                truncate=args.truncate, resume=not args.restart)
     print(f"shard {shard[0]}/{shard[1]}: {record['prompts_done']} prompts, {record['n_tokens']} tokens -> {args.out}")
+    if shard[0] == 0 and args.subsample > 0:
+        sample = subsample(prompts, args.subsample, args.seed)
+        result = metastability.measure(model, sample, control=None, repeated=False, exclude=tuple(args.exclude),
+                                       truncate=args.truncate,
+                                       batch_size=args.batch_size, progress=True)
+        print(f"wrote {result.to_json(args.out / SUBSAMPLE_FILE)} ({sample.name})")
     if shard[1] == 1:
         _write_corpus(stats, record, args.out)
     else:
@@ -250,16 +260,24 @@ def _merge(args) -> int:
     return 0
 
 
+SUBSAMPLE_FILE = "metastability_subsample.json"
+
+
 def _write_corpus(stats, record, out: Path) -> None:
     from lensdyn.corpus import corpus_result
     from lensdyn.report import Section, write_html
+    from lensdyn.results import load_result
 
     result = corpus_result(stats, record)
     print(result.summary())
+    sections = [Section("Streamed statistics", result.figure(), result.summary())]
+    if (out / SUBSAMPLE_FILE).exists():
+        sample = load_result(out / SUBSAMPLE_FILE)
+        sections.append(Section(f"Metastability on {sample.provenance.prompt_set}", sample.figure(), sample.summary()))
     for path in (result.to_json(out / "corpus.json"),
                  write_html(out / "corpus.html", title=f"lensdyn: corpus statistics of {record['model']}",
                             subtitle=f"prompts {record['prompt_set']!r} ({record['n_prompts']}), {record['n_tokens']} tokens",
-                            sections=[Section("Streamed statistics", result.figure(), result.summary())])):
+                            sections=sections)):
         print(f"wrote {path}")
 
 

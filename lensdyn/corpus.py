@@ -81,6 +81,23 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def subsample(prompts: PromptSet, k: int, seed: int = 0) -> PromptSet:
+    """``k`` prompts drawn without replacement under ``seed``, in corpus order, named as such: what the
+    analyses that need every token at once (clustering, CKA) run on.
+
+    >>> subsample(PromptSet.from_texts(["a", "b", "c", "d"], name="c4"), 2).name
+    'c4 (subsample of 2 of 4, seed 0)'
+    """
+    if k < 1:
+        raise ArgumentError(f"a subsample needs at least 1 prompt, not {k}")
+    if k >= len(prompts):
+        return prompts
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(prompts), size=k, replace=False).tolist())
+    return PromptSet(name=f"{prompts.name} (subsample of {k} of {len(prompts)}, seed {seed})",
+                     texts=tuple(prompts.texts[i] for i in chosen), labels=tuple(prompts.labels[i] for i in chosen))
+
+
 def fingerprint(prompts: PromptSet) -> str:
     """SHA-256 of the prompt texts in order: shards and resumed runs must see the same corpus."""
     digest = hashlib.sha256()

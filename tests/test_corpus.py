@@ -111,7 +111,10 @@ def test_cli_shards_and_merge(tmp_path, capsys):
     assert main(["corpus", "--prompts", str(corpus), "--out", str(tmp_path / "single"), "--batch-size", "1"]) == 0
     merged, single = (load_result(tmp_path / d / "corpus.json") for d in ("sharded", "single"))
     assert_same_statistics(merged, single)
-    assert (tmp_path / "single" / "corpus.html").stat().st_size > 1_000_000  # plotly inlined
+    html = (tmp_path / "single" / "corpus.html").read_text()
+    assert len(html) > 1_000_000 and html.count("Plotly.newPlot") == 2  # plotly inlined; streamed + subsample figures
+    sample = load_result(tmp_path / "sharded" / "metastability_subsample.json")  # written by shard 0 only
+    assert sample.provenance.n_prompts == 4 and sample.control is None
     assert main(["corpus", "--prompts", str(corpus), "--out", str(tmp_path / "x"), "--shard", "3/2"]) == 2
 
 
