@@ -360,6 +360,7 @@ class _Buffers:
     packed: dict[str, Tensor] = field(default_factory=dict)
     attention: Tensor | None = None
     plan: list[tuple[str, str | None, int]] = field(default_factory=list)
+    starts: Tensor | None = None  # where each prompt's first token goes in the packed streams
 
     def __post_init__(self):
         cfg = self.model.cfg
@@ -376,7 +377,6 @@ class _Buffers:
         if self.want_attention:
             n_prompts, max_len = self.token_mask.shape
             self.attention = torch.zeros(n, n_prompts, cfg.n_heads, max_len, max_len, dtype=dtype, device=self.store_device)
-        # Where each prompt's first token goes in the packed streams.
         self.starts = torch.cumsum(self.token_mask.sum(1), 0) - self.token_mask.sum(1)
 
     def run(self, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor) -> None:
