@@ -43,6 +43,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/jacobian.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/steering.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/report.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/corpus.py
 
 clean:
 	rm -rf $(VENV) reports build *.egg-info
