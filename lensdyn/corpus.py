@@ -168,9 +168,7 @@ def run_corpus(
             cap = capture(model, texts[start: start + chunk], streams=STREAMS, exclude=exclude, truncate=truncate,
                           batch_size=batch_size)
             resid = cap.tokens_of("resid")
-            packed = {s: cap.tokens_of(s) for s in STREAMS}
-            packed["resid_causal"] = resid @ whitener.to(resid.dtype)
-            stats.update_from(packed, {"resid": [cap.tokens_of("resid", prompt=p) for p in range(cap.n_prompts)]})
+            stats.update_from_capture(cap, extra={"resid_causal": resid @ whitener.to(resid.dtype)})
             record["prompts_done"] = min(start + chunk, len(mine))
             record["n_tokens"] += cap.n_tokens
             _checkpoint(stats, record, path)

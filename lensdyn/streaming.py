@@ -674,12 +674,16 @@ class StreamingStats:
             self.entries[name][0]._absorb(part)
         return self
 
-    def update_from_capture(self, cap) -> StreamingStats:
-        """Fold in a whole ``Capture``: packed streams are its tokens under ``cap.mask``, clouds each prompt's included tokens."""
-        packed_names = {s for acc, source in self.entries.values() if not isinstance(acc, CloudAccumulator) for s in source}
+    def update_from_capture(self, cap, extra: Mapping[str, Tensor] | None = None) -> StreamingStats:
+        """Fold in a whole ``Capture``: packed streams are its tokens under ``cap.mask``, clouds each prompt's
+        included tokens. ``extra`` holds packed streams derived from those tokens (e.g. the residual through a
+        metric), read by name like the captured ones."""
+        extra = dict(extra or {})
+        packed_names = {s for acc, source in self.entries.values() if not isinstance(acc, CloudAccumulator)
+                        for s in source} - set(extra)
         cloud_names = {source[0] for acc, source in self.entries.values() if isinstance(acc, CloudAccumulator)}
         cap.require_streams(sorted(packed_names | cloud_names))
-        packed = {s: cap.tokens_of(s) for s in packed_names}
+        packed = {s: cap.tokens_of(s) for s in packed_names} | extra
         clouds = {s: [cap.tokens_of(s, prompt=p) for p in range(cap.n_prompts)] for s in cloud_names}
         return self.update_from(packed, clouds)
 
