@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,39 +354,147 @@ def _quiet_transformers():
 
 
 def _dequantised_cache(spec: EmbeddedModel, gguf_dir: Path, gguf_file: str) -> Path:
-    """Dequantise the GGUF once to float32 safetensors; return the cached checkpoint directory."""
-    import transformers
+    """Dequantise the GGUF once to float32 safetensors; return the cached checkpoint directory.
 
+    The cache is checked against the checksums written with it on every load (in a process, once
+    per unchanged file); a cache that fails is rebuilt with a warning, never used.
+    """
     version = importlib.metadata.version(spec.distribution)
     size = (gguf_dir / gguf_file).stat().st_size
     target = cache_dir() / "models" / f"{spec.name}-{version}-{size}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=gguf_file, dtype=torch.float32
-    )
-    # The weights are now plain float32; the GGUF quantizer marker only blocks serialisation.
-    hf_model.hf_quantizer = None
-    hf_model.is_quantized = False
-    if hasattr(hf_model.config, "quantization_config"):
-        del hf_model.config.quantization_config
+    _remove_stale_staging(target.parent)
+    if target.exists():
+        problem = manifest_mismatch(target)
+        if problem is None:
+            return target
+        warnings.warn(f"lensdyn: the cached {spec.name} weights in {target} fail their checksums ({problem}); "
+                      "rebuilding them from the GGUF (~20 s)", stacklevel=2)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a sibling temp dir and rename, so an interrupted write never looks like a cache hit.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    # Write to a sibling staging dir and rename, so an interrupted write never looks like a cache hit;
+    # its name carries our pid, so a later load can tell a dead writer's leftovers from a live one.
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target.name, os.getpid()), dir=target.parent))
     try:
-        hf_model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        _dequantise_into(spec, gguf_dir, gguf_file, staging)
+        write_manifest(staging)
         if target.exists():
             shutil.rmtree(target)
         try:
             staging.rename(target)
         except OSError:
-            if not (target / "model.safetensors").exists():  # not a concurrent writer that finished first
+            if manifest_mismatch(target) is not None:  # not a concurrent writer that finished first
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _dequantise_into(spec: EmbeddedModel, gguf_dir: Path, gguf_file: str, directory: Path) -> None:
+    """Write the GGUF's weights, dequantised to float32, and its tokenizer as a checkpoint in ``directory``."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are now plain float32; the GGUF quantizer marker only blocks serialisation.
+    hf_model.hf_quantizer = None
+    hf_model.is_quantized = False
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    hf_model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+CACHE_MANIFEST = "lensdyn-manifest.json"
+
+# A dequantisation takes ~20 s: a staging dir this old is a leftover even if its pid was reused.
+STALE_STAGING_S = 3600.0
+
+# (directory, stat of every recorded file) of caches that verified in this process: re-hashing
+# 540 MB costs ~0.26 s per load, and a changed, replaced or truncated file changes its stat.
+_VERIFIED: set[tuple] = set()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and sha256 of every file of a checkpoint directory in its ``CACHE_MANIFEST``."""
+    files = {
+        path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != CACHE_MANIFEST
+    }
+    (directory / CACHE_MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1), encoding="utf-8")
+
+
+def manifest_mismatch(directory: Path) -> str | None:
+    """Why a checkpoint directory does not match its ``CACHE_MANIFEST`` (None: every file matches).
+
+    Every byte is hashed (sha256, ~2 GB/s with the CPU's SHA extensions), so a block of zeros
+    anywhere is caught, not only a wrong size.
+    """
+    try:
+        files = json.loads((directory / CACHE_MANIFEST).read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except FileNotFoundError:
+        return f"no checksum manifest {CACHE_MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{CACHE_MANIFEST} is unreadable"
+    stats = {}
+    for name, (size, _) in expected.items():
+        try:
+            stat = (directory / name).stat()
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if stat.st_size != size:
+            return f"{name} has {stat.st_size} bytes, {size} recorded"
+        stats[name] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    key = (str(directory.resolve()), tuple(sorted(stats.items())))
+    if key in _VERIFIED:
+        return None
+    for name, (_, digest) in expected.items():
+        if _sha256(directory / name) != digest:
+            return f"{name} does not match its recorded sha256"
+    _VERIFIED.add(key)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()  # not hashlib.file_digest: Python 3.10 is supported
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _staging_prefix(target_name: str, pid: int) -> str:
+    return f".{target_name}.pid{pid}-"
+
+
+def _staging_pid(name: str) -> int | None:
+    """The writer's pid recorded in a staging dir's name (None for names from before pids were recorded)."""
+    match = re.search(r"\.pid(\d+)-[^.]*$", name)
+    return int(match.group(1)) if match else None
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    """Delete staging dirs left by killed dequantisations: a dead writer's, or any older than ``STALE_STAGING_S``."""
+    if not parent.is_dir():
+        return
+    now = time.time()
+    for path in parent.iterdir():
+        if not (path.name.startswith(tuple(f".{name}-" for name in EMBEDDED_MODELS)) and path.is_dir()):
+            continue
+        pid = _staging_pid(path.name)
+        with contextlib.suppress(FileNotFoundError):  # another process may be removing it too
+            if (pid is not None and not _pid_alive(pid)) or now - path.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _bridge_from_hf(source, hf_model, tokenizer, *, device, dtype):
