@@ -37,9 +37,12 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
+from lensdyn.fastpath import agrees, unavailable, verdict
+from lensdyn.hooks.compat import cache_keyword, route_cache_keyword
 from lensdyn.hooks.iterate import _rotary
 
 MODES = ("context", "single-token")
+PREFIX_CACHE = "jacobian prefix cache"  # the fast path's name in warnings and ``lensdyn.fastpath.fast_paths``
 
 
 def block_map(
@@ -77,12 +80,13 @@ def block_map(
         out = out[0] if isinstance(out, tuple) else out
         return out[0, target]
 
-    if prefix_cache and mode == "context" and norms == "live" and target > 0:
+    if prefix_cache and mode == "context" and norms == "live" and target > 0 and verdict(model, PREFIX_CACHE) is not False:
         fast = _prefix_map(model, layer, context, kwargs.get("position_embeddings"))
         if fast is not None:
+            # Every base point is checked (one block call each way, cheap next to the hundreds of products).
             with torch.no_grad():
                 reference, candidate = f(z0), fast(z0)
-            if torch.allclose(candidate, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max())):
+            if agrees(model, PREFIX_CACHE, candidate, reference, tolerance=1e-4):
                 return fast, z0
     return f, z0
 
@@ -104,22 +108,27 @@ def _prefix_map(model, layer: int, context: Tensor, position_embeddings) -> Call
     """The target row of the Hugging Face layer with the context's keys/values precomputed; None if unsupported."""
     layers = getattr(getattr(getattr(model, "original_model", None), "model", None), "layers", None)
     if layers is None or position_embeddings is None:
+        unavailable(model, PREFIX_CACHE, "no Hugging Face decoder layers with rotary embeddings", warn=False)
         return None
+    route_cache_keyword(model)
     hf_layer = layers[layer]
+    keyword = cache_keyword(hf_layer)
     recording = _Prefix()
     try:
         with torch.no_grad():
-            hf_layer(context[None], position_embeddings=position_embeddings, past_key_values=recording, use_cache=True,
+            hf_layer(context[None], position_embeddings=position_embeddings, **{keyword: recording}, use_cache=True,
                      attention_mask=None)
-    except TypeError:
+    except TypeError as err:
+        unavailable(model, PREFIX_CACHE, f"the decoder layer refuses a cache: {err}", warn=True)
         return None
-    if recording.keys is None:
+    if recording.keys is None:  # the layer takes a cache but its attention never wrote to it
+        unavailable(model, PREFIX_CACHE, "the key/value cache never reached the attention", warn=True)
         return None
     prefix = _Prefix(recording.keys[..., :-1, :].detach(), recording.values[..., :-1, :].detach())
     last = tuple(t[:, -1:] for t in position_embeddings)
 
     def g(z: Tensor) -> Tensor:
-        out = hf_layer(z[None, None], position_embeddings=last, past_key_values=prefix, use_cache=True, attention_mask=None)
+        out = hf_layer(z[None, None], position_embeddings=last, **{keyword: prefix}, use_cache=True, attention_mask=None)
         out = out[0] if isinstance(out, tuple) else out
         return out[0, -1]
 

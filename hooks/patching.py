@@ -16,7 +16,9 @@ In a causal model the positions before the first patched one are the clean run's
 so the sweep computes them once (one short forward pass more), as a Hugging Face key/value
 cache, and the rows hold only the rest of the prompt (for a patch at the last token: one
 position per row, not the whole prompt). A bridge that keeps no such cache
-(TransformerLens-native models) runs the whole prompt per row.
+(TransformerLens-native models) runs the whole prompt per row. The first cached sweep on a model
+checks one prompt's rows against whole-prompt rows and, on a disagreement, warns and runs whole
+prompts from then on (``lensdyn.fastpath``).
 
 Streams: ``"resid"`` patches ``blocks.l.hook_resid_pre`` (the whole state entering block ``l``),
 ``"attn_out"`` and ``"mlp_out"`` the sublayer's write.
@@ -31,8 +33,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError, PromptError
+from lensdyn.fastpath import agrees, unavailable, verdict
+from lensdyn.hooks.compat import route_cache_keyword
 
 PATCH_HOOKS = {"resid": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+PREFIX_CACHE = "patch-sweep prefix cache"  # the fast path's name in warnings and ``lensdyn.fastpath.fast_paths``
 
 
 @dataclass(frozen=True)
@@ -169,16 +174,30 @@ def patch_sweeps(
         raise ArgumentError("patch_sweeps: give every argument one item per prompt, at least one prompt")
     if any(len(c) != len(e) or not c for c, e in zip(clean_positions, edited_positions)):
         raise ArgumentError("patch positions: give as many edited positions as clean ones, at least one")
-    n_layers, n_prompts = model.cfg.n_layers, len(clean_tokens)
-    device = next(model.parameters()).device
     positions = [[p % len(t) for p in ps] for t, ps in zip(clean_tokens, clean_positions)]
     cuts = [min(ps) for ps in positions]
     causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
-    cached = None
-    if prefix_cache and causal and min(cuts) > 0:
-        cached = _prefix_cache(model, [t[:c] for t, c in zip(clean_tokens, cuts)])
+    whole = [0] * len(clean_tokens)
+    if not (prefix_cache and causal and min(cuts) > 0) or verdict(model, PREFIX_CACHE) is False:
+        return _sweeps(model, clean_tokens, edited_activations, positions, edited_positions, stream, whole, None)
+    route_cache_keyword(model)
+    cached = _prefix_cache(model, [t[:c] for t, c in zip(clean_tokens, cuts)])
     if cached is None:
-        cuts = [0] * n_prompts
+        unavailable(model, PREFIX_CACHE, "the bridge returns no key/value cache", warn=False)
+        return _sweeps(model, clean_tokens, edited_activations, positions, edited_positions, stream, whole, None)
+    fast = _sweeps(model, clean_tokens, edited_activations, positions, edited_positions, stream, cuts, cached)
+    if verdict(model, PREFIX_CACHE) is None:  # first use on this model: one prompt's rows against whole prompts
+        reference = _sweeps(model, clean_tokens[:1], edited_activations[:1], positions[:1], edited_positions[:1], stream,
+                            whole[:1], None)
+        if not agrees(model, PREFIX_CACHE, fast[0], reference[0]):
+            return _sweeps(model, clean_tokens, edited_activations, positions, edited_positions, stream, whole, None)
+    return fast
+
+
+def _sweeps(model, clean_tokens, edited_activations, positions, edited_positions, stream, cuts, cached):
+    """The batched sweep rows, each prompt cut at ``cuts[p]`` (0: whole prompt) with ``cached`` the prefixes' cache."""
+    n_layers, n_prompts = model.cfg.n_layers, len(clean_tokens)
+    device = next(model.parameters()).device
     rest = [t[c:] for t, c in zip(clean_tokens, cuts)]
     width = max(len(r) for r in rest)
     tokens = torch.zeros(n_prompts, width, dtype=torch.long)

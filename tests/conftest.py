@@ -123,3 +123,23 @@ def minilm_report(tmp_path_factory):
                  "--permutations", "10", "--out", str(out)])
     assert code == 0
     return out
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer of ``vocab_size`` ids (``w0``, ``w1``, ...): lets a checkpoint load offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def tiny_checkpoint(directory, config, model_class, seed: int = 0):
+    """Save a randomly initialised Hugging Face ``model_class(config)`` and a word tokenizer to ``directory``."""
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(directory)
+    word_tokenizer(config.vocab_size).save_pretrained(directory)
+    return str(directory)

@@ -8,6 +8,8 @@ import torch
 import lensdyn as ld
 from lensdyn.analyses import curvature
 from lensdyn.errors import ArgumentError, PromptError
+from lensdyn.fastpath import fast_paths
+from lensdyn.hooks import patching
 from lensdyn.hooks.patching import align, last_logits, patch_sweep, patch_sweeps
 from lensdyn.prompts import EDIT_PAIRS
 
@@ -254,3 +256,4 @@ def test_smollm2_patch_sweeps_through_the_prefix_cache_equal_whole_prompts(smoll
         cached = patch_sweeps(smollm2, clean, edited, *positions, stream)
         whole = patch_sweeps(smollm2, clean, edited, *positions, stream, prefix_cache=False)
         torch.testing.assert_close(cached, whole, atol=2e-4, rtol=1e-4)
+    assert fast_paths(smollm2)[patching.PREFIX_CACHE].taken  # the cached rows were used, not a silent fallback

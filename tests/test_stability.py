@@ -16,6 +16,8 @@ from lensdyn.hooks.jacobian import (
     largest_singular_value,
     leading_eigenvalues,
 )
+from lensdyn.fastpath import fast_paths
+from lensdyn.hooks import jacobian
 from lensdyn.hooks.temperature import attention_type, temperature_hooks
 
 
@@ -175,7 +177,8 @@ def test_smollm2_prefix_cache_path_equals_the_full_context_block(smollm2, smollm
     states = smollm2_diverse.resid[2, 2, :n]
     fast, z0 = block_map(smollm2, 2, states, -1, "context")
     slow, _ = block_map(smollm2, 2, states, -1, "context", prefix_cache=False)
-    assert fast is not slow
+    assert fast.__name__ == "g" and slow.__name__ == "f"  # the prefix-cache map and the whole-context map
+    assert fast_paths(smollm2)[jacobian.PREFIX_CACHE].taken  # a silent fallback would be a speed bug
     v = torch.randn(576, generator=torch.Generator().manual_seed(0))
     with torch.enable_grad():
         (_, a), (_, b) = torch.func.jvp(fast, (z0,), (v,)), torch.func.jvp(slow, (z0,), (v,))
