@@ -507,9 +507,34 @@ def _bridge_from_hf(source, hf_model, tokenizer, *, device, dtype):
             str(source), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
     except (ValueError, NotImplementedError, KeyError) as err:
-        raise UnsupportedArchitectureError(
-            f"TransformerLens cannot bridge {type(hf_model).__name__}: {err}"
-        ) from err
+        raise _unsupported(source, hf_model.config, err) from err
+
+
+def _unsupported(source, config, err: Exception) -> UnsupportedArchitectureError:
+    """TransformerLens' refusal of a checkpoint, in one short line that names the checkpoint's family.
+
+    TransformerLens lists every architecture it knows (~180 names, 6,000 characters) when it has no
+    adapter for one: the family and where to look serve the user better than the list.
+    """
+    family = _family(config)
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "Available architectures" in reason or "supported architecture" in reason:
+        return UnsupportedArchitectureError(
+            f"cannot bridge model {str(source)!r}: TransformerLens has no adapter for {family}; "
+            "`lensdyn models --check PATH` checks a checkpoint, the README's support matrix lists the families"
+        )
+    if len(reason) > 200:
+        reason = reason[:200] + "..."
+    return UnsupportedArchitectureError(f"cannot bridge model {str(source)!r}, {family}: {reason}")
+
+
+def _family(config) -> str:
+    """``config.model_type`` and the architecture class, as an error message names them."""
+    if config is None:
+        return "a family lensdyn cannot read (no readable config.json)"
+    model_type = getattr(config, "model_type", None) or "unnamed"
+    architecture = ", ".join(getattr(config, "architectures", None) or []) or "no architecture named in its config"
+    return f"the {model_type} family ({architecture})"
 
 
 def _resolve_external(name_or_path: str) -> str:
@@ -573,6 +598,16 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def _config_or_none(source: str):
+    """The checkpoint's Hugging Face config, for naming its family in an error (None when unreadable)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception:  # an error message must not fail on a config transformers cannot read either
+        return None
+
+
 def _boot_external(source: str, *, weights: Weights, seed: int, dtype, device, device_map=None):
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -586,7 +621,7 @@ def _boot_external(source: str, *, weights: Weights, seed: int, dtype, device, d
     except OSError as err:
         raise UnknownModelError(f"cannot load model {source!r}: {err}") from err
     except (ValueError, NotImplementedError) as err:
-        raise UnsupportedArchitectureError(f"cannot bridge model {source!r}: {err}") from err
+        raise _unsupported(source, _config_or_none(source), err) from err
     if weights == "random":
         bridge.to(dtype=dtype, **({"device": device} if device is not None else {}))
     return bridge

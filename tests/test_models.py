@@ -6,7 +6,7 @@ import torch
 
 import lensdyn as ld
 from lensdyn import models
-from lensdyn.errors import MissingModelPackageError, UnknownModelError
+from lensdyn.errors import MissingModelPackageError, UnknownModelError, UnsupportedArchitectureError
 
 
 def test_available_models_lists_the_embedded_models():
@@ -133,3 +133,50 @@ def test_float64_models_capture_in_float64(minilm):
     wide_cap = ld.capture(wide, "A quiet evening by the river.", streams=("resid",))
     assert wide_cap.resid.dtype == torch.float64
     torch.testing.assert_close(wide_cap.resid.float(), narrow_cap.resid, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def albert_checkpoint(tmp_path_factory):
+    """A tiny random ALBERT: a family TransformerLens has no bridge for."""
+    import transformers
+
+    config = transformers.AlbertConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=2,
+                                       intermediate_size=128, embedding_size=32)
+    path = tmp_path_factory.mktemp("albert")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers.AlbertForMaskedLM(config).save_pretrained(path)
+    return path
+
+
+def _assert_short_and_names_the_family(message: str):
+    assert len(message) < 300 and "\n" not in message, message
+    assert "albert" in message and "AlbertForMaskedLM" in message
+    assert "lensdyn models --check" in message and "README" in message
+    assert "Available architectures" not in message and "GPTNeoXForCausalLM" not in message
+
+
+def test_unsupported_checkpoint_names_its_family_in_one_short_line(albert_checkpoint):
+    with pytest.raises(UnsupportedArchitectureError) as caught:
+        ld.load_model(str(albert_checkpoint))
+    _assert_short_and_names_the_family(str(caught.value))
+
+
+def test_unsupported_in_memory_model_names_its_family_in_one_short_line(albert_checkpoint):
+    import transformers
+
+    hf_model = transformers.AlbertForMaskedLM.from_pretrained(albert_checkpoint)
+    with pytest.raises(UnsupportedArchitectureError) as caught:
+        models._bridge_from_hf(albert_checkpoint, hf_model, None, device=None, dtype=torch.float32)
+    _assert_short_and_names_the_family(str(caught.value))
+
+
+def test_other_bridge_refusals_keep_their_first_line_only():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_type="llama", architectures=["LlamaForCausalLM"])
+    err = models._unsupported("/ckpt", config, ValueError("rotary scaling 'yarn' is not supported\n" + "x" * 5000))
+    assert str(err) == ("cannot bridge model '/ckpt', the llama family (LlamaForCausalLM): "
+                        "rotary scaling 'yarn' is not supported")
+    unreadable = str(models._unsupported("/ckpt", None, ValueError("y" * 1000)))
+    assert "no readable config.json" in unreadable and len(unreadable) < 300
