@@ -2,7 +2,9 @@
 
 A result is a frozen dataclass of numbers (numpy arrays with documented shapes, floats,
 strings) plus ``conventions`` (how it was measured) and ``provenance`` (what it was measured
-on). It serialises to plain JSON (lists and numbers, no pickles) and loads back:
+on, with which library versions). It serialises to standard JSON (lists and numbers, no pickles;
+NaN as ``null`` and infinities as the strings ``"Infinity"`` / ``"-Infinity"``, so that strict
+parsers such as JavaScript's ``JSON.parse`` read it) and loads back, NaN and infinities restored:
 
 >>> result.to_json("norms.json")            # doctest: +SKIP
 >>> load_result("norms.json") == result     # doctest: +SKIP
@@ -59,6 +61,9 @@ class Provenance:
     lensdyn_version: str
     created: str
     n_params: int | None = None
+    # torch, transformers, transformer-lens, ...: the releases a number was measured with.
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    truncated: tuple[int, ...] = ()  # prompts cut to the model's context (their indices)
 
     @classmethod
     def from_capture(cls, capture) -> "Provenance":
@@ -75,7 +80,25 @@ class Provenance:
             lensdyn_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             n_params=capture.model.n_params,
+            versions=library_versions(),
+            truncated=tuple(capture.truncated),
         )
+
+
+LIBRARIES = ("torch", "transformers", "transformer-lens", "numpy", "scipy", "hdbscan", "plotly")
+
+
+def library_versions() -> dict[str, str]:
+    """The installed release of each library a measurement depends on (``"not installed"`` where absent)."""
+    import importlib.metadata
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 _REGISTRY: dict[str, type["Result"]] = {}
@@ -105,7 +128,7 @@ class Result:
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True), encoding="utf-8")
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False), encoding="utf-8")
         return path
 
     @classmethod
@@ -116,9 +139,7 @@ class Result:
         target = _REGISTRY.get(data.get("kind", ""), cls) if cls is Result else cls
         if target is Result:
             raise ValueError(f"unknown result kind {data.get('kind')!r}; known: {sorted(_REGISTRY)}")
-        hints = typing.get_type_hints(target)
-        values = {f.name: _rebuild(hints[f.name], data[f.name]) for f in dataclasses.fields(target)}
-        return target(**values)
+        return _rebuild(target, data)
 
     def figure(self):
         """A plotly Figure of the result."""
@@ -172,13 +193,37 @@ def load_result(path: str | Path) -> Result:
     return Result.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+_NON_FINITE = {"Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _json_number(x: float) -> float | str | None:
+    """A float as standard JSON takes it: NaN -> None, +-inf -> "Infinity" / "-Infinity".
+
+    >>> [_json_number(v) for v in (1.5, float("nan"), float("-inf"))]
+    [1.5, None, '-Infinity']
+    """
+    if x != x:
+        return None
+    if x in (float("inf"), float("-inf")):
+        return "Infinity" if x > 0 else "-Infinity"
+    return x
+
+
+def _finite_lists(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_finite_lists(v) for v in value]
+    return _json_number(value) if isinstance(value, float) else value
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if np.iscomplexobj(value):
-            return {"real": value.real.tolist(), "imag": value.imag.tolist()}
-        return value.tolist()
+            return {"real": _finite_lists(value.real.tolist()), "imag": _finite_lists(value.imag.tolist())}
+        return _finite_lists(value.tolist())
     if isinstance(value, np.generic):
-        return value.item()
+        return _plain(value.item())
+    if isinstance(value, float):
+        return _json_number(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
@@ -188,23 +233,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _floats(value: Any) -> Any:
+    """JSON lists of numbers back to floats: ``None`` -> NaN, ``"Infinity"`` -> inf."""
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    if value is None:
+        return float("nan")
+    return _NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
 def _rebuild(hint: Any, value: Any) -> Any:
     """Undo ``_plain`` using the field's type hint."""
+    if hint is float:  # a plain float field: null was NaN
+        return _floats(value)
     if value is None:
         return None
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if float in options and isinstance(value, str):
+            return _floats(value)
         return _rebuild(options[0], value)
     if getattr(hint, "array_type", None) is np.ndarray:  # a jaxtyping numpy annotation
         if isinstance(value, dict) and set(value) == {"real", "imag"}:
-            return np.asarray(value["real"]) + 1j * np.asarray(value["imag"])
+            return np.asarray(_floats(value["real"])) + 1j * np.asarray(_floats(value["imag"]))
         dtypes = set(getattr(hint, "dtypes", ()))
         dtype = np.int64 if "int64" in dtypes else bool if dtypes == {"bool"} else np.float64
-        return np.asarray(value, dtype=dtype)
+        return np.asarray(_floats(value) if dtype is np.float64 else value, dtype=dtype)
     if dataclasses.is_dataclass(hint):
         field_hints = typing.get_type_hints(hint)
-        return hint(**{f.name: _rebuild(field_hints[f.name], value[f.name]) for f in dataclasses.fields(hint)})
+        # A field a file predates takes its default (results written before it was added still load).
+        return hint(**{f.name: _rebuild(field_hints[f.name], value[f.name])
+                       for f in dataclasses.fields(hint) if f.name in value or not _has_default(f)})
     if origin is dict:
         value_hint = typing.get_args(hint)[1]
         return {k: _rebuild(value_hint, v) for k, v in value.items()}
@@ -213,3 +273,7 @@ def _rebuild(hint: Any, value: Any) -> Any:
         inner = args[0] if args else Any
         return tuple(_rebuild(inner, v) for v in value)
     return value
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING

@@ -63,3 +63,43 @@ def test_unknown_kind_is_an_error():
 def test_base_figure_is_not_silently_empty():
     with pytest.raises(NotImplementedError):
         make_result().figure()
+
+
+@dataclass(frozen=True, eq=False)
+class ScalarResult(Result):
+    effect_size: float
+    ratios: dict[str, float]
+    bounds: tuple[float, ...]
+
+
+def _reject(constant: str):
+    raise ValueError(f"{constant} is not standard JSON")
+
+
+def test_json_is_standard_and_restores_nan_and_infinities(tmp_path):
+    """A strict parser (no NaN/Infinity constants, as JavaScript's JSON.parse) reads every result file."""
+    result = ScalarResult(conventions=make_result().conventions, provenance=make_result().provenance,
+                          effect_size=float("nan"), ratios={"a": float("inf"), "b": 2.0}, bounds=(float("-inf"), 1.0))
+    path = result.to_json(tmp_path / "s.json")
+    data = json.loads(path.read_text(), parse_constant=_reject)
+    assert data["effect_size"] is None and data["ratios"]["a"] == "Infinity" and data["bounds"][0] == "-Infinity"
+    loaded = load_result(path)
+    assert np.isnan(loaded.effect_size) and loaded.ratios["a"] == float("inf") and loaded.bounds[0] == float("-inf")
+    array = make_result(radius=np.array([float("inf"), float("nan"), 1.0]))
+    data = json.loads(array.to_json(tmp_path / "a.json").read_text(), parse_constant=_reject)
+    assert data["radius"] == ["Infinity", None, 1.0]
+    reloaded = load_result(tmp_path / "a.json").radius
+    assert reloaded[0] == float("inf") and np.isnan(reloaded[1]) and reloaded[2] == 1.0
+
+
+def test_provenance_records_library_versions_and_files_without_them_still_load(tmp_path):
+    from lensdyn.results import library_versions
+
+    versions = library_versions()
+    assert {"torch", "transformers", "transformer-lens"} <= set(versions)
+    assert all(v[0].isdigit() for k, v in versions.items() if k in ("torch", "transformers", "transformer-lens"))
+    path = make_result().to_json(tmp_path / "old.json")
+    data = json.loads(path.read_text())
+    del data["provenance"]["versions"], data["provenance"]["truncated"]  # a file written before these fields
+    path.write_text(json.dumps(data))
+    assert load_result(path).provenance.versions == {}
