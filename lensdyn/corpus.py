@@ -13,6 +13,15 @@ where it stopped when started again with the same arguments, and no chunk is cou
 Shard ``i`` of ``n`` takes prompts ``i, i + n, i + 2n, ...``; ``merge_shards`` refuses shards of
 different models, prompt sets or settings, and incomplete or missing shards.
 
+A shard is held by one process at a time: ``run_corpus`` takes an exclusive lock on
+``shard-i-of-n.lock`` (``fcntl.flock``, which the kernel drops when the holder dies, so a killed
+run resumes) and a second run of the same shard is refused with the holder's pid. Shards of one
+run lock different files, so a Slurm array can write them into one directory at once.
+
+Every prompt must leave ``MIN_TOKENS`` tokens after the exclusions (each prompt's cloud on the
+sphere needs two): a shorter one is refused before the run starts, named, or left out under
+``skip_short=True`` (CLI ``--skip-short``), which the record keeps like every other setting.
+
 What streams (every per-layer statistic that can be accumulated): residual norms and the scale
 factor ``a(l)`` under both aggregations and under the causal metric, the Hubble rate, attention
 and MLP gains (``ln_output`` reference, ratio of means), the residual covariance per state
@@ -25,16 +34,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import re
+import socket
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from lensdyn.errors import ArgumentError
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): shards go unlocked
+    fcntl = None
+
+from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.prompts import PromptSet, resolve_prompts
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.streaming import (
@@ -51,6 +70,7 @@ from lensdyn.streaming import (
 STREAMS = ("resid", "attn_in", "attn_out", "mlp_in", "mlp_out")
 RECORD_FORMAT = "lensdyn.corpus/1"
 TOP_K = 10
+MIN_TOKENS = 2  # per prompt: the histogram and energy accumulators read each prompt's cloud of included tokens
 
 
 def new_stats() -> StreamingStats:
@@ -88,14 +108,88 @@ def subsample(prompts: PromptSet, k: int, seed: int = 0) -> PromptSet:
     >>> subsample(PromptSet.from_texts(["a", "b", "c", "d"], name="c4"), 2).name
     'c4 (subsample of 2 of 4, seed 0)'
     """
+    chosen = subsample_indices(len(prompts), k, seed)
+    if len(chosen) == len(prompts):
+        return prompts
+    return subset(prompts, chosen, f"{prompts.name} (subsample of {k} of {len(prompts)}, seed {seed})")
+
+
+def subsample_indices(n: int, k: int, seed: int = 0) -> list[int]:
+    """The prompts ``subsample`` draws from ``n``, in order (all of them when ``k >= n``).
+
+    >>> subsample_indices(4, 9)
+    [0, 1, 2, 3]
+    """
     if k < 1:
         raise ArgumentError(f"a subsample needs at least 1 prompt, not {k}")
-    if k >= len(prompts):
+    if k >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+
+
+def subset(prompts: PromptSet, indices: Sequence[int], name: str | None = None) -> PromptSet:
+    """The prompts at ``indices``, with their labels."""
+    return PromptSet(name=prompts.name if name is None else name, texts=tuple(prompts.texts[i] for i in indices),
+                     labels=tuple(prompts.labels[i] for i in indices))
+
+
+def usable_subsample(model, prompts: PromptSet, k: int, seed: int = 0, *, exclude: Sequence[str] = ("first",),
+                     truncate: bool = False, skip_short: bool = False) -> PromptSet:
+    """``subsample(prompts, k, seed)`` checked like a corpus shard before anything runs: a prompt too short for
+    its cloud is refused, named, or (``skip_short``) left out of the draw, which the name then says."""
+    chosen = subsample_indices(len(prompts), k, seed)
+    short = short_prompts(model, prompts, chosen, exclude, truncate)
+    if short and not skip_short:
+        raise short_prompt_error(prompts, short, exclude)
+    kept = [i for i in chosen if i not in set(short)]
+    if not kept:
+        raise PromptError(f"every prompt of the subsample of {prompts.name!r} is too short: "
+                          "give longer prompts or --subsample 0")
+    if len(chosen) == len(prompts) and not short:
         return prompts
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(prompts), size=k, replace=False).tolist())
-    return PromptSet(name=f"{prompts.name} (subsample of {k} of {len(prompts)}, seed {seed})",
-                     texts=tuple(prompts.texts[i] for i in chosen), labels=tuple(prompts.labels[i] for i in chosen))
+    name = f"{prompts.name} (subsample of {len(chosen)} of {len(prompts)}, seed {seed}"
+    name += f"; {len(short)} short prompt(s) left out)" if short else ")"
+    return subset(prompts, kept, name)
+
+
+def included_tokens(model, prompts: PromptSet, exclude: Sequence[str] = ("first",), truncate: bool = False) -> list[int]:
+    """How many tokens of each prompt a capture keeps after truncation and ``exclude``, without a forward pass.
+
+    Uses ``lensdyn.hooks.capture``'s own tokenisation and exclusion rules, so the count is the
+    capture's. A prompt longer than the context raises ``PromptTooLongError`` here already unless
+    ``truncate``.
+    """
+    # Private helpers of hooks.capture: a second copy of the BOS and exclusion rules would drift from the capture's.
+    from lensdyn.hooks.capture import _excluded, _fit_context, _tokenize
+    from lensdyn.models import model_info
+
+    _, token_lists = _tokenize(model, prompts, model_info(model).prepend_bos)
+    token_lists, _ = _fit_context(token_lists, prompts, model.cfg.n_ctx, truncate)
+    counts = []
+    for ids in token_lists:  # one prompt at a time: a padded tensor of a whole corpus would be its full size
+        tokens = torch.tensor([ids], dtype=torch.long)
+        counts.append(len(ids) - int(_excluded(model, tokens, torch.ones_like(tokens, dtype=torch.bool), exclude).sum()))
+    return counts
+
+
+def short_prompts(model, prompts: PromptSet, indices: Sequence[int], exclude: Sequence[str], truncate: bool) -> list[int]:
+    """Those of ``indices`` whose prompts keep fewer than ``MIN_TOKENS`` tokens."""
+    if not indices:
+        return []
+    counts = included_tokens(model, subset(prompts, indices), exclude, truncate)
+    return [i for i, n in zip(indices, counts) if n < MIN_TOKENS]
+
+
+def short_prompt_error(prompts: PromptSet, short: Sequence[int], exclude: Sequence[str]) -> PromptError:
+    """Names the first short prompt by its index and its start, and says how many more there are."""
+    first = short[0]
+    start = prompts.texts[first][:40] + ("..." if len(prompts.texts[first]) > 40 else "")
+    more = f" (and {len(short) - 1} more)" if len(short) > 1 else ""
+    return PromptError(
+        f"prompt {first} ({prompts.labels[first]!r}: {start!r}) of {prompts.name!r}{more} keeps fewer than {MIN_TOKENS} "
+        f"tokens after excluding {list(exclude)}, and each prompt's cloud needs {MIN_TOKENS}: remove it from the corpus, "
+        "or leave such prompts out with --skip-short (run_corpus(skip_short=True))"
+    )
 
 
 def fingerprint(prompts: PromptSet) -> str:
@@ -111,6 +205,48 @@ def record_path(out: Path, shard: tuple[int, int]) -> Path:
     return out / f"shard-{shard[0]}-of-{shard[1]}.json"
 
 
+def lock_path(out: Path, shard: tuple[int, int]) -> Path:
+    """The file a run holds locked while it works on one shard."""
+    return record_path(out, shard).with_suffix(".lock")
+
+
+_HELD: set[Path] = set()  # shard locks this process holds: run_corpus inside the CLI's lock takes it again
+
+
+@contextmanager
+def shard_lock(out: str | Path, shard: tuple[int, int] = (0, 1)) -> Iterator[Path]:
+    """Hold ``out/shard-i-of-n.lock`` exclusively for the body; a second holder is refused, by pid.
+
+    ``flock`` is released by the kernel when the holder exits in any way (kill -9 included), so
+    a stale lock file never blocks a resume; its content (pid and host) only names the holder.
+    The file is left in place: deleting it would let a third run lock a new file while the
+    second still holds the old one.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = lock_path(out, shard).resolve()
+    if path in _HELD or fcntl is None:  # held here already; or no flock on this platform
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
+            raise ArgumentError(f"shard {shard[0]}/{shard[1]} in {out} is in use by another run ({holder}): "
+                                "wait for it to finish, or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _HELD.add(path)
+        try:
+            yield path
+        finally:
+            _HELD.discard(path)
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
 def run_corpus(
     model,
     prompts,
@@ -123,6 +259,7 @@ def run_corpus(
     truncate: bool = False,
     progress: bool = True,
     resume: bool = True,
+    skip_short: bool = False,
 ) -> tuple[StreamingStats, dict]:
     """Stream this shard's prompts through ``model`` chunk by chunk; returns ``(accumulators, record)``.
 
@@ -133,33 +270,51 @@ def run_corpus(
     (matmul shapes and summation order, about 1e-7 relative), so shards of a batched run agree with the
     single run to that; with ``batch_size=1`` every prompt's activations are the same in any shard and
     merged shards equal the single run to float64 round-off.
+
+    Every prompt of the shard is tokenised first: one that keeps fewer than ``MIN_TOKENS`` tokens
+    after ``exclude`` is an error naming it, or with ``skip_short`` is left out (its index in the
+    record's ``"skipped"``). The record's ``"truncated"`` lists the prompts cut to the context.
     """
+    if chunk < 1:
+        raise ArgumentError(f"chunk must be at least 1 prompt, not {chunk}")
+    if batch_size < 1:
+        raise ArgumentError(f"batch_size must be at least 1, not {batch_size}")
+    prompt_set = resolve_prompts(prompts)
+    with shard_lock(out, shard):
+        return _run_locked(model, prompt_set, Path(out), shard, chunk, batch_size, tuple(exclude), truncate, progress,
+                           resume, skip_short)
+
+
+def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_size, exclude, truncate, progress, resume,
+                skip_short) -> tuple[StreamingStats, dict]:
     from lensdyn.hooks.capture import capture
     from lensdyn.hooks.circuits import model_causal_metric
     from lensdyn.models import model_info
 
-    if chunk < 1:
-        raise ArgumentError(f"chunk must be at least 1 prompt, not {chunk}")
-    prompt_set = resolve_prompts(prompts)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     info = model_info(model)
     mine = list(range(shard[0], len(prompt_set), shard[1]))
+    short = short_prompts(model, prompt_set, mine, exclude, truncate)
+    if skip_short:
+        mine = [i for i in mine if i not in set(short)]
     record = {
         "format": RECORD_FORMAT, "model": info.name, "weights": info.weights, "seed": info.seed, "layout": info.layout,
         "n_params": info.n_params, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "prompt_set": prompt_set.name, "fingerprint": fingerprint(prompt_set), "n_prompts_total": len(prompt_set),
         "shard": list(shard), "n_prompts": len(mine), "exclude": list(exclude), "truncate": truncate,
-        "prompts_done": 0, "n_tokens": 0, "stats_file": None,
+        "skip_short": skip_short, "skipped": short if skip_short else [],
+        "prompts_done": 0, "n_tokens": 0, "truncated": [], "stats_file": None,
     }
     path = record_path(out, shard)
     stats = new_stats()
     if resume and path.exists():
-        previous = json.loads(path.read_text(encoding="utf-8"))
+        redo = f"run again with --restart (resume=False) to redo shard {shard[0]}/{shard[1]} from its start"
+        previous = read_record(path, redo)
         _check_same_run(previous, record, path)
         record |= {k: previous[k] for k in ("prompts_done", "n_tokens", "stats_file")}
-        if record["stats_file"]:
-            stats = load(out / record["stats_file"])
+        record["truncated"] = list(previous.get("truncated", []))
+        stats = _load_stats(path, record, redo)
+    if short and not skip_short:  # after the resume check, so a changed --skip-short reads as a changed setting
+        raise short_prompt_error(prompt_set, short, exclude)
     whitener = model_causal_metric(model).whitener
     texts = [prompt_set.texts[i] for i in mine]
     with tqdm(total=len(mine), initial=record["prompts_done"], unit="prompt", desc=f"corpus shard {shard[0]}/{shard[1]}",
@@ -171,30 +326,84 @@ def run_corpus(
             stats.update_from_capture(cap, extra={"resid_causal": resid @ whitener.to(resid.dtype)})
             record["prompts_done"] = min(start + chunk, len(mine))
             record["n_tokens"] += cap.n_tokens
+            record["truncated"] += [mine[start + i] for i in cap.truncated]
             _checkpoint(stats, record, path)
             bar.update(cap.n_prompts)
     return stats, record
 
 
+SETTINGS = ("format", "model", "weights", "seed", "dtype", "fingerprint", "shard", "exclude", "truncate", "skip_short")
+# What a record written before a field existed meant by it.
+RECORD_DEFAULTS = {"skip_short": False, "skipped": [], "truncated": []}
+
+
 def _check_same_run(previous: dict, record: dict, path: Path) -> None:
-    keys = ("format", "model", "weights", "seed", "dtype", "fingerprint", "shard", "exclude", "truncate")
-    changed = [k for k in keys if previous.get(k) != record[k]]
+    changed = [k for k in SETTINGS if previous.get(k, RECORD_DEFAULTS.get(k)) != record.get(k, RECORD_DEFAULTS.get(k))]
     if changed:
         raise ArgumentError(f"{path} belongs to another run ({', '.join(changed)} differ): "
                             "use another --out, or start again (resume=False, CLI --restart)")
 
 
+def read_record(path: Path, redo: str) -> dict:
+    """A shard's JSON record; a missing, damaged or foreign file is an error naming it and ``redo``, the way out
+    (a record a run stopped writing is never damaged: it is replaced atomically; a disk or a copy can damage it)."""
+    if path.suffix == ".npz":
+        raise ArgumentError(f"{path} holds a shard's accumulators, not its record: give the shard-i-of-n.json "
+                            "files beside it")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArgumentError(f"no shard record {path}: give the shard-i-of-n.json files a corpus run wrote") from None
+    except IsADirectoryError:
+        raise ArgumentError(f"{path} is a directory: give its shard-*.json files") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArgumentError(f"{path} is damaged ({_reason(err)}): {redo}") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        found = record.get("format", record.get("kind")) if isinstance(record, dict) else type(record).__name__
+        raise ArgumentError(f"{path} is not a corpus shard record (format {found!r}, not {RECORD_FORMAT!r}): "
+                            "give the shard-i-of-n.json files a corpus run wrote")
+    missing = [k for k in (*SETTINGS, "n_prompts", "n_prompts_total", "prompts_done", "n_tokens", "stats_file")
+               if k not in record and k not in RECORD_DEFAULTS]
+    if missing:
+        raise ArgumentError(f"{path} is damaged (it lacks {', '.join(missing)}): {redo}")
+    return record
+
+
+def _load_stats(path: Path, record: dict, redo: str) -> StreamingStats:
+    """The accumulators a record names; a missing or damaged file is an error naming it and the way out."""
+    if record["stats_file"] is None:  # a shard with no prompts (or none left by --skip-short)
+        return new_stats()
+    stats_path = path.parent / record["stats_file"]
+    if not stats_path.exists():
+        raise ArgumentError(f"{stats_path}, which {path.name} names, is missing: {redo}")
+    try:
+        return load(stats_path)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ArgumentError(f"{stats_path} is damaged ({_reason(err)}): {redo}") from None
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
 def _checkpoint(stats: StreamingStats, record: dict, path: Path) -> None:
     # New accumulators go to a new file; only then does the record switch to it (os.replace is atomic).
     # Stopped anywhere, the record on disk names a complete file that holds exactly its prompts_done.
+    # Both are on disk (fsync) before the switch: after a power cut the record never names a truncated file.
     old = record["stats_file"]
     record["stats_file"] = f"{path.stem}.{record['prompts_done']:08d}.npz"
-    stats.save(path.parent / record["stats_file"])
+    _fsync(stats.save(path.parent / record["stats_file"]))
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    _fsync(temporary)
     os.replace(temporary, path)
     if old and old != record["stats_file"]:
         (path.parent / old).unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def merge_shards(paths: Sequence[str | Path]) -> tuple[StreamingStats, dict]:
@@ -203,7 +412,7 @@ def merge_shards(paths: Sequence[str | Path]) -> tuple[StreamingStats, dict]:
     if not paths:
         raise ArgumentError("no shard files given")
     paths = [Path(p) for p in paths]
-    records = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    records = [read_record(p, f"run {_shard_of(p)} again with --restart to redo it") for p in paths]
     first = records[0]
     for path, rec in zip(paths, records):
         _check_same_run(first | {"shard": rec["shard"]}, rec, path)
@@ -214,10 +423,19 @@ def merge_shards(paths: Sequence[str | Path]) -> tuple[StreamingStats, dict]:
     found = sorted(rec["shard"][0] for rec in records)
     if found != list(range(count)) or any(rec["shard"][1] != count for rec in records):
         raise ArgumentError(f"need shards 0..{count - 1} of {count} exactly once, got {found}")
-    merged = merge_all(load(path.parent / rec["stats_file"]) for path, rec in zip(paths, records))
-    record = first | {"shard": [0, 1], "n_prompts": first["n_prompts_total"], "prompts_done": first["n_prompts_total"],
-                      "n_tokens": sum(rec["n_tokens"] for rec in records), "merged_from": count, "stats_file": None}
+    merged = merge_all(_load_stats(path, rec, f"run {_shard_of(path)} again with --restart to redo it")
+                       for path, rec in zip(paths, records))
+    n_prompts = sum(rec["n_prompts"] for rec in records)  # the total less the prompts --skip-short left out
+    record = first | {"shard": [0, 1], "n_prompts": n_prompts, "prompts_done": n_prompts,
+                      "n_tokens": sum(rec["n_tokens"] for rec in records), "merged_from": count, "stats_file": None,
+                      **{k: sorted(i for rec in records for i in rec.get(k, [])) for k in ("skipped", "truncated")}}
     return merged, record
+
+
+def _shard_of(path: Path) -> str:
+    """``"shard i/n"`` from a record's file name, for messages about a record too damaged to read."""
+    found = re.fullmatch(r"shard-(\d+)-of-(\d+)\.json", path.name)
+    return f"shard {found[1]}/{found[2]}" if found else "that shard"
 
 
 @dataclass(frozen=True, eq=False)
@@ -271,6 +489,13 @@ class CorpusResult(Result):
         return fig
 
 
+def _skipped_note(record: dict) -> str:
+    skipped = record.get("skipped", [])
+    if not skipped:
+        return ""
+    return f"; {len(skipped)} prompt(s) with fewer than {MIN_TOKENS} included tokens left out (skip_short)"
+
+
 def corpus_result(stats: StreamingStats, record: dict) -> CorpusResult:
     """The final statistics of (merged) accumulators and their record."""
     from lensdyn import __version__
@@ -280,7 +505,7 @@ def corpus_result(stats: StreamingStats, record: dict) -> CorpusResult:
     return CorpusResult(
         conventions=Conventions(
             aggregation="streamed over every included token of every prompt (float64 accumulators); a(l) and gains as "
-            "ratio of means; histogram and energy averaged over prompts",
+            "ratio of means; histogram and energy averaged over prompts" + _skipped_note(record),
             excluded_positions=tuple(record["exclude"]),
         ),
         provenance=Provenance(

@@ -17,6 +17,7 @@ evaluation prompts and target tokens (``resolve_contrast``).
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,22 +215,18 @@ def load_prompts(path: str | Path) -> PromptSet:
 def resolve_prompts(prompts, *, allow_literal: bool = True) -> PromptSet:
     """Turn what a user passes (a PromptSet, built-in name, path, string or list of strings) into a PromptSet.
 
-    A string that is neither a built-in name nor an existing path is itself the prompt, unless
-    ``allow_literal=False`` (the CLI), where it is an error: a mistyped set name must not
-    silently become a one-prompt experiment.
+    A string is a built-in set name or a path only when it is exactly one. A string that nearly
+    is one (``"diverse "``, ``"divers"``, a missing ``"my.txt"``) is an error that says so, and an
+    empty string is an empty prompt, never the current directory. Any other string is itself the
+    one prompt, unless ``allow_literal=False`` (the CLI), where it is an error too: a mistyped set
+    name must not silently become a one-prompt experiment. A list of strings is always prompts.
     """
     if isinstance(prompts, PromptSet):
         return prompts
     if isinstance(prompts, Path):
         return load_prompts(prompts)
     if isinstance(prompts, str):
-        if prompts in _BUILTIN:
-            return _BUILTIN[prompts]
-        if Path(prompts).expanduser().exists():
-            return load_prompts(prompts)
-        if not allow_literal:
-            get_prompts(prompts)  # raises, naming the built-in sets
-        return PromptSet.from_texts([prompts])
+        return _resolve_string(prompts, allow_literal)
     if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
         if not prompts:
             raise PromptError("empty prompt list: give at least one prompt")
@@ -238,6 +235,66 @@ def resolve_prompts(prompts, *, allow_literal: bool = True) -> PromptSet:
         f"cannot read prompts from {type(prompts).__name__}: give a PromptSet, a built-in name "
         f"({', '.join(_BUILTIN)}), a path, a string, or a list of strings"
     )
+
+
+# Endings of the files load_prompts reads: a one-word string with one is meant as a path.
+_PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+def _resolve_string(text: str, allow_literal: bool) -> PromptSet:
+    """A built-in set, a prompt file or directory, or the one literal prompt ``text``; never a guess."""
+    if not text.strip():
+        # Path("") is the current directory: an empty string would read whatever .txt files lie there.
+        raise PromptError(f"empty prompt {json.dumps(text)}: give a prompt text, a built-in set "
+                          f"({', '.join(_BUILTIN)}), or a path")
+    if text in _BUILTIN:
+        return _BUILTIN[text]
+    if _is_existing_path(text):
+        return load_prompts(text)
+    near = _near_name(text)
+    if near is not None or _looks_like_a_path(text):
+        raise PromptError(_not_a_name(text, near, allow_literal))
+    if not allow_literal:
+        get_prompts(text)  # raises, naming the built-in sets
+    return PromptSet.from_texts([text])
+
+
+def _is_existing_path(text: str) -> bool:
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):  # longer than a file name can be, or a NUL byte: a prompt, not a path
+        return False
+
+
+def _near_name(text: str) -> str | None:
+    """The built-in set, contrast set or existing path ``text`` nearly names: other case, stray spaces, a typo."""
+    key = text.strip()
+    if key != text and (key in _BUILTIN or _is_existing_path(key)):
+        return key
+    names = {name.casefold(): name for name in (*_BUILTIN, *CONTRAST_SETS)}
+    close = difflib.get_close_matches(key.casefold(), names, n=1, cutoff=0.8)
+    return names[close[0]] if close else None
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """One word with a directory separator, a leading ``~``, or a prompt file's ending."""
+    if len(text.split()) != 1:
+        return False
+    word = text.strip()
+    return "/" in word or "\\" in word or word.startswith("~") or word.lower().endswith(_PROMPT_FILE_SUFFIXES)
+
+
+def _not_a_name(text: str, near: str | None, allow_literal: bool) -> str:
+    """What was understood of a string that nearly names a set or path, and what to give instead."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    message = f"no built-in set or path named {quoted}"
+    if near in CONTRAST_SETS:
+        message += f" ({json.dumps(near)} is a contrast set, for steering: resolve_contrast)"
+    elif near is not None:
+        message += f" (did you mean {json.dumps(near, ensure_ascii=False)}?)"
+    if allow_literal:
+        return message + f"; to pass one prompt, give a list: [{quoted}]"
+    return message + f"; built-in sets are {', '.join(_BUILTIN)}, or give a .txt/.jsonl file or a directory of .txt files"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,47 @@ def test_unknown_set_names_the_built_in_sets():
         get_prompts("nope")
     with pytest.raises(PromptError, match="diverse, repeated"):
         resolve_prompts("divers", allow_literal=False)
-    assert resolve_prompts("divers").texts == ("divers",)
+    with pytest.raises(PromptError, match='did you mean "diverse"'):
+        resolve_prompts("divers")
+
+
+def test_a_string_is_a_set_or_a_path_only_when_it_is_exactly_one(tmp_path, monkeypatch):
+    (tmp_path / "mine.txt").write_text("My own prompt.", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_prompts("diverse") is get_prompts("diverse")
+    assert resolve_prompts("mine.txt").texts == ("My own prompt.",)
+    assert resolve_prompts(["diverse "]).texts == ("diverse ",)  # a list is always literal prompts
+    message = 'no built-in set or path named "diverse " (did you mean "diverse"?); to pass one prompt, give a list: ["diverse "]'
+    with pytest.raises(PromptError) as caught:
+        resolve_prompts("diverse ")
+    assert str(caught.value) == message
+    for near in ("Diverse", "\tdiverse\n", "repeat"):
+        with pytest.raises(PromptError, match="did you mean"):
+            resolve_prompts(near)
+    with pytest.raises(PromptError, match='did you mean "mine.txt"'):
+        resolve_prompts("mine.txt ")
+    for missing in ("missing.txt", "corpus/", "~/prompts.jsonl", "data/set"):
+        with pytest.raises(PromptError, match="no built-in set or path named .*give a list"):
+            resolve_prompts(missing)
+    with pytest.raises(PromptError, match="contrast set"):
+        resolve_prompts("sentiment")
+
+
+def test_empty_string_is_an_empty_prompt_not_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "stray.txt").write_text("A file that happens to lie here.", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "   ", "\n"):
+        for allow_literal in (True, False):
+            with pytest.raises(PromptError, match="empty prompt"):
+                resolve_prompts(empty, allow_literal=allow_literal)
+    assert resolve_prompts(".").texts == ("A file that happens to lie here.",)  # an explicit path still works
+
+
+def test_unambiguous_literal_strings_stay_one_prompt():
+    for text in ("hello", "A quiet evening by the river.", "a", get_prompts("diverse").texts[3]):
+        assert resolve_prompts(text).texts == (text,)
+    with pytest.raises(PromptError, match="unknown prompt set"):
+        resolve_prompts("A quiet evening by the river.", allow_literal=False)
 
 
 def test_loaders(tmp_path):
