@@ -9,7 +9,8 @@ A ``PromptSet`` is a named, labelled tuple of texts. Built-in sets (``get_prompt
 
 ``load_prompts(path)`` reads a ``.txt`` file (one prompt), a ``.jsonl`` file (one
 ``{"text": ...}`` per line), or a directory of ``.txt`` files (one prompt each, sorted by name).
-``resolve_prompts(x)`` accepts any of these, a built-in name, a string, or a list of strings.
+``resolve_prompts(x)`` accepts any of these, a built-in name, a string, or a list of strings;
+a string that nearly names a set or a path (``"diverse "``) is an error, not a one-prompt set.
 
 ``EDIT_PAIRS`` are clean/edited prompt pairs for deflection and patching; ``CONTRAST_SETS``
 (``sentiment``, ``formality``) are contrastive texts for steering vectors, with neutral
@@ -286,15 +287,18 @@ def _looks_like_a_path(text: str) -> bool:
 
 def _not_a_name(text: str, near: str | None, allow_literal: bool) -> str:
     """What was understood of a string that nearly names a set or path, and what to give instead."""
-    quoted = json.dumps(text, ensure_ascii=False)
-    message = f"no built-in set or path named {quoted}"
-    if near in CONTRAST_SETS:
-        message += f" ({json.dumps(near)} is a contrast set, for steering: resolve_contrast)"
-    elif near is not None:
-        message += f" (did you mean {json.dumps(near, ensure_ascii=False)}?)"
+    quote = (lambda s: json.dumps(s, ensure_ascii=False)) if allow_literal else repr
+    if near in CONTRAST_SETS and near == text.strip():
+        hint = " (it is a contrast set, for steering: resolve_contrast)"
+    elif near in CONTRAST_SETS:
+        hint = f" (did you mean the contrast set {quote(near)}? contrast sets are for steering: resolve_contrast)"
+    else:
+        hint = f" (did you mean {quote(near)}?)" if near is not None else ""
     if allow_literal:
-        return message + f"; to pass one prompt, give a list: [{quoted}]"
-    return message + f"; built-in sets are {', '.join(_BUILTIN)}, or give a .txt/.jsonl file or a directory of .txt files"
+        return f"no built-in set or path named {quote(text)}{hint}; to pass one prompt, give a list: [{quote(text)}]"
+    # The CLI's wording, as get_prompts words it: a command line cannot pass a list.
+    return (f"unknown prompt set {text!r}{hint}: built-in sets are {', '.join(_BUILTIN)}; "
+            "or give a .txt/.jsonl file or a directory of .txt files")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ def test_repeated_prompts_are_one_token_repeated(smollm2):
 def test_unknown_set_names_the_built_in_sets():
     with pytest.raises(PromptError, match="diverse, repeated"):
         get_prompts("nope")
-    with pytest.raises(PromptError, match="diverse, repeated"):
+    cli_message = r"unknown prompt set 'divers' \(did you mean 'diverse'\?\): built-in sets are diverse, repeated"
+    with pytest.raises(PromptError, match=cli_message):
         resolve_prompts("divers", allow_literal=False)
     with pytest.raises(PromptError, match='did you mean "diverse"'):
         resolve_prompts("divers")
@@ -58,8 +59,10 @@ def test_a_string_is_a_set_or_a_path_only_when_it_is_exactly_one(tmp_path, monke
     for missing in ("missing.txt", "corpus/", "~/prompts.jsonl", "data/set"):
         with pytest.raises(PromptError, match="no built-in set or path named .*give a list"):
             resolve_prompts(missing)
-    with pytest.raises(PromptError, match="contrast set"):
+    with pytest.raises(PromptError, match="it is a contrast set"):
         resolve_prompts("sentiment")
+    with pytest.raises(PromptError, match='did you mean the contrast set "formality"'):
+        resolve_prompts("formalty")
 
 
 def test_empty_string_is_an_empty_prompt_not_the_current_directory(tmp_path, monkeypatch):
