@@ -26,6 +26,7 @@ Precision follows the model's dtype (load it with ``dtype=torch.float64`` for fl
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ from lensdyn.hooks.compat import cache_keyword, route_cache_keyword
 from lensdyn.hooks.iterate import _rotary
 
 MODES = ("context", "single-token")
+# Forward-mode AD levels are global to the process, not per thread: two threads inside a jvp at once
+# fail with "Nested forward mode AD is not supported" (the report measures a model and its control
+# side by side). Every forward-mode product holds this lock.
+FORWARD_AD = threading.RLock()
 PREFIX_CACHE = "jacobian prefix cache"  # the fast path's name in warnings and ``lensdyn.fastpath.fast_paths``
 
 
@@ -141,7 +146,7 @@ def jacobian_operator(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) ->
     dtype = z0.dtype
     counter = {"matvec": 0}
     try:
-        with torch.enable_grad():
+        with FORWARD_AD, torch.enable_grad():
             _, linear = torch.func.linearize(f, z0)
     except Exception:  # noqa: BLE001 - tracing can fail on exotic modules; plain jvp always works
         def linear(t: Tensor) -> Tensor:
@@ -150,7 +155,8 @@ def jacobian_operator(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) ->
 
     def apply(part: np.ndarray) -> np.ndarray:
         tangent = torch.as_tensor(np.ascontiguousarray(part).reshape(-1), dtype=dtype, device=z0.device)
-        return linear(tangent).detach().double().cpu().numpy()
+        with FORWARD_AD:
+            return linear(tangent).detach().double().cpu().numpy()
 
     def matvec(v: np.ndarray) -> np.ndarray:
         counter["matvec"] += 1
@@ -269,5 +275,5 @@ def jacobian_spectrum(
 
 def dense_jacobian(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) -> Float[Tensor, "d d"]:
     """The full ``d x d`` Jacobian, only when asked (tests, tiny models): ``d`` jvps' worth of memory."""
-    with torch.enable_grad():
+    with FORWARD_AD, torch.enable_grad():
         return torch.func.jacfwd(f)(z0).detach()

@@ -183,3 +183,27 @@ def test_smollm2_prefix_cache_path_equals_the_full_context_block(smollm2, smollm
     with torch.enable_grad():
         (_, a), (_, b) = torch.func.jvp(fast, (z0,), (v,)), torch.func.jvp(slow, (z0,), (v,))
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_spectra_of_two_models_measured_side_by_side_in_threads_equal_serial_ones():
+    """Forward-mode AD levels are process-wide: without a lock, two threads' jvps collide
+    ("Nested forward mode AD is not supported"), as the report's model and control did."""
+    import threading
+
+    models = [tiny_bridge(seed=s, d_model=64, d_head=16) for s in (0, 1)]
+    states = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    serial = [jacobian_spectrum(m, states, layer=1, k=4).spectral_radius for m in models]
+    for _ in range(3):
+        found, errors = {}, []
+
+        def work(i):
+            try:
+                found[i] = [jacobian_spectrum(models[i], states, layer=1, k=4).spectral_radius for _ in range(2)]
+            except Exception as err:  # noqa: BLE001 - collected and reported below
+                errors.append(repr(err))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == []
+        assert all(found[i] == pytest.approx([serial[i]] * 2, rel=1e-6) for i in (0, 1))
