@@ -277,6 +277,13 @@ def capture(
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         token_mask[i, : len(ids)] = True
 
+    mask = token_mask & ~_excluded(model, tokens, token_mask, exclude)
+    if not bool(mask.any()):
+        # Every aggregate would be over nothing: say so now, not as NaNs or empty tables later.
+        raise PromptError(
+            f"no token left to measure: exclude={tuple(exclude)} removes every token of "
+            f"{'the prompt' if n_prompts == 1 else f'all {n_prompts} prompts'} (longest {max_len}); "
+            "give a longer prompt or exclude=()")
     buffers = _Buffers(model, info.layout == "post-norm", streams, attention, token_mask, store_device,
                        extra_hooks=list(fwd_hooks))
     device = next(model.parameters()).device
@@ -293,7 +300,7 @@ def capture(
     return Capture(
         tokens=tokens,
         token_mask=token_mask,
-        mask=token_mask & ~_excluded(model, tokens, token_mask, exclude),
+        mask=mask,
         str_tokens=str_tokens,
         prompts=prompt_set,
         model=info,

@@ -319,3 +319,9 @@ def test_a_model_split_over_two_devices_captures_the_same_activations(smollm2, t
         ld.load_model(str(tmp_path), device="cpu", device_map=device_map)
     with pytest.raises(ArgumentError, match="embedded"):
         ld.load_model("smollm2-135m", device_map=device_map)
+
+
+def test_capture_with_no_token_left_to_measure_is_an_error(tiny_model):
+    with pytest.raises(PromptError, match="no token left to measure"):
+        ld.capture(tiny_model, [[7]])
+    assert ld.capture(tiny_model, [[7]], exclude=()).mask.sum() == 1
