@@ -417,6 +417,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
             aggregation="angles and length-to-chord over every included token's trajectory pooled; nulls with the same "
             f"step lengths, {n_draws} draws; deflection at the last token of each edit pair",
             excluded_positions=cap.exclude,
+            layout=cap.model.layout,
         ),
         provenance=Provenance.from_capture(cap),
         raw=compare_with_nulls(states, n_draws, seed),

@@ -544,7 +544,7 @@ def measure(
 def _measure_capture(
     cap: Capture, metric: CausalMetric, aggregation: str, fit_space: FitSpace, n_permutations: int, top_k: int, seed: int
 ) -> ExpansionResult:
-    cap.require_streams(STREAMS)
+    cap.require_streams(STREAMS, allow_absent=True)
     mask = cap.mask
     if not bool(mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
@@ -557,7 +557,8 @@ def _measure_capture(
     }
     post_ln = token_norms(cap.tokens_of("attn_in")).mean(dim=1).numpy()
     attn_cross, attn_self = growth_terms(vectors[:-1], cap.tokens_of("attn_out"))
-    mlp_cross, mlp_self = growth_terms(cap.tokens_of("resid_mid"), cap.tokens_of("mlp_out"))
+    # On parallel blocks the MLP writes into the block input too; the 2 a.m interaction is in neither share.
+    mlp_cross, mlp_self = growth_terms(cap.mlp_writes_into(), cap.tokens_of("mlp_out"))
     attn_growth, mlp_growth = (attn_cross + attn_self).mean(dim=1), (mlp_cross + mlp_self).mean(dim=1)
     euclid = tracks["euclidean"]
     return ExpansionResult(
@@ -565,6 +566,7 @@ def _measure_capture(
             aggregation=f"a(l) as {aggregation.replace('_', ' ')} over included tokens pooled; per-token and "
             "comoving quantities per token, then averaged",
             excluded_positions=cap.exclude,
+            layout=cap.model.layout,
         ),
         provenance=Provenance.from_capture(cap),
         causal_metric_condition_number=metric.condition_number,

@@ -7,7 +7,8 @@ expands 3.6x / 6.24x, and "final MLP gain ~ params^0.35" from two models. Its ga
 - ``reference="ln_output"`` (the write-up's): relative to what the sublayer reads, ``attn_in`` /
   ``mlp_in`` (the norm's output with its gain; on post-norm models the residual itself).
 - ``reference="resid"``: relative to the residual the sublayer writes into (``resid_pre`` for
-  attention, ``resid_mid`` for the MLP): the sublayer's update relative to the stream.
+  attention, ``resid_mid`` for the MLP; ``resid_pre`` for both on parallel blocks such as
+  Pythia's, ``lensdyn.layouts``): the sublayer's update relative to the stream.
 - ``resid_gain[l] = ||resid[l+1]|| / ||resid[l]||`` per block, before the final norm (the
   write-up's pythia-70m list ends in 27.9 because its last entry includes the final norm).
 - ``aggregation``: ``"ratio_of_means"`` (default) or ``"mean_of_ratios"``; ``tokens``: ``"all"``
@@ -237,7 +238,7 @@ def measure(
 
 
 def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str, band: float) -> GainsResult:
-    cap.require_streams(STREAMS)
+    cap.require_streams(STREAMS, allow_absent=True)
     mask = cap.mask & last_token_mask(cap.token_mask) if tokens == "last" else cap.mask
     if not bool(mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
@@ -245,7 +246,7 @@ def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str
     if reference == "ln_output":
         attn_ref, mlp_ref = cap.tokens_of("attn_in", mask), cap.tokens_of("mlp_in", mask)
     else:
-        attn_ref, mlp_ref = resid_tokens[:-1], cap.tokens_of("resid_mid", mask)
+        attn_ref, mlp_ref = resid_tokens[:-1], cap.mlp_writes_into(mask)
     attn = sublayer_gain(cap.tokens_of("attn_out", mask), attn_ref, aggregation)
     mlp = sublayer_gain(cap.tokens_of("mlp_out", mask), mlp_ref, aggregation)
     resid = sublayer_gain(resid_tokens[1:], resid_tokens[:-1], aggregation)
@@ -255,6 +256,7 @@ def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str
             aggregation=f"{aggregation.replace('_', ' ')} over "
             + ("each prompt's last token" if tokens == "last" else "included tokens"),
             excluded_positions=cap.exclude,
+            layout=cap.model.layout,
         ),
         provenance=Provenance.from_capture(cap),
         attn_gain=attn,

@@ -530,6 +530,7 @@ def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rt
         conventions=Conventions(
             aggregation="per prompt over its included tokens (sphere-projected residual); summaries average prompts",
             excluded_positions=cap.exclude,
+            layout=cap.model.layout,
         ),
         provenance=Provenance.from_capture(cap),
         prompt_labels=cap.prompts.labels,

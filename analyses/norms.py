@@ -139,6 +139,7 @@ def measure(capture_or_model, prompts="diverse", **capture_kwargs) -> NormsResul
             aggregation="mean/std/quantiles over all included tokens pooled; prompt_mean per prompt; "
             "position 0 averaged over prompts separately",
             excluded_positions=cap.exclude,
+            layout=cap.model.layout,
         ),
         provenance=Provenance.from_capture(cap),
         prompt_mean=masked_mean(norms, cap.mask).T.numpy(),

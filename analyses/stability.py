@@ -335,6 +335,7 @@ def _measure(cap: Capture, model, layers, profile_prompts, context, k, betas, k_
             aggregation=f"Jacobians at the last of the first {context} tokens of "
             f"{min(profile_prompts, cap.n_prompts)} prompt(s); mean cosine and K-theta over included tokens",
             excluded_positions=cap.exclude,
+            layout=cap.model.layout,
         ),
         provenance=Provenance.from_capture(cap),
         attention_type=attention_type(model),

@@ -447,6 +447,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
             f"mean over evaluation prompts; a(l) ratio of means over the capture's tokens; E* = {TARGET_FRACTION} x median "
             f"native maximum; {n_bootstrap} bootstrap draws over evaluation prompts",
             excluded_positions=cap.exclude,
+            layout=cap.model.layout,
         ),
         provenance=Provenance.from_capture(cap),
         contrast=contrast.name,

@@ -50,7 +50,8 @@ from lensdyn.errors import (
     PromptTooLongError,
     UnsupportedArchitectureError,
 )
-from lensdyn.models import ModelInfo, model_info
+from lensdyn.layouts import BlockLayout
+from lensdyn.models import ModelInfo, block_layout, model_info
 from lensdyn.prompts import PromptSet, resolve_prompts
 
 STREAMS = (
@@ -88,6 +89,7 @@ class Capture:
     n_layers: int
     packed: dict[str, Tensor] = field(default_factory=dict)  # stream -> [layer or block, token, (d_model)]
     attention: Float[Tensor, "block batch head query key"] | None = None
+    absent: tuple[str, ...] = ()  # streams asked for that this block layout does not have (lensdyn.layouts)
     _padded: dict[str, Tensor] = field(default_factory=dict, init=False, compare=False)  # padded views, built on use
 
     def __post_init__(self):
@@ -168,13 +170,29 @@ class Capture:
             return self.prompts
         return [self.tokens[i, : int(n)].tolist() for i, n in enumerate(self.token_mask.sum(1))]
 
-    def require_streams(self, streams: Sequence[str]) -> None:
-        """Fail with every missing stream named at once (an analysis checks its ``STREAMS`` up front)."""
-        missing = [s for s in streams if s not in self.packed]
+    def require_streams(self, streams: Sequence[str], allow_absent: bool = False) -> None:
+        """Fail with every missing stream named at once (an analysis checks its ``STREAMS`` up front).
+
+        ``allow_absent``: streams this block layout does not have pass (the analysis reads around them).
+        """
+        absent = [s for s in streams if s in self.absent and s not in self.packed]
+        if absent and not allow_absent:
+            raise UnsupportedArchitectureError(
+                f"{', '.join(map(repr, absent))} does not exist on {self.model.layout} blocks ({self.model.name}): "
+                "see lensdyn.layouts for what each stream means per layout"
+            )
+        missing = [s for s in streams if s not in self.packed and s not in self.absent]
         if missing:
             raise ArgumentError(
                 f"this capture holds no {', '.join(map(repr, missing))}: capture again with streams={tuple(streams)!r}"
             )
+
+    def mlp_writes_into(self, mask: Bool[Tensor, "batch pos"] | None = None) -> Tensor:
+        """``[block, n, d_model]``: the residual state each MLP's write is added to: ``resid_mid`` on
+        sequential blocks, the block input ``resid_pre`` on parallel ones (``lensdyn.layouts``)."""
+        if self.model.layout == "parallel":
+            return self.tokens_of("resid", mask)[:-1]
+        return self.tokens_of("resid_mid", mask)
 
     def __repr__(self) -> str:
         # The default dataclass repr would print every tensor; a notebook wants the shapes.
@@ -284,7 +302,10 @@ def capture(
             f"no token left to measure: exclude={tuple(exclude)} removes every token of "
             f"{'the prompt' if n_prompts == 1 else f'all {n_prompts} prompts'} (longest {max_len}); "
             "give a longer prompt or exclude=()")
-    buffers = _Buffers(model, info.layout == "post-norm", streams, attention, token_mask, store_device,
+    layout = block_layout(model)
+    # A stream the layout lacks (resid_mid on a parallel block) is not captured, and says so when read.
+    absent = tuple(s for s in streams if s not in layout.stream_hooks(0) and s != "resid")
+    buffers = _Buffers(model, layout, [s for s in streams if s not in absent], attention, token_mask, store_device,
                        extra_hooks=list(fwd_hooks))
     device = next(model.parameters()).device
     batches = _length_batches([len(t) for t in token_lists], batch_size)
@@ -309,6 +330,7 @@ def capture(
         n_layers=model.cfg.n_layers,
         packed=buffers.packed,
         attention=buffers.attention,
+        absent=absent,
     )
 
 
@@ -358,7 +380,7 @@ class _Buffers:
     """Preallocated outputs (packed streams, padded attention) and the hook functions that fill them."""
 
     model: object
-    post_norm: bool
+    layout: BlockLayout
     streams: Sequence[str]
     want_attention: bool
     token_mask: Tensor
@@ -373,7 +395,7 @@ class _Buffers:
         cfg = self.model.cfg
         wanted = set(self.streams) | ({"attention"} if self.want_attention else set())
         # Checked before anything is allocated or run: a bridge without these hooks fails at once.
-        self.plan = _check_hooks_exist(self.model, _hook_plan(cfg.n_layers, self.post_norm, wanted))
+        self.plan = _check_hooks_exist(self.model, _hook_plan(cfg.n_layers, self.layout, wanted))
         dtype = next(self.model.parameters()).dtype
         n, n_real = cfg.n_layers, int(self.token_mask.sum())
         # Every real token of every stream is written by some batch, so nothing needs zeroing.
@@ -406,7 +428,7 @@ class _Buffers:
             self.attention[:, rows] = self.attention[:, rows].masked_fill(outside, 0)
 
     def _hooks(self, batch_mask: Tensor, rows: Tensor) -> list[tuple[str, Callable]]:
-        post_norm, length, last_hook = self.post_norm, batch_mask.shape[1], self.plan[-1][0]
+        post_norm, length, last_hook = self.layout.name == "post-norm", batch_mask.shape[1], self.plan[-1][0]
         resid_pre: dict[int, Tensor] = {}
         # The batch's real tokens, in (row, position) order, and where they go in the packed streams.
         lengths = batch_mask.sum(1)
@@ -418,6 +440,8 @@ class _Buffers:
                 target = self.attention[index, :, :, :length, :length]
                 target.index_copy_(0, rows, value.to(self.store_device, target.dtype))
                 return
+            if value.dim() == 2:  # OPT's blocks flatten [batch, pos] before the MLP's norm
+                value = value.reshape(*batch_mask.shape, -1)
             if stream.endswith("_scale"):
                 value = value.squeeze(-1)
             target = self.packed[stream][index]
@@ -443,40 +467,18 @@ class _Buffers:
         return [(name, make(name, stream, index)) for name, stream, index in self.plan]
 
 
-def _hook_plan(n_layers: int, post_norm: bool, wanted: set[str]) -> list[tuple[str, str | None, int]]:
+def _hook_plan(n_layers: int, layout: BlockLayout, wanted: set[str]) -> list[tuple[str, str | None, int]]:
     """(hook point, stream it fills or None, layer index), in the order the forward pass reaches them.
 
-    The last entry is always the last block's ``hook_resid_post``: the pass stops there.
+    Where each stream is read from is the layout's (``BlockLayout.stream_hooks``); one hook point
+    may fill two streams. The last entry is always the last block's ``hook_resid_post``: the pass stops there.
     """
+    post_norm = layout.name == "post-norm"
     plan: list[tuple[str, str | None, int]] = []
     for layer in range(n_layers):
-        block = f"blocks.{layer}"
         if "resid" in wanted or (post_norm and "attn_out" in wanted):
-            plan.append((f"{block}.hook_resid_pre", "resid" if "resid" in wanted else None, layer))
-        if post_norm:
-            # A post-norm block reads its residual directly; one hook point may fill two streams.
-            sublayer = [
-                ("attn_in", f"{block}.hook_resid_pre"),
-                ("attn_out", f"{block}.ln1.hook_in"),
-                ("resid_mid", f"{block}.ln1.hook_out"),
-                ("mlp_in", f"{block}.ln1.hook_out"),
-            ]
-        else:
-            sublayer = [
-                ("attn_in", f"{block}.ln1.hook_out"),
-                ("attn_out", f"{block}.hook_attn_out"),
-                ("resid_mid", f"{block}.hook_resid_mid"),
-                ("mlp_in", f"{block}.ln2.hook_out"),
-            ]
-        sublayer += [
-            ("ln1_scale", f"{block}.ln1.hook_scale"),
-            ("ln1_normalized", f"{block}.ln1.hook_normalized"),
-            ("ln2_scale", f"{block}.ln2.hook_scale"),
-            ("ln2_normalized", f"{block}.ln2.hook_normalized"),
-            ("attention", f"{block}.attn.hook_pattern"),
-            ("mlp_out", f"{block}.hook_mlp_out"),
-        ]
-        plan += [(hook, stream, layer) for stream, hook in sublayer if stream in wanted]
+            plan.append((f"blocks.{layer}.hook_resid_pre", "resid" if "resid" in wanted else None, layer))
+        plan += [(hook, stream, layer) for stream, hook in layout.stream_hooks(layer).items() if stream in wanted]
     plan.append((f"blocks.{n_layers - 1}.hook_resid_post", "resid" if "resid" in wanted else None, n_layers))
     return plan
 

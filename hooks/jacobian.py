@@ -8,7 +8,7 @@ with position ``p`` replaced by ``z``:
 - ``mode="single-token"``: the block runs on ``z`` alone as a length-1 sequence (no cross-token
   mixing: the StateLens write-up's setting).
 
-``norms="frozen"`` detaches every norm's scale inside the block (``ln{1,2}.hook_scale``): the
+``norms="frozen"`` detaches every norm's scale inside the block (``ln{1,2}[_post].hook_scale``): the
 norm divides by the value it had at the base point and stops projecting out the radial
 direction, so comparing live and frozen spectra tests "stability emerges from LayerNorm".
 
@@ -37,10 +37,11 @@ from jaxtyping import Complex, Float
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
-from lensdyn.errors import ArgumentError
+from lensdyn.errors import ArgumentError, UnsupportedArchitectureError
 from lensdyn.fastpath import agrees, unavailable, verdict
 from lensdyn.hooks.compat import cache_keyword, route_cache_keyword
 from lensdyn.hooks.iterate import _rotary
+from lensdyn.models import block_layout
 
 MODES = ("context", "single-token")
 # Forward-mode AD levels are global to the process, not per thread: two threads inside a jvp at once
@@ -75,7 +76,13 @@ def block_map(
     if rotary is not None:
         positions = torch.arange(context.shape[0], device=param.device)[None]
         kwargs["position_embeddings"] = rotary(context[None], positions)
-    frozen = [(f"blocks.{layer}.{ln}.hook_scale", lambda s, hook: s.detach()) for ln in ("ln1", "ln2")]
+    frozen = []
+    if norms == "frozen":
+        # Every norm the block has (pre, post-sublayer or post: lensdyn.layouts) divides by its base-point value.
+        scales = [f"blocks.{layer}.{ln}.hook_scale" for ln in block_layout(model).norms]
+        frozen = [(name, lambda s, hook: s.detach()) for name in scales if name in model.hook_dict]
+        if not frozen:
+            raise UnsupportedArchitectureError(f"block {layer} exposes no norm scale (hook_scale) to freeze")
     z0 = context[target].detach().clone()
 
     def f(z: Tensor) -> Tensor:

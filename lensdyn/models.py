@@ -50,14 +50,11 @@ from lensdyn.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from lensdyn.layouts import BlockLayout, LayoutName, detect_layout
 
 DEFAULT_MODEL = "smollm2-135m"
 Weights = Literal["pretrained", "random"]
 
-# Hugging Face model types whose blocks normalise *after* the residual addition.
-POST_NORM_MODEL_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "camembert", "albert", "distilbert", "electra"}
-)
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ class ModelInfo:
     seed: int
     dtype: str
     source: str
-    layout: Literal["pre-norm", "post-norm"]
+    layout: LayoutName  # lensdyn.layouts: pre-norm, post-sublayer-norm, parallel or post-norm
     # The checkpoint tokenizer's own BOS behaviour. TransformerLens switches BOS on for every
     # tokenizer it wraps; lensdyn keeps the checkpoint's choice unless a capture asks otherwise.
     prepend_bos: bool | None = None
@@ -278,11 +275,16 @@ def text_token_ids(model, texts, purpose: str, single: bool = True) -> list[int]
     return ids
 
 
-def layout_of(model) -> Literal["pre-norm", "post-norm"]:
-    """``"post-norm"`` for BERT-style blocks (norm after the residual add), else ``"pre-norm"``."""
+def block_layout(model) -> BlockLayout:
+    """The model's block layout (``lensdyn.layouts``), read off its hook points and Hugging Face ``model_type``."""
     original = getattr(model, "original_model", None)
     model_type = getattr(getattr(original, "config", None), "model_type", None)
-    return "post-norm" if model_type in POST_NORM_MODEL_TYPES else "pre-norm"
+    return detect_layout(model.hook_dict, model_type)
+
+
+def layout_of(model) -> LayoutName:
+    """The name of the model's block layout: ``"pre-norm"``, ``"post-sublayer-norm"``, ``"parallel"`` or ``"post-norm"``."""
+    return block_layout(model).name
 
 
 def model_info(model) -> ModelInfo:

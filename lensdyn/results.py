@@ -45,6 +45,7 @@ class Conventions:
     layer_convention: str = LAYER_CONVENTION
     weights: str = "raw (no fold_ln, no centering)"
     dtype: str = "float64 statistics"
+    layout: str = "unrecorded"  # the block layout the streams were read under (lensdyn.layouts)
 
 
 @dataclass(frozen=True)
