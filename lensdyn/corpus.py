@@ -31,11 +31,13 @@ interaction energy of each prompt's cloud on the sphere. Analyses that need ever
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import socket
+import sys
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -180,14 +182,23 @@ def short_prompts(model, prompts: PromptSet, indices: Sequence[int], exclude: Se
     return [i for i, n in zip(indices, counts) if n < MIN_TOKENS]
 
 
+def describe_prompt(prompts: PromptSet, i: int) -> str:
+    """``prompt 3 ('b': 'Hi')``: a prompt by its index, its label and its start, for messages.
+
+    >>> describe_prompt(PromptSet.from_texts(["Hi", "A long prompt " * 9], name="c"), 1)
+    "prompt 1 ('c[1]': 'A long prompt A long prompt A long promp...')"
+    """
+    text = prompts.texts[i]
+    start = text[:40].rstrip() + ("..." if len(text) > 40 else "")
+    return f"prompt {i} ({prompts.labels[i]!r}: {start!r})"
+
+
 def short_prompt_error(prompts: PromptSet, short: Sequence[int], exclude: Sequence[str]) -> PromptError:
-    """Names the first short prompt by its index and its start, and says how many more there are."""
-    first = short[0]
-    start = prompts.texts[first][:40] + ("..." if len(prompts.texts[first]) > 40 else "")
+    """Names the first short prompt and says how many more there are."""
     more = f" (and {len(short) - 1} more)" if len(short) > 1 else ""
     return PromptError(
-        f"prompt {first} ({prompts.labels[first]!r}: {start!r}) of {prompts.name!r}{more} keeps fewer than {MIN_TOKENS} "
-        f"tokens after excluding {list(exclude)}, and each prompt's cloud needs {MIN_TOKENS}: remove it from the corpus, "
+        f"{describe_prompt(prompts, short[0])} of {prompts.name!r}{more} keeps fewer than {MIN_TOKENS} tokens after "
+        f"excluding {list(exclude)}, and each prompt's cloud needs {MIN_TOKENS}: remove it from the corpus, "
         "or leave such prompts out with --skip-short (run_corpus(skip_short=True))"
     )
 
@@ -211,6 +222,7 @@ def lock_path(out: Path, shard: tuple[int, int]) -> Path:
 
 
 _HELD: set[Path] = set()  # shard locks this process holds: run_corpus inside the CLI's lock takes it again
+_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # the file system has no flock
 
 
 @contextmanager
@@ -230,21 +242,35 @@ def shard_lock(out: str | Path, shard: tuple[int, int] = (0, 1)) -> Iterator[Pat
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
-            raise ArgumentError(f"shard {shard[0]}/{shard[1]} in {out} is in use by another run ({holder}): "
-                                "wait for it to finish, or give another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        _HELD.add(path)
+        if _flock(fd, path, shard):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            _HELD.add(path)
         try:
             yield path
         finally:
             _HELD.discard(path)
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
+
+
+def _flock(fd: int, path: Path, shard: tuple[int, int]) -> bool:
+    """Lock ``fd`` or refuse, naming the holder; False where the file system has no locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
+        raise ArgumentError(f"shard {shard[0]}/{shard[1]} in {path.parent} is in use by another run ({holder}): "
+                            "wait for it to finish, or give another --out") from None
+    except OSError as err:
+        if err.errno not in _NO_FLOCK:
+            raise
+        # Some cluster file systems (Lustre mounted without flock, some NFS) refuse every lock: run unguarded
+        # rather than not at all, and say so.
+        print(f"lensdyn: warning: cannot lock {path} ({err.strerror}): nothing stops a second run of shard "
+              f"{shard[0]}/{shard[1]} there", file=sys.stderr)
+        return False
 
 
 def run_corpus(
@@ -412,7 +438,7 @@ def merge_shards(paths: Sequence[str | Path]) -> tuple[StreamingStats, dict]:
     if not paths:
         raise ArgumentError("no shard files given")
     paths = [Path(p) for p in paths]
-    records = [read_record(p, f"run {_shard_of(p)} again with --restart to redo it") for p in paths]
+    records = [read_record(p, _redo(p)) for p in paths]
     first = records[0]
     for path, rec in zip(paths, records):
         _check_same_run(first | {"shard": rec["shard"]}, rec, path)
@@ -423,8 +449,7 @@ def merge_shards(paths: Sequence[str | Path]) -> tuple[StreamingStats, dict]:
     found = sorted(rec["shard"][0] for rec in records)
     if found != list(range(count)) or any(rec["shard"][1] != count for rec in records):
         raise ArgumentError(f"need shards 0..{count - 1} of {count} exactly once, got {found}")
-    merged = merge_all(_load_stats(path, rec, f"run {_shard_of(path)} again with --restart to redo it")
-                       for path, rec in zip(paths, records))
+    merged = merge_all(_load_stats(path, rec, _redo(path)) for path, rec in zip(paths, records))
     n_prompts = sum(rec["n_prompts"] for rec in records)  # the total less the prompts --skip-short left out
     record = first | {"shard": [0, 1], "n_prompts": n_prompts, "prompts_done": n_prompts,
                       "n_tokens": sum(rec["n_tokens"] for rec in records), "merged_from": count, "stats_file": None,
@@ -432,10 +457,11 @@ def merge_shards(paths: Sequence[str | Path]) -> tuple[StreamingStats, dict]:
     return merged, record
 
 
-def _shard_of(path: Path) -> str:
-    """``"shard i/n"`` from a record's file name, for messages about a record too damaged to read."""
+def _redo(path: Path) -> str:
+    """How to redo the shard of ``path``, read off its file name (the record may be too damaged to say)."""
     found = re.fullmatch(r"shard-(\d+)-of-(\d+)\.json", path.name)
-    return f"shard {found[1]}/{found[2]}" if found else "that shard"
+    shard = f"{found[1]}/{found[2]}" if found else "i/n"
+    return f"redo that shard with `lensdyn corpus ... --out {path.parent} --shard {shard} --restart` (the run's other arguments)"
 
 
 @dataclass(frozen=True, eq=False)

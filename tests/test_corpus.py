@@ -1,6 +1,9 @@
 """Corpus streaming: shards merge into the single run, a stopped run resumes, mismatches are refused."""
 import importlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +130,150 @@ def test_bfloat16_forward_float64_statistics(single, tmp_path):
     low, full = corpus_result(stats, record), corpus_result(*single)
     assert np.isfinite(low.scale_factor).all() and low.scale_factor.dtype == np.float64
     np.testing.assert_allclose(low.scale_factor, full.scale_factor, rtol=0.05)
+
+
+# --- one run per shard; short prompts; damaged files ------------------------------------------------
+
+
+def hold_lock(out, shard="0/1"):
+    """Another process holding ``out``'s shard lock until killed; returns it once it holds the lock."""
+    i, n = shard.split("/")
+    code = ("import sys, time\nfrom lensdyn.corpus import shard_lock\n"
+            f"with shard_lock(sys.argv[1], ({i}, {n})):\n    print('locked', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_of_a_shard_is_refused_and_a_killed_one_resumes(smollm2, single, tmp_path, monkeypatch, capsys):
+    capture_module = importlib.import_module("lensdyn.hooks.capture")
+    real_capture, calls = capture_module.capture, []
+
+    def failing_capture(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "capture", failing_capture)
+    with pytest.raises(KeyboardInterrupt):  # a first run stops after one chunk (and lets go of its lock)
+        run_corpus(smollm2, CORPUS, tmp_path, chunk=3, batch_size=1, progress=False)
+    monkeypatch.setattr(capture_module, "capture", real_capture)
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(ArgumentError, match=rf"shard 0/1 in .* is in use by another run \(pid {holder.pid} on "):
+            run_corpus(smollm2, CORPUS, tmp_path, chunk=3, batch_size=1, progress=False)
+        monkeypatch.setattr(ld.models, "load_model", lambda *a, **k: pytest.fail("the model loaded under a held lock"))
+        assert main(["corpus", "--prompts", "diverse", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"pid {holder.pid}" in err
+        run_corpus(smollm2, CORPUS, tmp_path, shard=(1, 2), chunk=3, progress=False)  # another shard: not blocked
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the flock
+        holder.wait()
+    assert json.loads((tmp_path / "shard-0-of-1.json").read_text())["prompts_done"] == 3
+    stats, record = run_corpus(smollm2, CORPUS, tmp_path, chunk=3, batch_size=1, progress=False)
+    assert record["prompts_done"] == len(CORPUS)
+    assert_same_statistics(corpus_result(stats, record), corpus_result(*single))
+    assert (tmp_path / "shard-0-of-1.lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_file_system_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lensdyn import corpus
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(corpus.fcntl, "flock", no_locks)
+    with corpus.shard_lock(tmp_path, (1, 4)) as path:
+        assert path.name == "shard-1-of-4.lock"
+    assert capsys.readouterr().err.strip() == (f"lensdyn: warning: cannot lock {path} (No locks available): nothing "
+                                               "stops a second run of shard 1/4 there")
+
+
+def test_short_prompts_are_refused_by_name_or_skipped_and_recorded(smollm2, single, tmp_path, capsys, monkeypatch):
+    corpus = CORPUS[:2] + ["Hi"] + CORPUS[2:]  # "Hi" is one token; position 0 is excluded: nothing left
+    with pytest.raises(ld.PromptError, match=r"prompt 2 \('custom\[2\]': 'Hi'\) of 'custom' keeps fewer than 2 tokens"):
+        run_corpus(smollm2, corpus, tmp_path / "refused", chunk=3, batch_size=1, progress=False)
+    assert not (tmp_path / "refused" / "shard-0-of-1.json").exists()  # refused before the run started
+    stats, record = run_corpus(smollm2, corpus, tmp_path / "single", chunk=3, batch_size=1, progress=False,
+                               skip_short=True)
+    assert record["skipped"] == [2] and record["n_prompts"] == len(CORPUS)
+    skipped = corpus_result(stats, record)
+    assert_same_statistics(skipped, corpus_result(*single))  # the same prompts as CORPUS
+    assert "1 prompt(s) with fewer than 2 included tokens left out" in skipped.conventions.aggregation
+    with pytest.raises(ArgumentError, match="skip_short differ"):  # a resume under another setting
+        run_corpus(smollm2, corpus, tmp_path / "single", chunk=3, batch_size=1, progress=False)
+    for i in range(2):
+        run_corpus(smollm2, corpus, tmp_path / "sharded", shard=(i, 2), chunk=2, batch_size=1, progress=False,
+                   skip_short=True)
+    merged_stats, merged = merge_shards(sorted((tmp_path / "sharded").glob("shard-*.json")))
+    assert merged["skipped"] == [2] and merged["n_prompts"] == len(CORPUS)
+    assert_same_statistics(corpus_result(merged_stats, merged), skipped)
+    # The command line: refused before any forward pass, one line; --skip-short runs.
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, text in enumerate(corpus[:4]):
+        (texts / f"{i}.txt").write_text(text)
+    monkeypatch.setattr(ld.models, "load_model", lambda *a, **k: smollm2)
+    argv = ["corpus", "--prompts", str(texts), "--out", str(tmp_path / "cli"), "--batch-size", "1", "--subsample", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prompt 2 ('2': 'Hi')" in err and "--skip-short" in err
+    assert main([*argv, "--skip-short"]) == 0
+    assert "left out 1 prompt(s) with fewer than 2 tokens" in capsys.readouterr().err
+    assert load_result(tmp_path / "cli" / "corpus.json").provenance.n_prompts == 3
+
+
+def test_the_subsample_is_checked_before_the_run(smollm2, tmp_path, capsys, monkeypatch):
+    """Shard 0's subsample draws from every shard's prompts: a short one there fails before the run, not after it."""
+    from lensdyn.corpus import usable_subsample
+
+    corpus = ld.PromptSet.from_texts(CORPUS[:3] + ["Hi"], name="c")
+    with pytest.raises(ld.PromptError, match=r"prompt 3 \('c\[3\]': 'Hi'\)"):
+        usable_subsample(smollm2, corpus, 10)
+    sample = usable_subsample(smollm2, corpus, 10, skip_short=True)
+    assert sample.texts == tuple(CORPUS[:3]) and "1 short prompt(s) left out" in sample.name
+
+
+def test_damaged_shard_files_are_one_line_naming_the_file_and_the_way_out(smollm2, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ld.models, "load_model", lambda *a, **k: smollm2)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, text in enumerate(CORPUS[:2]):
+        (texts / f"{i}.txt").write_text(text)
+    out = tmp_path / "out"
+    corpus = ["corpus", "--prompts", str(texts), "--out", str(out), "--chunk", "1", "--subsample", "0"]
+    assert main(corpus) == 0
+    record_file = out / "shard-0-of-1.json"
+    stats_file = out / json.loads(record_file.read_text())["stats_file"]
+    good_record, good_stats = record_file.read_bytes(), stats_file.read_bytes()
+    capsys.readouterr()
+
+    def error(argv) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    merge = ["merge", str(record_file), "--out", str(out)]
+    assert "holds a shard's accumulators, not its record" in error(["merge", str(stats_file), "--out", str(out)])
+    assert f"no shard record {out / 'shard-1-of-1.json'}" in error(["merge", str(out / "shard-1-of-1.json"),
+                                                                    "--out", str(out)])
+    assert "is not a corpus shard record" in error(["merge", str(out / "corpus.json"), "--out", str(out)])
+    record_file.write_bytes(good_record[: len(good_record) // 2])  # a record cut short (a full disk, a bad copy)
+    assert f"{record_file} is damaged (JSONDecodeError" in error(merge)
+    err = error(corpus)  # the resume reads it too
+    assert f"{record_file} is damaged" in err and "--restart" in err
+    record_file.write_bytes(good_record)
+    stats_file.write_bytes(good_stats[:100])
+    err = error(merge)
+    assert f"{stats_file} is damaged (BadZipFile" in err and "--shard 0/1 --restart" in err
+    assert f"{stats_file} is damaged" in error(corpus)
+    stats_file.unlink()
+    assert f"{stats_file}, which shard-0-of-1.json names, is missing" in error(merge)
+    assert "is missing" in error(corpus)
+    assert main([*corpus, "--restart"]) == 0  # the way out the messages name
+    assert main(merge) == 0
