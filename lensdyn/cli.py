@@ -8,18 +8,23 @@
     lensdyn merge reports/corpus/shard-*.json --out reports/corpus          shards -> the single-run result
     lensdyn norms | expansion | gains | metastability | curvature | stability | steering --model ... --out DIR   one analysis
 
-Exit status: 0 on success, 2 on bad input (with a one-line reason on stderr).
+Exit status: 0 on success, 2 on bad input (with a one-line reason on stderr), 130 when interrupted.
+What can be checked without the model (options, --out, --prompts, --device) is checked before it
+loads; what needs its tokenizer or depth (prompts too short, steering targets, block numbers) right
+after, before any forward pass.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from lensdyn.errors import ArgumentError, LensdynError
+from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
 
 EPILOG = """examples:
   lensdyn models
@@ -45,12 +50,48 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except LensdynError as err:
-        print(f"lensdyn: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except OSError as err:
+        # A file read or written after the up-front checks passed: a disk that filled, a directory removed meanwhile.
+        return _fail(_os_reason(err))
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        chunk = " and --chunk" if args.command == "corpus" else ""
+        return _fail(f"out of memory ({type(err).__name__}): lower --batch-size{chunk}, or use a smaller --dtype or "
+                     "another --device")
+    except KeyboardInterrupt:
+        resume = ": run the same command again to resume" if args.command == "corpus" else ""
+        print(f"lensdyn: interrupted{resume}", file=sys.stderr)
+        return 130
+
+
+def _fail(reason: str) -> int:
+    # One line whatever the message holds (a hub error quoted inside one spans several).
+    print("lensdyn: error: " + " ".join(line.strip() for line in reason.splitlines() if line.strip()), file=sys.stderr)
+    return 2
+
+
+def _os_reason(err: OSError) -> str:
+    if err.filename is None:
+        return str(err)
+    return f"{err.filename}: {err.strerror or err}"
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class) is a RuntimeError.
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the CLI's one line (exit 2), pointing to the command's --help for the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"lensdyn: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lensdyn",
         description="Measure how token representations move through a transformer, layer by layer.",
         epilog=EPILOG,
@@ -98,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--subsample", type=int, default=32,
                         help="prompts (seeded draw) on which shard 0 also runs clustering and CKA, which need every "
                         "token at once (0: none)")
+    corpus.add_argument("--skip-short", action="store_true",
+                        help="leave out prompts with fewer than 2 tokens after --exclude (recorded) instead of failing")
+    _add_threads_option(corpus)
     corpus.set_defaults(command="corpus", run=_corpus)
 
     merge = sub.add_parser("merge", help="merge corpus shards (their shard-*.json records) into one result",
@@ -209,6 +253,195 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--serial", action="store_true",
                    help="measure the reference and the model one after the other, not side by side (half the peak memory)")
+    _add_threads_option(p)
+
+
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: OMP_NUM_THREADS, else the CPUs this process may use)")
+
+
+def thread_count(requested: int | None = None) -> int:
+    """Threads for torch: ``requested`` (--threads), else ``OMP_NUM_THREADS``, else the CPUs this process may
+    run on (``os.sched_getaffinity``: what Slurm or taskset gave it), else every CPU of the machine.
+
+    The whole machine is the wrong default on a shared node: ``os.cpu_count()`` counts CPUs the
+    scheduler did not give us, and threads beyond them only contend.
+    """
+    if requested is not None:
+        return requested
+    # OpenMP's list form ("4,2") sets nested levels, the first is ours; a value it would ignore, we ignore too.
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if first.isdigit() and int(first) > 0:
+        return int(first)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def _set_threads(args) -> None:
+    import torch
+
+    torch.set_num_threads(thread_count(args.threads))
+
+
+# The least value of each numeric option (of the commands that have it), checked before any model loads.
+AT_LEAST = {"batch_size": 1, "chunk": 1, "subsample": 0, "threads": 1, "seed": 0, "permutations": 1, "null_draws": 1,
+            "bootstrap": 1, "min_cluster_size": 2, "profile_prompts": 1, "context": 2, "layers": 0, "steer_layers": 0,
+            "transfer_layers": 0}
+POSITIVE = ("relative", "betas")
+
+
+def _check_options(args) -> None:
+    """The options that need no model: bounds, formats, --device, --out."""
+    for dest, least in AT_LEAST.items():
+        for value in _values(getattr(args, dest, None)):
+            if value < least:
+                raise ArgumentError(f"{_flag(dest)} must be at least {least}, not {value}")
+    for dest in POSITIVE:
+        for value in _values(getattr(args, dest, None)):
+            if not (value > 0 and math.isfinite(value)):
+                raise ArgumentError(f"{_flag(dest)} takes positive numbers, not {value}")
+    transfer = getattr(args, "transfer_layers", None)
+    if transfer is not None and len(set(transfer)) < 2:
+        raise ArgumentError(f"--transfer-layers needs at least 2 different blocks, not {transfer}")
+    static = set(getattr(args, "static", ()))
+    if static - {"png", "svg"}:
+        raise ArgumentError(f"--static takes png and/or svg, not {sorted(static - {'png', 'svg'})}")
+    _check_device(getattr(args, "device", None))
+    _check_out(args.out)
+
+
+def _values(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_device(spec: str | None) -> None:
+    if spec is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ArgumentError(f"--device {spec!r} is not a torch device: give e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ArgumentError(f"--device {spec}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ArgumentError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ArgumentError(f"--device {spec}: MPS is not available here; use --device cpu")
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a directory this process can create or write into. Checked before the model loads
+    (a run otherwise fails only when it writes, after all its measuring), without creating it."""
+    if out.exists() and not out.is_dir():
+        raise ArgumentError(f"--out {out} is a file, not a directory: give a directory (new or existing)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ArgumentError(f"--out {out}: {existing} is a file, so no directory can be made under it")
+    try:
+        # A real write, not os.access: as root os.access says yes even on a read-only file system.
+        with tempfile.TemporaryDirectory(prefix=".lensdyn-probe-", dir=existing):
+            pass
+    except OSError as err:
+        what = "is not writable" if existing == out else f"cannot be made under {existing}"
+        raise ArgumentError(f"--out {out} {what}: {err.strerror or err}") from None
+
+
+def _prompts(spec: str):
+    """The --prompts set, read before any model loads; a file that is not UTF-8 text is named, not a traceback."""
+    from lensdyn.prompts import resolve_prompts
+
+    try:
+        return resolve_prompts(spec, allow_literal=False)
+    except UnicodeDecodeError as err:
+        raise PromptError(f"--prompts {spec}: {_undecodable(Path(spec).expanduser())} is not UTF-8 text "
+                          f"({err.reason} at byte {err.start}): save it as UTF-8") from None
+    except OSError as err:
+        raise PromptError(f"--prompts {spec}: cannot read it: {_os_reason(err)}") from None
+
+
+def _undecodable(path: Path) -> Path:
+    """The file of a prompt file or directory that does not decode (a directory's error does not say which)."""
+    for f in sorted(path.glob("*.txt")) if path.is_dir() else [path]:
+        try:
+            f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return f
+    return path
+
+
+def _contrast(spec: str):
+    """The --contrast set, read before any model loads; a malformed file is one line, not a traceback."""
+    from lensdyn.prompts import resolve_contrast
+
+    try:
+        return resolve_contrast(spec)
+    except UnicodeDecodeError as err:
+        raise PromptError(f"--contrast {spec} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                          "save it as UTF-8") from None
+    except (TypeError, AttributeError) as err:  # JSON of the wrong shape (a number, a list of numbers)
+        raise PromptError(f"--contrast {spec}: expected a JSON object whose positive, negative, evaluation, "
+                          f"positive_targets and negative_targets are lists of texts ({err})") from None
+
+
+def _check_for_model(model, prompts, args, chosen=()) -> None:
+    """What needs the loaded model (its tokenizer, its depth), before any forward pass."""
+    from lensdyn.corpus import MIN_TOKENS, describe_prompt, included_tokens
+
+    counts = included_tokens(model, prompts, tuple(args.exclude), args.truncate)
+    if not any(counts):
+        keep = "; or keep every position with --exclude and no value" if args.exclude else ""
+        raise PromptError(f"no prompt of {prompts.name!r} keeps a token after excluding {list(args.exclude)} "
+                          f"(e.g. {describe_prompt(prompts, 0)}): give longer prompts{keep}")
+    if "metastability" in chosen:
+        short = [i for i, n in enumerate(counts) if n < MIN_TOKENS]
+        if short:
+            raise PromptError(f"{describe_prompt(prompts, short[0])} keeps {counts[short[0]]} token(s) after excluding "
+                              f"{list(args.exclude)}, and metastability clusters each prompt's tokens (it needs "
+                              f"{MIN_TOKENS}): give longer prompts, or leave metastability out (--analyses)")
+    n_layers = model.cfg.n_layers
+    if "stability" in chosen:
+        _check_blocks(args.layers, n_layers, "--layers")
+    if "steering" in chosen:
+        _check_steering(model, args, n_layers)
+
+
+def _check_blocks(blocks, n_layers: int, flag: str) -> None:
+    outside = sorted({b for b in blocks or () if b >= n_layers})
+    if outside:
+        raise ArgumentError(f"{flag} {outside}: this model's blocks are 0..{n_layers - 1}")
+
+
+def _check_steering(model, args, n_layers: int) -> None:
+    from lensdyn.models import text_token_ids
+
+    if getattr(model.cfg, "attention_dir", "causal") != "causal":
+        raise UnsupportedArchitectureError(
+            f"{args.model} is not a causal language model: steering effects are read off next-token logits")
+    contrast = _contrast(args.contrast)
+    text_token_ids(model, contrast.positive_targets, "steering targets")  # each must be one token: its logit is one number
+    text_token_ids(model, contrast.negative_targets, "steering targets")
+    _check_blocks(args.steer_layers, n_layers, "--steer-layers")
+    _check_blocks(args.transfer_layers, n_layers, "--transfer-layers")
+
+
+def _truncation_line(truncated, n_prompts: int, model) -> str | None:
+    """One line saying what --truncate cut, or None if nothing was."""
+    if not truncated:
+        return None
+    from lensdyn.models import model_info
+
+    return (f"lensdyn: truncated {len(truncated)} of {n_prompts} prompt(s) to their first {model.cfg.n_ctx} tokens, "
+            f"the context of {model_info(model).name} (--truncate)")
 
 
 def _models(args) -> int:
@@ -224,27 +457,43 @@ def _models(args) -> int:
 
 
 def _corpus(args) -> int:
+    from lensdyn.corpus import parse_shard, shard_lock
+
+    shard = parse_shard(args.shard)
+    _check_options(args)
+    prompts = _prompts(args.prompts)  # a bad corpus fails before the model loads
+    _set_threads(args)
+    with shard_lock(args.out, shard):  # held to the last file written; a second run of this shard stops here, at once
+        return _corpus_locked(args, shard, prompts)
+
+
+def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
     import torch
 
     from lensdyn.analyses import metastability
-    from lensdyn.corpus import parse_shard, run_corpus, subsample
+    from lensdyn.corpus import run_corpus, usable_subsample
     from lensdyn.models import DEFAULT_MODEL, load_model
-    from lensdyn.prompts import resolve_prompts
 
-    shard = parse_shard(args.shard)
-    prompts = resolve_prompts(args.prompts, allow_literal=False)  # a bad corpus fails before the model loads
-    torch.set_num_threads(os.cpu_count() or 1)
     model = load_model(args.model or DEFAULT_MODEL, weights=args.weights, seed=args.seed,
                        dtype=getattr(torch, args.dtype), device=args.device)
+    exclude = tuple(args.exclude)
+    sample = None
+    if shard[0] == 0 and args.subsample > 0:  # checked now: it runs only after the whole shard
+        sample = usable_subsample(model, prompts, args.subsample, args.seed, exclude=exclude, truncate=args.truncate,
+                                  skip_short=args.skip_short)
     stats, record = run_corpus(model, prompts, args.out, shard=shard, chunk=args.chunk, batch_size=args.batch_size,
-                               exclude=tuple(args.exclude),
-                               truncate=args.truncate, resume=not args.restart)
+                               exclude=exclude, truncate=args.truncate, resume=not args.restart,
+                               skip_short=args.skip_short)
     print(f"shard {shard[0]}/{shard[1]}: {record['prompts_done']} prompts, {record['n_tokens']} tokens -> {args.out}")
-    if shard[0] == 0 and args.subsample > 0:
-        sample = subsample(prompts, args.subsample, args.seed)
-        result = metastability.measure(model, sample, control=None, repeated=False, exclude=tuple(args.exclude),
-                                       truncate=args.truncate,
-                                       batch_size=args.batch_size, progress=True)
+    if record["skipped"]:
+        print(f"lensdyn: left out {len(record['skipped'])} prompt(s) with fewer than 2 tokens after excluding "
+              f"{list(exclude)} (--skip-short): {record['skipped'][:10]}", file=sys.stderr)
+    line = _truncation_line(record["truncated"], record["n_prompts"], model)
+    if line:
+        print(line, file=sys.stderr)
+    if sample is not None:
+        result = metastability.measure(model, sample, control=None, repeated=False, exclude=exclude,
+                                       truncate=args.truncate, batch_size=args.batch_size, progress=True)
         print(f"wrote {result.to_json(args.out / SUBSAMPLE_FILE)} ({sample.name})")
     if shard[1] == 1:
         _write_corpus(stats, record, args.out)
@@ -256,6 +505,7 @@ def _corpus(args) -> int:
 def _merge(args) -> int:
     from lensdyn.corpus import merge_shards
 
+    _check_out(args.out)
     _write_corpus(*merge_shards(args.records), args.out)
     return 0
 
@@ -272,7 +522,11 @@ def _write_corpus(stats, record, out: Path) -> None:
     print(result.summary())
     sections = [Section("Streamed statistics", result.figure(), result.summary())]
     if (out / SUBSAMPLE_FILE).exists():
-        sample = load_result(out / SUBSAMPLE_FILE)
+        try:
+            sample = load_result(out / SUBSAMPLE_FILE)
+        except ValueError as err:  # JSON cut short, or not UTF-8
+            raise ArgumentError(f"{out / SUBSAMPLE_FILE} is damaged ({type(err).__name__}): delete it, or run shard 0 "
+                                "again with --restart to write it again") from None
         sections.append(Section(f"Metastability on {sample.provenance.prompt_set}", sample.figure(), sample.summary()))
     for path in (result.to_json(out / "corpus.json"),
                  write_html(out / "corpus.html", title=f"lensdyn: corpus statistics of {record['model']}",
@@ -285,12 +539,10 @@ def _report(args) -> int:
     import json
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
     from tqdm.auto import tqdm
 
     from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
-    from lensdyn.prompts import resolve_contrast, resolve_prompts
     from lensdyn.report import export_figures, write_html
     from lensdyn.results import attach_control
     from lensdyn.verdicts import verdict_table
@@ -299,12 +551,11 @@ def _report(args) -> int:
     unknown = sorted(set(chosen) - set(ANALYSES))
     if unknown or not chosen:
         raise ArgumentError(f"unknown analysis {unknown or chosen}: choose from {', '.join(ANALYSES)}")
-    if set(args.static) - {"png", "svg"}:
-        raise ArgumentError(f"--static takes png and/or svg, not {sorted(set(args.static) - {'png', 'svg'})}")
-    torch.set_num_threads(os.cpu_count() or 1)
-    prompts = resolve_prompts(args.prompts, allow_literal=False)
+    _check_options(args)
+    prompts = _prompts(args.prompts)
     if "steering" in chosen:
-        resolve_contrast(args.contrast)  # a bad contrast set fails before any model loads
+        _contrast(args.contrast)  # a bad contrast set fails before any model loads
+    _set_threads(args)
     streams = sorted({s for name in chosen for s in _analysis(name).STREAMS})
     runs = []
     if args.compare:
@@ -319,7 +570,9 @@ def _report(args) -> int:
         began = time.perf_counter()
         models[role] = load_model(name, weights=weights, seed=args.seed, device=args.device)
         timings[role]["load_s"] = round(time.perf_counter() - began, 3)
+        _check_for_model(models[role], prompts, args, chosen)
     loaded = time.perf_counter()
+    truncation: dict[str, str | None] = {}
     bar = tqdm(total=len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)
 
     def measure_role(role: str) -> dict[str, object]:
@@ -329,6 +582,7 @@ def _report(args) -> int:
         cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
                       truncate=args.truncate, attention=_graphs(args, role))
         steps["capture_s"] = round(time.perf_counter() - began, 3)
+        truncation[role] = _truncation_line(cap.truncated, cap.n_prompts, model)
         bar.update(1)
         for analysis in chosen:
             began = time.perf_counter()
@@ -358,6 +612,8 @@ def _report(args) -> int:
     measured = time.perf_counter()
     print(f"loaded in {loaded - started:.1f} s, measured in {measured - loaded:.1f} s"
           + (" (reference and model side by side)" if len(roles) > 1 and not args.serial else ""), file=sys.stderr)
+    for line in dict.fromkeys(line for line in truncation.values() if line):  # the control cuts what its model cuts
+        print(line, file=sys.stderr)
 
     reference_label = _reference_label(args)
     args.out.mkdir(parents=True, exist_ok=True)
