@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from lensdyn.errors import (
     ArgumentError,
+    HookSemanticsError,
     NonFiniteActivationError,
     PromptError,
     PromptTooLongError,
@@ -52,6 +53,7 @@ from lensdyn.errors import (
 )
 from lensdyn.layouts import BlockLayout
 from lensdyn.models import ModelInfo, block_layout, model_info
+from lensdyn.hooks.selftest import ensure_self_tested
 from lensdyn.prompts import PromptSet, resolve_prompts
 
 STREAMS = (
@@ -307,6 +309,7 @@ def capture(
     absent = tuple(s for s in streams if s not in layout.stream_hooks(0) and s != "resid")
     buffers = _Buffers(model, layout, [s for s in streams if s not in absent], attention, token_mask, store_device,
                        extra_hooks=list(fwd_hooks))
+    ensure_self_tested(model, token_lists[0])  # once per model: hooks hold what their names say
     device = next(model.parameters()).device
     batches = _length_batches([len(t) for t in token_lists], batch_size)
     with torch.inference_mode():
@@ -409,7 +412,8 @@ class _Buffers:
         self.starts = torch.cumsum(self.token_mask.sum(1), 0) - self.token_mask.sum(1)
 
     def run(self, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor) -> None:
-        fwd_hooks = self._hooks(batch_mask, rows)
+        fired: set[str] = set()
+        fwd_hooks = self._hooks(batch_mask, rows, fired)
         last_hook = fwd_hooks[-1][0]
         try:
             self.model.run_with_hooks(
@@ -420,14 +424,18 @@ class _Buffers:
         except _CaptureComplete:
             pass
         else:
-            raise RuntimeError(f"capture: hook {last_hook} never fired; the bridge did not run every block")
+            raise HookSemanticsError(f"capture: hook {last_hook} never fired; the bridge did not run every block")
+        unfired = [name for name, _, _ in self.plan if name not in fired]
+        if unfired:  # its buffer would hold whatever memory it was given
+            raise HookSemanticsError(f"capture: hook point(s) {unfired[:3]} never fired on this batch "
+                                     "(attention patterns need attn_implementation='eager')")
         if self.attention is not None:
             # Padding positions hold whatever the batch computed there.
             pad = ~self.token_mask[rows].to(self.store_device)
             outside = pad[None, :, None, :, None] | pad[None, :, None, None, :]
             self.attention[:, rows] = self.attention[:, rows].masked_fill(outside, 0)
 
-    def _hooks(self, batch_mask: Tensor, rows: Tensor) -> list[tuple[str, Callable]]:
+    def _hooks(self, batch_mask: Tensor, rows: Tensor, fired: set[str]) -> list[tuple[str, Callable]]:
         post_norm, length, last_hook = self.layout.name == "post-norm", batch_mask.shape[1], self.plan[-1][0]
         resid_pre: dict[int, Tensor] = {}
         # The batch's real tokens, in (row, position) order, and where they go in the packed streams.
@@ -451,6 +459,7 @@ class _Buffers:
 
         def make(name: str, stream: str | None, index: int) -> Callable:
             def hook_fn(x: Tensor, hook) -> Tensor:
+                fired.add(name)
                 if name.endswith("hook_resid_pre"):
                     resid_pre[index] = x
                 if stream is not None:

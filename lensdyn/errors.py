@@ -26,6 +26,10 @@ class UnsupportedArchitectureError(LensdynError, ValueError):
     """A model TransformerLens (or lensdyn) cannot hook the way an analysis needs."""
 
 
+class HookSemanticsError(UnsupportedArchitectureError):
+    """A hook point that does not hold what its name says, or never fired (``lensdyn.hooks.selftest``)."""
+
+
 class PromptError(LensdynError, ValueError):
     """An empty prompt set, an empty prompt, or a file that holds no prompts."""
 
