@@ -43,6 +43,10 @@ def no_model(monkeypatch):
 @pytest.fixture
 def smollm2_no_forward(smollm2, monkeypatch):
     """``load_model`` returns the session's smollm2; any capture fails the test."""
+    from lensdyn.cli import ANALYSES
+
+    for name in ANALYSES:  # imported first, so that none binds the failing capture below for the tests after this one
+        importlib.import_module(f"lensdyn.analyses.{name}")
     monkeypatch.setattr(lensdyn.models, "load_model", lambda *args, **kwargs: smollm2)
 
     def capture(*args, **kwargs):
