@@ -166,6 +166,13 @@ def unembedding(model) -> Float[Tensor, "d_model vocab"]:
         W_U = model.W_U
     except AttributeError as err:
         raise UnsupportedArchitectureError(f"{type(model).__name__} exposes no unembedding W_U: {err}") from err
+    if W_U.shape[0] != model.cfg.d_model:
+        # ALBERT's head projects the residual to embedding_size first: W_U does not read the residual stream,
+        # so neither it nor the causal inner product built from it applies to residual states.
+        raise UnsupportedArchitectureError(
+            f"the unembedding reads a {W_U.shape[0]}-dimensional space, not the {model.cfg.d_model}-dimensional "
+            "residual stream (its head projects first): no causal metric or lens on residual states for this model"
+        )
     return W_U.detach()
 
 

@@ -1,13 +1,16 @@
-"""Depth as time: apply one block to its own output, again and again.
+"""Depth as time: apply one block to its own output, again and again; and how to call a block on its own.
 
 ALBERT shares one layer's weights across depth, so its layer index is an iteration count; the
 metastability write-up used it to let the slow timescale play out. ``iterate`` does the same
 with any block of any model: start from the state a prompt has at ``block``'s input and apply
 ``model.blocks[block]`` ``steps`` times (causal, one prompt, no padding).
 
-Rotary models (Llama, Gemma) need their position embeddings passed to a block called on its
-own; without them TransformerLens silently skips RoPE. ``iterate`` supplies them from the
-checkpoint's own ``rotary_emb``.
+A block called on its own needs what the model's forward hands it besides the hidden states:
+rotary position embeddings (Llama, Gemma; without them TransformerLens silently skips RoPE),
+ALiBi biases and the attention mask (BLOOM, Falcon), Gemma 3's per-layer-type embeddings.
+``block_inputs`` records exactly those, for a sequence of a given length, from one forward pass
+of the model itself (token content does not enter them), so every family is called the way its
+own forward calls it.
 """
 from __future__ import annotations
 
@@ -17,15 +20,46 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError
 
+# A block called on its own must not read or grow a key/value cache.
+_CACHE_KEYWORDS = ("past_key_values", "cache", "layer_past", "past_key_value")
 
-def _rotary(model):
-    original = getattr(model, "original_model", None)
-    if original is None:
-        return None
-    for name, module in original.named_modules():
-        if name.endswith("rotary_emb"):
-            return module
-    return None
+
+class _Recorded(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args_, self.kwargs = args, kwargs
+
+
+def block_inputs(model, block: int, length: int) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` the model's forward passes to ``model.blocks[block]`` besides the hidden states,
+    for one unpadded sequence of ``length`` tokens (rotary embeddings, ALiBi, masks, ...).
+
+    >>> args, kwargs = block_inputs(model, 2, 10)                         # doctest: +SKIP
+    >>> out = model.blocks[2](states[None], *args, **kwargs)              # doctest: +SKIP
+    """
+    if not 0 <= block < model.cfg.n_layers:
+        raise ArgumentError(f"block must be in 0..{model.cfg.n_layers - 1}, not {block}")
+
+    def record(module, args, kwargs):
+        raise _Recorded(args[1:], kwargs)
+
+    device = next(model.parameters()).device
+    handle = model.blocks[block].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        # no_grad, not inference_mode: the recorded tensors enter jvps (lensdyn.hooks.jacobian).
+        with torch.no_grad():
+            model(torch.zeros(1, length, dtype=torch.long, device=device), return_type=None)
+    except _Recorded as recorded:
+        args, kwargs = recorded.args_, dict(recorded.kwargs)
+    else:
+        raise RuntimeError(f"block {block} was never called by the model's forward")
+    finally:
+        handle.remove()
+    for keyword in _CACHE_KEYWORDS:
+        kwargs.pop(keyword, None)
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    kwargs.pop("hidden_states", None)
+    return args, kwargs
 
 
 def iterate(model, start: Float[Tensor, "pos d_model"], block: int, steps: int) -> Float[Tensor, "step pos d_model"]:
@@ -41,14 +75,11 @@ def iterate(model, start: Float[Tensor, "pos d_model"], block: int, steps: int) 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     x = start.to(device, dtype)[None]
-    kwargs = {}
-    rotary = _rotary(model)
-    if rotary is not None:
-        kwargs["position_embeddings"] = rotary(x, torch.arange(x.shape[1], device=device)[None])
+    args, kwargs = block_inputs(model, block, x.shape[1])
     states = [x[0].float().cpu()]
     with torch.inference_mode():
         for _ in range(steps):
-            out = model.blocks[block](x, **kwargs)
+            out = model.blocks[block](x, *args, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
             states.append(x[0].float().cpu())
     return torch.stack(states)

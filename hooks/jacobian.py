@@ -40,7 +40,7 @@ from torch import Tensor
 from lensdyn.errors import ArgumentError, UnsupportedArchitectureError
 from lensdyn.fastpath import agrees, unavailable, verdict
 from lensdyn.hooks.compat import cache_keyword, route_cache_keyword
-from lensdyn.hooks.iterate import _rotary
+from lensdyn.hooks.iterate import block_inputs
 from lensdyn.models import block_layout
 
 MODES = ("context", "single-token")
@@ -71,11 +71,7 @@ def block_map(
     states = states.to(param.device, param.dtype)
     context = states[: position + 1] if mode == "context" else states[position : position + 1]
     target = context.shape[0] - 1
-    rotary = _rotary(model)
-    kwargs = {}
-    if rotary is not None:
-        positions = torch.arange(context.shape[0], device=param.device)[None]
-        kwargs["position_embeddings"] = rotary(context[None], positions)
+    args, kwargs = block_inputs(model, layer, context.shape[0])
     frozen = []
     if norms == "frozen":
         # Every norm the block has (pre, post-sublayer or post: lensdyn.layouts) divides by its base-point value.
@@ -88,7 +84,7 @@ def block_map(
     def f(z: Tensor) -> Tensor:
         x = torch.cat([context[:target], z[None]], dim=0)[None]
         with model.hooks(fwd_hooks=frozen) if norms == "frozen" else nullcontext():
-            out = model.blocks[layer](x, **kwargs)
+            out = model.blocks[layer](x, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         return out[0, target]
 
@@ -120,7 +116,7 @@ def _prefix_map(model, layer: int, context: Tensor, position_embeddings) -> Call
     """The target row of the Hugging Face layer with the context's keys/values precomputed; None if unsupported."""
     layers = getattr(getattr(getattr(model, "original_model", None), "model", None), "layers", None)
     if layers is None or position_embeddings is None:
-        unavailable(model, PREFIX_CACHE, "no Hugging Face decoder layers with rotary embeddings", warn=False)
+        unavailable(model, PREFIX_CACHE, "no Hugging Face decoder layers taking rotary position_embeddings", warn=False)
         return None
     route_cache_keyword(model)
     hf_layer = layers[layer]
@@ -147,18 +143,45 @@ def _prefix_map(model, layer: int, context: Tensor, position_embeddings) -> Call
     return g
 
 
+def _linear_map(f: Callable[[Tensor], Tensor], z0: Tensor) -> Callable[[Tensor], Tensor]:
+    """``v -> J v``: traced once by ``linearize``; else a jvp per call; else reverse mode twice.
+
+    Tracing can fail on exotic modules, and forward mode cannot pass an ``autograd.Function``
+    without ``setup_context`` (BLOOM's GeLU): there ``J v`` is the vjp of the linear map
+    ``u -> J^T u`` (``torch.autograd.functional.jvp``'s double-backward), exact and about 2x slower.
+    """
+    probe = torch.zeros_like(z0)
+    try:
+        with FORWARD_AD, torch.enable_grad():
+            _, linear = torch.func.linearize(f, z0)
+            linear(probe)
+        return linear
+    except Exception:  # noqa: BLE001 - any failure here means: try the next way
+        pass
+
+    def forward_mode(t: Tensor) -> Tensor:
+        with FORWARD_AD, torch.enable_grad():
+            return torch.func.jvp(f, (z0,), (t,))[1]
+
+    try:
+        forward_mode(probe)
+        return forward_mode
+    except Exception:  # noqa: BLE001
+        pass
+
+    def reverse_mode(t: Tensor) -> Tensor:
+        with torch.enable_grad():
+            return torch.autograd.functional.jvp(f, z0.detach(), t)[1]
+
+    return reverse_mode
+
+
 def jacobian_operator(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) -> LinearOperator:
     """``J = df/dz`` at ``z0`` as a scipy ``LinearOperator`` (``matvec`` by jvp, ``rmatvec`` by vjp), counting calls."""
     d = z0.shape[0]
     dtype = z0.dtype
     counter = {"matvec": 0}
-    try:
-        with FORWARD_AD, torch.enable_grad():
-            _, linear = torch.func.linearize(f, z0)
-    except Exception:  # noqa: BLE001 - tracing can fail on exotic modules; plain jvp always works
-        def linear(t: Tensor) -> Tensor:
-            with torch.enable_grad():
-                return torch.func.jvp(f, (z0,), (t,))[1]
+    linear = _linear_map(f, z0)
 
     def apply(part: np.ndarray) -> np.ndarray:
         tangent = torch.as_tensor(np.ascontiguousarray(part).reshape(-1), dtype=dtype, device=z0.device)
@@ -281,6 +304,7 @@ def jacobian_spectrum(
 
 
 def dense_jacobian(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) -> Float[Tensor, "d d"]:
-    """The full ``d x d`` Jacobian, only when asked (tests, tiny models): ``d`` jvps' worth of memory."""
-    with FORWARD_AD, torch.enable_grad():
-        return torch.func.jacfwd(f)(z0).detach()
+    """The full ``d x d`` Jacobian, only when asked (tests, tiny models), by reverse mode: one vjp per output,
+    independent of the forward-mode products the spectra use."""
+    with torch.enable_grad():
+        return torch.autograd.functional.jacobian(f, z0.detach()).detach()

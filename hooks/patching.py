@@ -165,8 +165,8 @@ def patch_sweeps(
     each prompt is cut at its first patched position ``c_p``: ``tokens[:c_p]`` runs once
     (left-padded, so that every prompt's rest follows its prefix without a gap) and is handed to
     the rows as a key/value cache; the rows hold only ``tokens[c_p:]``. Without a cache
-    (``prefix_cache=False``, an encoder, a bridge that keeps none, or a patch at position 0)
-    every row holds its whole prompt.
+    (``prefix_cache=False``, a bridge that keeps none, or a patch at position 0) every row holds
+    its whole prompt. Encoders have no next-token logits and are refused.
     """
     if stream not in PATCH_HOOKS:
         raise ArgumentError(f"stream must be one of {sorted(PATCH_HOOKS)}, not {stream!r}")
@@ -174,11 +174,13 @@ def patch_sweeps(
         raise ArgumentError("patch_sweeps: give every argument one item per prompt, at least one prompt")
     if any(len(c) != len(e) or not c for c, e in zip(clean_positions, edited_positions)):
         raise ArgumentError("patch positions: give as many edited positions as clean ones, at least one")
+    if getattr(model.cfg, "attention_dir", "causal") != "causal":
+        raise ArgumentError("patch sweeps read next-token logits at the last position: an encoder (bidirectional "
+                            "attention) has none; curvature measures its geometry without patching")
     positions = [[p % len(t) for p in ps] for t, ps in zip(clean_tokens, clean_positions)]
     cuts = [min(ps) for ps in positions]
-    causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
     whole = [0] * len(clean_tokens)
-    if not (prefix_cache and causal and min(cuts) > 0) or verdict(model, PREFIX_CACHE) is False:
+    if not (prefix_cache and min(cuts) > 0) or verdict(model, PREFIX_CACHE) is False:
         return _sweeps(model, clean_tokens, edited_activations, positions, edited_positions, stream, whole, None)
     route_cache_keyword(model)
     cached = _prefix_cache(model, [t[:c] for t, c in zip(clean_tokens, cuts)])

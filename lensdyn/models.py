@@ -511,6 +511,7 @@ def _bridge_from_hf(source, hf_model, tokenizer, *, device, dtype):
     # The bridge picks its architecture adapter from config.architectures.
     hf_model.config.architectures = [type(hf_model).__name__]
     try:
+        register_adapters()
         return TransformerBridge.boot_transformers(
             str(source), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
@@ -623,6 +624,7 @@ def _boot_external(source: str, *, weights: Weights, seed: int, dtype, device, d
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             placement = {"device_map": device_map} if device_map is not None else {"device": device}
+            register_adapters()
             bridge = TransformerBridge.boot_transformers(
                 source, dtype=dtype, load_weights=(weights == "pretrained"), **placement
             )
@@ -648,3 +650,13 @@ def random_control(model):
         )
     device = next(model.parameters()).device
     return load_model(info.name, weights="random", seed=info.seed, dtype=getattr(torch, info.dtype), device=device)
+
+
+def register_adapters() -> None:
+    """Register lensdyn's own TransformerLens adapters (ALBERT) before a bridge is booted; idempotent.
+
+    Imported here, not at module top: the adapters import transformers and TransformerLens.
+    """
+    from lensdyn.adapters import register
+
+    register()
