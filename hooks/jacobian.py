@@ -4,7 +4,8 @@ The map is ``f(z) = block_l(x)[p]`` where ``x`` holds the block's input states o
 with position ``p`` replaced by ``z``:
 
 - ``mode="context"``: the other positions stay fixed (the block sees its real context; with
-  a causal mask later positions cannot matter, so the sequence is cut after ``p``).
+  a causal mask later positions cannot matter, so the sequence is cut after ``p``; an encoder
+  keeps every position).
 - ``mode="single-token"``: the block runs on ``z`` alone as a length-1 sequence (no cross-token
   mixing: the StateLens write-up's setting).
 
@@ -69,8 +70,13 @@ def block_map(
     position = position % n
     param = next(model.parameters())
     states = states.to(param.device, param.dtype)
-    context = states[: position + 1] if mode == "context" else states[position : position + 1]
-    target = context.shape[0] - 1
+    causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
+    if mode == "single-token":
+        context, target = states[position : position + 1], 0
+    elif causal:  # later positions cannot reach position p through a causal mask
+        context, target = states[: position + 1], position
+    else:  # an encoder's position p attends to every position, before and after it
+        context, target = states, position
     args, kwargs = block_inputs(model, layer, context.shape[0])
     frozen = []
     if norms == "frozen":
@@ -82,13 +88,14 @@ def block_map(
     z0 = context[target].detach().clone()
 
     def f(z: Tensor) -> Tensor:
-        x = torch.cat([context[:target], z[None]], dim=0)[None]
+        x = torch.cat([context[:target], z[None], context[target + 1:]], dim=0)[None]
         with model.hooks(fwd_hooks=frozen) if norms == "frozen" else nullcontext():
             out = model.blocks[layer](x, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         return out[0, target]
 
-    if prefix_cache and mode == "context" and norms == "live" and target > 0 and verdict(model, PREFIX_CACHE) is not False:
+    if (prefix_cache and causal and mode == "context" and norms == "live" and target > 0
+            and verdict(model, PREFIX_CACHE) is not False):
         fast = _prefix_map(model, layer, context, kwargs.get("position_embeddings"))
         if fast is not None:
             # Every base point is checked (one block call each way, cheap next to the hundreds of products).

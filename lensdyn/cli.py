@@ -98,9 +98,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(command=None)
+    parser.add_argument("--version", action="version", version=_versions(),
+                        help="print the versions of lensdyn, torch, transformers and transformer-lens, and exit")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    models = sub.add_parser("models", help="list the embedded offline models and whether each is installed")
+    models = sub.add_parser("models", help="list the embedded offline models (or --check one checkpoint)",
+                            description="List the embedded offline models, or check that a model opens in lensdyn: "
+                            "its block layout, the self-test of its hook points, and the analyses it supports.")
+    models.add_argument("--check", metavar="PATH_OR_ID", help="an embedded name, a checkpoint directory or a hub id to check")
+    models.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
+                        help="check the checkpoint's weights or a random initialisation of its architecture")
     models.set_defaults(command="models", run=_models)
 
     report = sub.add_parser(
@@ -444,16 +451,74 @@ def _truncation_line(truncated, n_prompts: int, model) -> str | None:
             f"the context of {model_info(model).name} (--truncate)")
 
 
+def _versions() -> str:
+    from lensdyn import __version__
+    from lensdyn.results import library_versions
+
+    versions = library_versions()
+    return f"lensdyn {__version__} (" + ", ".join(f"{k} {versions[k]}" for k in ("torch", "transformers", "transformer-lens")) + ")"
+
+
 def _models(args) -> int:
     from lensdyn.models import available_models
 
+    if args.check is not None:
+        return _check_model(args.check, args.weights)
     rows = available_models()
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         status = "installed" if r["installed"] else f"not installed ({r['install']})"
         default = " [default]" if r["default"] else ""
         print(f"{r['name']:<{width}}  {status}{default}\n{'':<{width}}  {r['description']}")
+    print(_versions())
     return 0
+
+
+def _check_model(name: str, weights: str) -> int:
+    """``lensdyn models --check``: load, self-test on a short prompt, say which analyses apply. Exit 2 if refused."""
+    import torch
+
+    from lensdyn.errors import HookSemanticsError
+    from lensdyn.hooks.selftest import SELF_TEST_TOKENS, self_test
+    from lensdyn.models import block_layout, load_model
+
+    model = load_model(name, weights=weights)
+    layout = block_layout(model)
+    print(f"{name}: {type(getattr(model, 'original_model', model)).__name__}, {model.cfg.n_layers} blocks, "
+          f"d_model {model.cfg.d_model}, {getattr(model.cfg, 'attention_dir', 'causal')} attention")
+    print(f"layout: {layout.describe()}")
+    tokens = torch.randint(0, model.cfg.d_vocab, (SELF_TEST_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+    report = self_test(model, tokens)
+    print(report.summary())
+    for analysis, why in supported_analyses(model).items():
+        print(f"  {analysis:<14} {why}")
+    if not report.passed:
+        raise HookSemanticsError(f"{name} fails the self-test: lensdyn refuses to measure it")
+    return 0
+
+
+def supported_analyses(model) -> dict[str, str]:
+    """Analysis name -> "yes" or why not (or what it leaves out) on this model."""
+    from lensdyn.errors import UnsupportedArchitectureError as Unsupported
+    from lensdyn.hooks.circuits import unembedding
+    from lensdyn.models import layout_of
+
+    causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
+    try:
+        unembedding(model)
+        metric = "yes"
+    except Unsupported as err:
+        metric = f"no: {err}"
+    parallel = " (MLP measured against the block input: no mid state)" if layout_of(model) == "parallel" else ""
+    return {
+        "norms": "yes",
+        "expansion": metric if metric != "yes" else "yes" + parallel,
+        "gains": "yes" + parallel,
+        "metastability": "yes",
+        "curvature": "yes" if causal else "geometry only (an encoder has no next-token logits to patch)",
+        "stability": "yes",
+        "steering": "yes" if causal and getattr(model, "tokenizer", None) is not None else "no: needs a causal model with a tokenizer",
+    }
 
 
 def _corpus(args) -> int:

@@ -134,3 +134,30 @@ def test_steering_command_writes_its_result(tmp_path, capsys):
     assert "Plotly.newPlot" in (out / "steering.html").read_text()
     assert main(["steering", "--contrast", "politeness", "--out", str(tmp_path / "x")]) == 2
     assert "unknown contrast set 'politeness'" in capsys.readouterr().err
+
+
+def test_version_names_the_libraries_in_use(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for library in ("torch", "transformers", "transformer-lens"):
+        assert f"{library} {importlib.metadata.version(library)}" in out
+
+
+def test_models_check_prints_layout_self_test_and_supported_analyses(tmp_path, capsys):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from conftest import tiny_checkpoint
+
+    config = GPTNeoXConfig(vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=64)
+    path = tiny_checkpoint(tmp_path / "pythia", config, GPTNeoXForCausalLM)
+    assert main(["models", "--check", path]) == 0
+    out = capsys.readouterr().out
+    assert "layout: parallel" in out and "self-test" in out and "passed" in out
+    assert re.search(r"gains +yes \(MLP measured against the block input", out)
+    assert main(["models", "--check", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

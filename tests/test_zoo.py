@@ -17,13 +17,9 @@ from lensdyn.hooks.jacobian import block_map, dense_jacobian, jacobian_spectrum
 from lensdyn.hooks.patching import patch_sweep
 from lensdyn.hooks.selftest import self_test
 from lensdyn.hooks.steering import steering
-from zoo import VOCAB, decoder_layers, families
+from zoo import LAYOUTS, VOCAB, decoder_layers, families
 
 FAMILIES = families()
-LAYOUTS = {"llama": "pre-norm", "qwen2": "pre-norm", "qwen3": "pre-norm", "mistral": "pre-norm", "stablelm": "pre-norm",
-           "gpt2": "pre-norm", "opt": "pre-norm", "bloom": "pre-norm", "gemma2": "post-sublayer-norm",
-           "gemma3": "post-sublayer-norm", "olmo2": "post-sublayer-norm", "gpt_neox": "parallel", "phi": "parallel",
-           "gptj": "parallel", "falcon": "parallel", "bert": "post-norm", "albert": "post-norm"}
 PROMPTS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
@@ -127,3 +123,12 @@ def test_a_patch_sweep_equals_brute_force_hugging_face_patching(family):
         finally:
             handle.remove()
         torch.testing.assert_close(sweep[block], expected, atol=1e-4, rtol=1e-4, msg=f"{name}: block {block}")
+
+
+def test_the_block_map_at_its_base_point_is_the_next_state_encoders_included(family):
+    """At ``z0`` the map gives the block's real output at that position: an encoder's position 3 depends on the
+    positions after it too (a map cut after the target, right for causal models, would be wrong there)."""
+    name, model, _ = family
+    cap = ld.capture(model, PROMPTS[:1].tolist(), exclude=(), streams=("resid",))
+    f, z0 = block_map(model, 1, cap.resid[1, 0], 3)
+    torch.testing.assert_close(f(z0), cap.resid[2, 0, 3], atol=1e-5, rtol=1e-5)

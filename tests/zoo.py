@@ -13,6 +13,12 @@ _DECODER = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num
                 num_attention_heads=4, max_position_embeddings=64)
 _GQA = dict(_DECODER, num_key_value_heads=2)
 
+# The block layout each family must be detected as (lensdyn.layouts).
+LAYOUTS = {"llama": "pre-norm", "qwen2": "pre-norm", "qwen3": "pre-norm", "mistral": "pre-norm", "stablelm": "pre-norm",
+           "gpt2": "pre-norm", "opt": "pre-norm", "bloom": "pre-norm", "gemma2": "post-sublayer-norm",
+           "gemma3": "post-sublayer-norm", "olmo2": "post-sublayer-norm", "gpt_neox": "parallel", "phi": "parallel",
+           "gptj": "parallel", "falcon": "parallel", "bert": "post-norm", "albert": "post-norm"}
+
 
 def families() -> dict[str, tuple[object, type]]:
     """Family name -> (config, model class): every layout lensdyn supports."""
