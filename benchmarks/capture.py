@@ -4,6 +4,8 @@
 
 Prints times (best of N) and ratios to the bare Hugging Face forward in the same run.
 Target (issue 2): ld.capture of resid + attn_out + mlp_out for all layers <= 1.25x bare HF.
+The self-test (hooks.selftest) runs once per model before its first capture; the last column is
+each row's share of one capture of the diverse set (the self-test's target: < 5%).
 """
 import argparse
 import os
@@ -17,6 +19,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
+from lensdyn.hooks.selftest import self_test  # noqa: E402
 from lensdyn.models import embedded_checkpoint  # noqa: E402
 
 
@@ -47,11 +50,16 @@ def main() -> None:
     for label, chosen in streams.items():
         rows.append((label, best_of(lambda: ld.capture(bridge, tokens, streams=chosen, exclude=()), args.repeats)))
 
-    base = rows[0][1]
+    diverse = ld.get_prompts("diverse")
+    rows.append(("ld.capture the diverse set (9 prompts), all streams",
+                 best_of(lambda: ld.capture(bridge, diverse, exclude=()), max(1, args.repeats // 2))))
+    rows.append(("self-test (once per model, 16 tokens)", best_of(lambda: self_test(bridge, ids), args.repeats)))
+
+    base, capture_time = rows[0][1], rows[-2][1]
     print(f"smollm2-135m, {args.tokens} tokens, batch 1, {torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"{'path':<45} {'time (s)':>9} {'x bare HF':>10}")
+    print(f"{'path':<55} {'time (s)':>9} {'x bare HF':>10} {'/ capture':>10}")
     for label, seconds in rows:
-        print(f"{label:<45} {seconds:>9.3f} {seconds / base:>10.2f}")
+        print(f"{label:<55} {seconds:>9.3f} {seconds / base:>10.2f} {seconds / capture_time:>10.1%}")
 
 
 if __name__ == "__main__":

@@ -493,7 +493,8 @@ def _hook_plan(n_layers: int, layout: BlockLayout, wanted: set[str]) -> list[tup
 
 
 def _check_hooks_exist(model, plan: list[tuple[str, str | None, int]]) -> list[tuple[str, str | None, int]]:
-    missing = [name for name, _, _ in plan if name not in model.hook_dict]
+    hook_names = set(model.hook_dict)  # built anew on every access: read it once
+    missing = [name for name, _, _ in plan if name not in hook_names]
     if missing:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no hook point(s) {missing[:3]}: lensdyn needs "

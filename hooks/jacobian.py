@@ -82,7 +82,8 @@ def block_map(
     if norms == "frozen":
         # Every norm the block has (pre, post-sublayer or post: lensdyn.layouts) divides by its base-point value.
         scales = [f"blocks.{layer}.{ln}.hook_scale" for ln in block_layout(model).norms]
-        frozen = [(name, lambda s, hook: s.detach()) for name in scales if name in model.hook_dict]
+        hook_names = set(model.hook_dict)
+        frozen = [(name, lambda s, hook: s.detach()) for name in scales if name in hook_names]
         if not frozen:
             raise UnsupportedArchitectureError(f"block {layer} exposes no norm scale (hook_scale) to freeze")
     z0 = context[target].detach().clone()

@@ -102,7 +102,8 @@ def self_test(model, tokens: list[int]) -> SelfTestReport:
         wanted |= {hooks["attn_out"], hooks["mlp_out"], hooks.get("resid_mid", hooks["attn_out"])}
         if layout.name == "post-norm":
             wanted |= {f"blocks.{l}.ln2.hook_in", f"blocks.{l}.ln2.hook_out"}
-    missing = sorted(name for name in wanted if name not in model.hook_dict)
+    hook_names = set(model.hook_dict)  # built anew on every access: read it once
+    missing = sorted(name for name in wanted if name not in hook_names)
     seen: dict[str, Tensor] = {}
 
     def keep(name: str):
@@ -115,12 +116,12 @@ def self_test(model, tokens: list[int]) -> SelfTestReport:
     hf_io, handles = _record_hf_layers(model, n)
     try:
         with torch.inference_mode():
-            model.run_with_hooks(ids, fwd_hooks=[(name, keep(name)) for name in sorted(wanted) if name in model.hook_dict])
+            model.run_with_hooks(ids, fwd_hooks=[(name, keep(name)) for name in sorted(wanted) if name in hook_names])
     finally:
         for handle in handles:
             handle.remove()
     tolerance = TOLERANCE.get(next(model.parameters()).dtype, 1e-4)
-    unfired = missing + sorted(name for name in wanted if name in model.hook_dict and name not in seen)
+    unfired = missing + sorted(name for name in wanted if name in hook_names and name not in seen)
     checks = [Check("hooks fired", float(len(unfired)), 0.0, ", ".join(unfired[:3]) or "every block")]
     if not unfired:
         checks.append(_decomposition(seen, layout, n, tolerance))
