@@ -42,7 +42,7 @@ def measure_one(n: int, chunk: int) -> dict:
     import torch
 
     import lensdyn as ld
-    from lensdyn.corpus import run_corpus
+    from lensdyn.app.corpus import run_corpus
     from lensdyn.hooks.capture import _length_batches
 
     torch.set_num_threads(os.cpu_count() or 1)

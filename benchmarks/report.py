@@ -25,7 +25,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
-from lensdyn.cli import main as lensdyn_main  # noqa: E402
+from lensdyn.app.cli import main as lensdyn_main  # noqa: E402
 
 
 def main() -> None:

@@ -110,7 +110,7 @@ def minilm_report(tmp_path_factory):
     """``lensdyn report`` with every default analysis on minilm-l6 and two short prompts (run once per session)."""
     import json
 
-    from lensdyn.cli import main
+    from lensdyn.app.cli import main
 
     root = tmp_path_factory.mktemp("minilm_report")
     prompts = root / "prompts.jsonl"

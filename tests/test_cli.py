@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lensdyn import load_result
-from lensdyn.cli import main
+from lensdyn.app.cli import main
 
 
 def test_models_lists_embedded_models(capsys):
@@ -17,7 +17,7 @@ def test_models_lists_embedded_models(capsys):
 
 
 def test_help_is_readable():
-    out = subprocess.run([sys.executable, "-m", "lensdyn.cli", "norms", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "lensdyn.app.cli", "norms", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for option in ("--model", "--prompts", "--out", "--control", "--exclude", "--truncate"):
         assert option in out.stdout
@@ -118,7 +118,7 @@ def test_side_by_side_and_serial_reports_are_identical(tmp_path):
 def test_single_analysis_commands_and_unknown_analyses(tmp_path, capsys):
     assert main(["report", "--analyses", "norms,cosmology", "--out", str(tmp_path)]) == 2
     assert "unknown analysis ['cosmology']" in capsys.readouterr().err
-    help_text = subprocess.run([sys.executable, "-m", "lensdyn.cli", "gains", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([sys.executable, "-m", "lensdyn.app.cli", "gains", "--help"], capture_output=True, text=True).stdout
     assert "--reference" in help_text and "--tokens" in help_text
 
 

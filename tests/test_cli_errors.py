@@ -12,7 +12,7 @@ import os
 import pytest
 
 import lensdyn.models
-from lensdyn.cli import main, thread_count
+from lensdyn.app.cli import main, thread_count
 
 capture_module = importlib.import_module("lensdyn.hooks.capture")  # lensdyn.hooks.capture is also the function
 
@@ -43,7 +43,7 @@ def no_model(monkeypatch):
 @pytest.fixture
 def smollm2_no_forward(smollm2, monkeypatch):
     """``load_model`` returns the session's smollm2; any capture fails the test."""
-    from lensdyn.cli import ANALYSES
+    from lensdyn.app.cli import ANALYSES
 
     for name in ANALYSES:  # imported first, so that none binds the failing capture below for the tests after this one
         importlib.import_module(f"lensdyn.analyses.{name}")

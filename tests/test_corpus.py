@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lensdyn as ld
-from lensdyn.cli import main
-from lensdyn.corpus import corpus_result, merge_shards, parse_shard, run_corpus
+from lensdyn.app.cli import main
+from lensdyn.app.corpus import corpus_result, merge_shards, parse_shard, run_corpus
 from lensdyn.errors import ArgumentError
 from lensdyn.results import load_result
 
@@ -138,7 +138,7 @@ def test_bfloat16_forward_float64_statistics(single, tmp_path):
 def hold_lock(out, shard="0/1"):
     """Another process holding ``out``'s shard lock until killed; returns it once it holds the lock."""
     i, n = shard.split("/")
-    code = ("import sys, time\nfrom lensdyn.corpus import shard_lock\n"
+    code = ("import sys, time\nfrom lensdyn.app.corpus import shard_lock\n"
             f"with shard_lock(sys.argv[1], ({i}, {n})):\n    print('locked', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -181,7 +181,7 @@ def test_a_second_run_of_a_shard_is_refused_and_a_killed_one_resumes(smollm2, si
 def test_a_file_system_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
     import errno
 
-    from lensdyn import corpus
+    from lensdyn.app import corpus
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -229,7 +229,7 @@ def test_short_prompts_are_refused_by_name_or_skipped_and_recorded(smollm2, sing
 
 def test_the_subsample_is_checked_before_the_run(smollm2, tmp_path, capsys, monkeypatch):
     """Shard 0's subsample draws from every shard's prompts: a short one there fails before the run, not after it."""
-    from lensdyn.corpus import usable_subsample
+    from lensdyn.app.corpus import usable_subsample
 
     corpus = ld.PromptSet.from_texts(CORPUS[:3] + ["Hi"], name="c")
     with pytest.raises(ld.PromptError, match=r"prompt 3 \('c\[3\]': 'Hi'\)"):

@@ -11,7 +11,7 @@ from lensdyn.analyses import curvature, expansion, gains, idealized, metastabili
 
 MODULES = [ops, fits, metric, verdicts, norms, expansion, gains, metastability, idealized, curvature, stability, steering]
 MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching", "jacobian", "steering")]
-MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.corpus")]
+MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.app.corpus")]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

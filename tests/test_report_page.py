@@ -12,7 +12,7 @@ import subprocess
 import plotly.graph_objects as go
 import pytest
 
-from lensdyn.report import export_figures, find_chromium
+from lensdyn.app.report import export_figures, find_chromium
 
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (make test installs Debian's chromium)")
@@ -88,7 +88,7 @@ def test_static_export_writes_png_and_svg(tmp_path):
 
 
 def test_static_export_without_chromium_says_so_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lensdyn.report.find_chromium", lambda: None)
+    monkeypatch.setattr("lensdyn.app.report.find_chromium", lambda: None)
     assert export_figures({"toy": go.Figure()}, tmp_path, ["png"]) == []
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no Chromium" in err[0]

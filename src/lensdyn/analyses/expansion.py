@@ -54,7 +54,7 @@ from lensdyn.errors import ArgumentError
 from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.circuits import model_causal_metric
-from lensdyn.measure import measure_with_control
+from lensdyn.analyses.measure import measure_with_control
 from lensdyn.metric import CausalMetric, metric_norms
 from lensdyn.ops import aggregate_ratio, token_norms
 from lensdyn.results import Conventions, Provenance, Result

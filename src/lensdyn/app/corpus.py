@@ -70,7 +70,7 @@ from lensdyn.streaming import (
 )
 
 STREAMS = ("resid", "attn_in", "attn_out", "mlp_in", "mlp_out")
-RECORD_FORMAT = "lensdyn.corpus/1"
+RECORD_FORMAT = "lensdyn.app.corpus/1"
 TOP_K = 10
 MIN_TOKENS = 2  # per prompt: the histogram and energy accumulators read each prompt's cloud of included tokens
 

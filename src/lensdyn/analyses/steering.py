@@ -58,7 +58,7 @@ from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.circuits import model_causal_metric
 from lensdyn.hooks.patching import last_logits
 from lensdyn.hooks.steering import steered_last_logits
-from lensdyn.measure import measure_with_control
+from lensdyn.analyses.measure import measure_with_control
 from lensdyn.metric import metric_norms
 from lensdyn.models import text_token_ids
 from lensdyn.ops import masked_mean, masked_tokens, token_norms

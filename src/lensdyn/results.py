@@ -186,7 +186,7 @@ def _import_analyses() -> None:
 
     for module in pkgutil.iter_modules(lensdyn.analyses.__path__):
         importlib.import_module(f"lensdyn.analyses.{module.name}")
-    importlib.import_module("lensdyn.corpus")  # CorpusResult: streamed statistics, not an analysis
+    importlib.import_module("lensdyn.app.corpus")  # CorpusResult: streamed statistics, not an analysis
 
 
 def load_result(path: str | Path) -> Result:

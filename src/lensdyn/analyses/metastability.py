@@ -53,7 +53,7 @@ from torch import Tensor
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
-from lensdyn.measure import measure_with_control
+from lensdyn.analyses.measure import measure_with_control
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
 

@@ -46,7 +46,7 @@ from torch import Tensor
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweeps
-from lensdyn.measure import measure_with_control
+from lensdyn.analyses.measure import measure_with_control
 from lensdyn.models import text_token_ids
 from lensdyn.prompts import EDIT_PAIRS, EditPair
 from lensdyn.results import Conventions, Provenance, Result

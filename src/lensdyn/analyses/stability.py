@@ -41,7 +41,7 @@ from lensdyn.fits import line_fit
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.jacobian import jacobian_spectrum
 from lensdyn.hooks.temperature import attention_type, temperature_hooks
-from lensdyn.measure import measure_with_control
+from lensdyn.analyses.measure import measure_with_control
 from lensdyn.ops import masked_tokens
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge

@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 
     corpus = sub.add_parser(
         "corpus", help="stream a corpus through the model: per-layer statistics in float64 accumulators, resumable, sharded",
-        description="Corpus-scale statistics (lensdyn.corpus): resumable; --shard i/n writes one shard, `lensdyn merge` "
+        description="Corpus-scale statistics (lensdyn.app.corpus): resumable; --shard i/n writes one shard, `lensdyn merge` "
         "combines them into what a single run gives.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -402,7 +402,7 @@ def _contrast(spec: str):
 
 def _check_for_model(model, prompts, args, chosen=()) -> None:
     """What needs the loaded model (its tokenizer, its depth), before any forward pass."""
-    from lensdyn.corpus import MIN_TOKENS, describe_prompt, included_tokens
+    from lensdyn.app.corpus import MIN_TOKENS, describe_prompt, included_tokens
 
     counts = included_tokens(model, prompts, tuple(args.exclude), args.truncate)
     if not any(counts):
@@ -522,7 +522,7 @@ def supported_analyses(model) -> dict[str, str]:
 
 
 def _corpus(args) -> int:
-    from lensdyn.corpus import parse_shard, shard_lock
+    from lensdyn.app.corpus import parse_shard, shard_lock
 
     shard = parse_shard(args.shard)
     _check_options(args)
@@ -536,7 +536,7 @@ def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
     import torch
 
     from lensdyn.analyses import metastability
-    from lensdyn.corpus import run_corpus, usable_subsample
+    from lensdyn.app.corpus import run_corpus, usable_subsample
     from lensdyn.models import DEFAULT_MODEL, load_model
 
     model = load_model(args.model or DEFAULT_MODEL, weights=args.weights, seed=args.seed,
@@ -568,7 +568,7 @@ def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
 
 
 def _merge(args) -> int:
-    from lensdyn.corpus import merge_shards
+    from lensdyn.app.corpus import merge_shards
 
     _check_out(args.out)
     _write_corpus(*merge_shards(args.records), args.out)
@@ -579,8 +579,8 @@ SUBSAMPLE_FILE = "metastability_subsample.json"
 
 
 def _write_corpus(stats, record, out: Path) -> None:
-    from lensdyn.corpus import corpus_result
-    from lensdyn.report import Section, write_html
+    from lensdyn.app.corpus import corpus_result
+    from lensdyn.app.report import Section, write_html
     from lensdyn.results import load_result
 
     result = corpus_result(stats, record)
@@ -608,7 +608,7 @@ def _report(args) -> int:
 
     from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
-    from lensdyn.report import export_figures, write_html
+    from lensdyn.app.report import export_figures, write_html
     from lensdyn.results import attach_control
     from lensdyn.verdicts import verdict_table
 
@@ -732,7 +732,7 @@ def _reference_label(args) -> str:
 
 
 def _section(name: str, by_role: dict):
-    from lensdyn.report import Section
+    from lensdyn.app.report import Section
 
     model = by_role["model"]
     if name == "norms":

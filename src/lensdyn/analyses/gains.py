@@ -35,7 +35,7 @@ from torch import Tensor
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
-from lensdyn.measure import measure_with_control
+from lensdyn.analyses.measure import measure_with_control
 from lensdyn.ops import aggregate_ratio, last_token_mask, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
