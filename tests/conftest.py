@@ -42,7 +42,7 @@ def synthetic_capture(token_mask, exclude=("first",), layout="pre-norm", **strea
         mask=mask,
         str_tokens=tuple(tuple("x" for _ in range(n_pos)) for _ in range(n_prompts)),
         prompts=PromptSet.from_texts(["p"] * n_prompts, name="synthetic"),
-        model=ModelInfo("synthetic", "pretrained", 0, "float32", "none", layout, n_params=1000),
+        model_info=ModelInfo("synthetic", "pretrained", 0, "float32", "none", layout, n_params=1000),
         exclude=tuple(exclude),
         truncated=(),
         n_layers=n_layers,

@@ -212,7 +212,7 @@ def test_smollm2_has_no_bos_by_default_and_exclusion_rules(smollm2, smollm2_dive
 def test_minilm_post_norm_capture_matches_hugging_face(minilm, minilm_reference):
     texts = ["The river rose to the fourth step.", "Snow fell on the quiet village all night long, and nobody went out."]
     cap = ld.capture(minilm, texts, exclude=("special",))
-    assert cap.model.layout == "post-norm"
+    assert cap.model_info.layout == "post-norm"
     assert not cap.mask[:, 0].any(), "[CLS] is special"
     assert cap.tokens[0, cap.token_mask[0].sum() - 1] == minilm.tokenizer.sep_token_id
     m = cap.token_mask
@@ -243,7 +243,7 @@ def test_capture_record_checks_its_shapes():
         mask=torch.ones(2, 5, dtype=torch.bool),
         str_tokens=(),
         prompts=PromptSet.from_texts(["a", "b"]),
-        model=ModelInfo("m", "pretrained", 0, "float32", "none", "pre-norm"),
+        model_info=ModelInfo("m", "pretrained", 0, "float32", "none", "pre-norm"),
         exclude=(),
         truncated=(),
         n_layers=1,

@@ -6,10 +6,12 @@ on, with which library versions). It serialises to standard JSON (lists and numb
 NaN as ``null`` and infinities as the strings ``"Infinity"`` / ``"-Infinity"``, so that strict
 parsers such as JavaScript's ``JSON.parse`` read it) and loads back, NaN and infinities restored:
 
->>> result.to_json("norms.json")            # doctest: +SKIP
->>> load_result("norms.json") == result     # doctest: +SKIP
+>>> result.to_json("norms.json")               # doctest: +SKIP
+>>> ld.load_result("norms.json") == result     # doctest: +SKIP
 
-Subclasses register themselves by class name, which ``to_dict`` writes as ``"kind"``. Declare
+Subclasses register themselves by class name, which ``to_dict`` writes as ``"kind"``, when their
+module is imported; ``Result.from_dict`` knows the registered ones, and ``lensdyn.load_result``
+(``lensdyn.analyses.registry``) imports every module that defines one before it reads. Declare
 them ``@dataclass(frozen=True, eq=False)`` (so the base's array-safe ``__eq__`` is kept) and
 annotate arrays with jaxtyping numpy types (``Float[np.ndarray, " layer"]``): the loader reads
 those hints to rebuild arrays, complex ones included.
@@ -71,16 +73,16 @@ class Provenance:
         from lensdyn import __version__
 
         return cls(
-            model=capture.model.name,
-            weights=capture.model.weights,
-            seed=capture.model.seed,
-            layout=capture.model.layout,
+            model=capture.model_info.name,
+            weights=capture.model_info.weights,
+            seed=capture.model_info.seed,
+            layout=capture.model_info.layout,
             prompt_set=capture.prompts.name,
             n_prompts=capture.n_prompts,
             n_tokens=capture.n_tokens,
             lensdyn_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            n_params=capture.model.n_params,
+            n_params=capture.model_info.n_params,
             versions=library_versions(),
             truncated=tuple(capture.truncated),
         )
@@ -135,8 +137,6 @@ class Result:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Result":
         """Rebuild a result from ``to_dict()`` output (of this class or, from ``Result``, any registered one)."""
-        if cls is Result and data.get("kind") not in _REGISTRY:
-            _import_analyses()
         target = _REGISTRY.get(data.get("kind", ""), cls) if cls is Result else cls
         if target is Result:
             raise ValueError(f"unknown result kind {data.get('kind')!r}; known: {sorted(_REGISTRY)}")
@@ -175,23 +175,6 @@ def attach_control(result: Result, control, measure_random: Callable[[], Result]
     if control is not None and type(control) is not type(result):
         raise ArgumentError(f"control must be 'random', a {type(result).__name__}, or None, not {type(control).__name__}")
     return dataclasses.replace(result, control=control)
-
-
-def _import_analyses() -> None:
-    """Result classes register on import; a file may name one whose module was never imported."""
-    import importlib
-    import pkgutil
-
-    import lensdyn.analyses
-
-    for module in pkgutil.iter_modules(lensdyn.analyses.__path__):
-        importlib.import_module(f"lensdyn.analyses.{module.name}")
-    importlib.import_module("lensdyn.app.corpus")  # CorpusResult: streamed statistics, not an analysis
-
-
-def load_result(path: str | Path) -> Result:
-    """Load any result written by ``Result.to_json``."""
-    return Result.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 _NON_FINITE = {"Infinity": float("inf"), "-Infinity": float("-inf")}

@@ -47,13 +47,69 @@ from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweeps
 from lensdyn.analyses.measure import measure_with_control
+from lensdyn.analyses.registry import Analysis, option
 from lensdyn.models import text_token_ids
-from lensdyn.prompts import EDIT_PAIRS, EditPair
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
 
 STREAMS = ("resid",)
 SHARP, FLAT, PART_ANGLE = 120.0, 60.0, 5.0
+
+
+# --- edit pairs (the built-in deflection and patching prompts) ------------------------------
+
+
+@dataclass(frozen=True)
+class EditPair:
+    """A clean prompt and an edited one that differ in one span before the last token (the target).
+
+    ``kind="meaning"``: the edit changes the meaning the target's continuation depends on, and
+    ``clean_answer`` / ``edited_answer`` are the continuations each context calls for.
+    ``kind="control"``: the edit keeps the meaning (a synonym, punctuation); both answers agree.
+    """
+
+    label: str
+    kind: str
+    clean: str
+    edited: str
+    clean_answer: str
+    edited_answer: str
+
+
+# Written for lensdyn. Every edit precedes the final token, which is shared by both prompts.
+EDIT_PAIRS: tuple[EditPair, ...] = (
+    EditPair("weather", "meaning", "It was freezing outside, so before leaving she put on her",
+             "It was scorching outside, so before leaving she put on her", " coat", " sunglasses"),
+    EditPair("pet", "meaning", "Every morning my cat likes to chase the", "Every morning my dog likes to chase the",
+             " mouse", " ball"),
+    EditPair("capital", "meaning", "In Paris, the capital of France, most people speak",
+             "In Berlin, the capital of Germany, most people speak", " French", " German"),
+    EditPair("taste", "meaning", "She bit into the lemon and it tasted very", "She bit into the cake and it tasted very",
+             " sour", " sweet"),
+    EditPair("mood", "meaning", "The news made him so happy that he started to", "The news made him so sad that he started to",
+             " laugh", " cry"),
+    EditPair("river", "meaning", "The lake was frozen solid, so the children went",
+             "The lake was warm and calm, so the children went",
+             " skating", " swimming"),
+    EditPair("fall", "meaning", "She dropped the glass on the tiles and it", "She dropped the pillow on the tiles and it",
+             " shattered", " landed"),
+    EditPair("sky", "meaning", "At midnight, when you look up, the sky is", "At midday, when you look up, the sky is",
+             " dark", " blue"),
+    EditPair("weather-synonym", "control", "It was freezing outside, so before leaving she put on her",
+             "It was icy cold outside, so before leaving she put on her", " coat", " coat"),
+    EditPair("pet-synonym", "control", "Every morning my cat likes to chase the", "Every morning my kitten likes to chase the",
+             " mouse", " mouse"),
+    EditPair("mood-comma", "control", "The news made him so happy that he started to",
+             "The news made him so happy, that he started to",
+             " laugh", " laugh"),
+    EditPair("fall-comma", "control", "She dropped the glass on the tiles and it", "She dropped the glass on the tiles, and it",
+             " shattered", " shattered"),
+    EditPair("sky-comma", "control", "At midnight, when you look up, the sky is", "At midnight when you look up the sky is",
+             " dark", " dark"),
+    EditPair("river-synonym", "control", "The lake was frozen solid, so the children went",
+             "The pond was frozen solid, so the children went",
+             " skating", " skating"),
+)
 
 
 # --- pure functions of trajectories -------------------------------------------------------
@@ -417,7 +473,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
             aggregation="angles and length-to-chord over every included token's trajectory pooled; nulls with the same "
             f"step lengths, {n_draws} draws; deflection at the last token of each edit pair",
             excluded_positions=cap.exclude,
-            layout=cap.model.layout,
+            layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
         raw=compare_with_nulls(states, n_draws, seed),
@@ -493,3 +549,24 @@ def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, .
                    final_angle=float(angle[-1]), output_kl=kl[i], ld_clean=ld[i][0], ld_edited=ld[i][1], recovery=recovery[i])
         for i, (pair, (distance, angle, step_angle, part)) in enumerate(zip(pairs, profiles))
     )
+
+
+@dataclass(frozen=True)
+class CurvatureParameters:
+    """The options of ``measure()`` (its defaults) as the command line offers them."""
+
+    patch_streams: tuple[str, ...] = option(("resid",), "what to patch from the edited run into the clean one "
+                                            "(none: no patching)", choices=tuple(PATCH_HOOKS))
+    n_draws: int = option(20, "draws of each curvature null", flag="--null-draws", at_least=1)
+
+
+ANALYSIS = Analysis(
+    name="curvature",
+    help="turning angles and length-to-chord against null walks; deflection and patching under context edits",
+    heading="Curvature and deflection",
+    order=50,
+    streams=STREAMS,
+    result=CurvatureResult,
+    measure=measure,
+    parameters=CurvatureParameters,
+)

@@ -51,12 +51,13 @@ from scipy import stats
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
-from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit, piecewise_constant_segments
+from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit, hubble, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.circuits import model_causal_metric
 from lensdyn.analyses.measure import measure_with_control
+from lensdyn.analyses.registry import Analysis, option
 from lensdyn.metric import CausalMetric, metric_norms
-from lensdyn.ops import aggregate_ratio, token_norms
+from lensdyn.ops import AGGREGATIONS, aggregate_ratio, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
 
@@ -73,15 +74,6 @@ def scale_factor(norms: Float[Tensor, "state token"], aggregation: str = "ratio_
     array([1., 2., 4.])
     """
     return aggregate_ratio(norms, norms[:1].expand_as(norms), aggregation).numpy()
-
-
-def hubble(a: Float[np.ndarray, " state"]) -> Float[np.ndarray, " block"]:
-    """``H(l) = log a(l+1) - log a(l)``, the growth rate across block ``l``.
-
-    >>> hubble(np.exp(0.5 * np.arange(4))).round(12)
-    array([0.5, 0.5, 0.5])
-    """
-    return np.diff(np.log(a))
 
 
 def fit_h0(a: Float[np.ndarray, " state"], space: FitSpace = "log") -> ExponentialFit:
@@ -566,7 +558,7 @@ def _measure_capture(
             aggregation=f"a(l) as {aggregation.replace('_', ' ')} over included tokens pooled; per-token and "
             "comoving quantities per token, then averaged",
             excluded_positions=cap.exclude,
-            layout=cap.model.layout,
+            layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
         causal_metric_condition_number=metric.condition_number,
@@ -587,3 +579,24 @@ def _measure_capture(
         d_model=int(vectors.shape[-1]),
         **{name: track for name, track in tracks.items()},
     )
+
+
+@dataclass(frozen=True)
+class ExpansionParameters:
+    """The options of ``measure()`` (its defaults) as the command line offers them."""
+
+    aggregation: str = option("ratio_of_means", "how a(l) aggregates over tokens", choices=AGGREGATIONS)
+    fit_space: FitSpace = option("log", "space of the exponential fits")
+    n_permutations: int = option(100, "draws of the comoving-CV permutation null", flag="--permutations", at_least=1)
+
+
+ANALYSIS = Analysis(
+    name="expansion",
+    help="scale factor a(l), Hubble rate, comoving CV with its null, causal metric, post-LN norms, covariance shape",
+    heading="Expansion",
+    order=20,
+    streams=STREAMS,
+    result=ExpansionResult,
+    measure=measure,
+    parameters=ExpansionParameters,
+)

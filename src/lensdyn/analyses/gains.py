@@ -36,7 +36,8 @@ from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.analyses.measure import measure_with_control
-from lensdyn.ops import aggregate_ratio, last_token_mask, token_norms
+from lensdyn.analyses.registry import Analysis, option
+from lensdyn.ops import AGGREGATIONS, aggregate_ratio, last_token_mask, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
 
@@ -256,7 +257,7 @@ def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str
             aggregation=f"{aggregation.replace('_', ' ')} over "
             + ("each prompt's last token" if tokens == "last" else "included tokens"),
             excluded_positions=cap.exclude,
-            layout=cap.model.layout,
+            layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
         attn_gain=attn,
@@ -350,3 +351,24 @@ def scaling(results: list[GainsResult]) -> GainScaling:
         n_params=tuple(int(p) for p in params),
         last_mlp_gain=tuple(float(g) for g in gain),
     )
+
+
+@dataclass(frozen=True)
+class GainsParameters:
+    """The options of ``measure()`` (its defaults) as the command line offers them."""
+
+    reference: str = option("ln_output", "what a sublayer's output is compared to", choices=REFERENCES)
+    aggregation: str = option("ratio_of_means", "how the gains aggregate over tokens", choices=AGGREGATIONS)
+    tokens: str = option("all", "all included tokens or each prompt's last", choices=TOKENS)
+
+
+ANALYSIS = Analysis(
+    name="gains",
+    help="attention / MLP / residual gain per block, with MLP phases",
+    heading="Sublayer gains",
+    order=30,
+    streams=STREAMS,
+    result=GainsResult,
+    measure=measure,
+    parameters=GainsParameters,
+)

@@ -54,43 +54,21 @@ from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
 from lensdyn.analyses.measure import measure_with_control
+from lensdyn.analyses.registry import Analysis, option
 from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.sphere import BETAS, cloud_grams, inner_product_histogram, interaction_energy, pair_values
+from lensdyn.sphere import BINS, sphere  # noqa: F401 - still metastability.BINS and .sphere, as before they moved
 from lensdyn.verdicts import Claim, Verdict, judge
 
 STREAMS = ("resid",)
-BINS = np.linspace(-1.0, 1.0, 41)
-BETAS = (0.1, 1.0, 2.0, 5.0)
 MASS_THRESHOLD = 0.9
 CKA_PLATEAU = 0.95
 MIN_CLUSTER_SIZE = 5
 
 
 # --- pure functions of one token cloud ----------------------------------------------------
-
-
-def sphere(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
-    """``x / ||x||`` in float64.
-
-    >>> sphere(torch.tensor([[3.0, 4.0]]))
-    tensor([[0.6000, 0.8000]], dtype=torch.float64)
-    """
-    return torch.nn.functional.normalize(x.to(torch.float64), dim=-1)
-
-
-def _pairs(gram: Float[Tensor, "n n"]) -> Float[Tensor, " pair"]:
-    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1)
-    return gram[i, j]
-
-
-def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS) -> Float[np.ndarray, " bin"]:
-    """Fraction of pairs ``i < j`` in each bin of ``<x_i, x_j>``.
-
-    >>> inner_product_histogram(torch.eye(3, dtype=torch.float64), np.array([-1.0, 0.5, 1.0]))
-    array([1., 0.])
-    """
-    values = _pairs(gram).clamp(-1.0, 1.0).numpy()
-    counts, _ = np.histogram(values, bins=bins)
-    return counts / max(len(values), 1)
+# (the sphere projection, the Gram matrices, the inner-product histogram and E_beta are lensdyn.sphere's,
+# shared with the streaming accumulators)
 
 
 def mass_near_one(gram: Float[Tensor, "n n"], threshold: float = MASS_THRESHOLD) -> float:
@@ -99,7 +77,7 @@ def mass_near_one(gram: Float[Tensor, "n n"], threshold: float = MASS_THRESHOLD)
     >>> mass_near_one(torch.ones(3, 3, dtype=torch.float64))
     1.0
     """
-    return float((_pairs(gram) > threshold).to(torch.float64).mean())
+    return float((pair_values(gram) > threshold).to(torch.float64).mean())
 
 
 def effective_rank(gram: Float[Tensor, "n n"]) -> float:
@@ -175,16 +153,6 @@ def plateaus(values: Float[np.ndarray, " n"], threshold: float = CKA_PLATEAU, mi
                 runs.append((start, i - 1))
             start = None
     return runs
-
-
-def interaction_energy(gram: Float[Tensor, "n n"], beta: float) -> float:
-    """``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``.
-
-    >>> round(interaction_energy(torch.ones(2, 2, dtype=torch.float64), 1.0), 6)   # all aligned: e / 2
-    1.359141
-    """
-    n = gram.shape[0]
-    return float(torch.exp(beta * gram).sum() / (2.0 * beta * n * n))
 
 
 def energy_drop_pairs(
@@ -294,7 +262,7 @@ def cloud_metrics(
     cka_threshold: float = CKA_PLATEAU,
 ) -> CloudMetrics:
     """All metrics of a trajectory ``states[t]`` of ``n`` tokens, each state projected to the sphere."""
-    grams = [x @ x.T for x in sphere(states)]
+    grams = cloud_grams(states)
     energy = np.array([[interaction_energy(g, b) for g in grams] for b in betas])
     cluster_info = [clusters(g, min_cluster_size)[:2] for g in grams]
     n_clusters = np.array([c for c, _ in cluster_info], dtype=np.int64)
@@ -530,7 +498,7 @@ def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rt
         conventions=Conventions(
             aggregation="per prompt over its included tokens (sphere-projected residual); summaries average prompts",
             excluded_positions=cap.exclude,
-            layout=cap.model.layout,
+            layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
         prompt_labels=cap.prompts.labels,
@@ -571,3 +539,26 @@ def _attention_fiedler(cap: Capture) -> tuple[np.ndarray, float]:
             for h in range(n_heads):
                 values[l, h] += fiedler(patterns[l, h])
     return values / cap.n_prompts, float(np.mean(mask_values))
+
+
+@dataclass(frozen=True)
+class MetastabilityParameters:
+    """The options of ``measure()`` (its defaults) as the command line offers them."""
+
+    attention_graphs: bool = option(False, "Fiedler value of every head's attention graph (slow)", capture="attention")
+    min_cluster_size: int = option(MIN_CLUSTER_SIZE, "HDBSCAN min_cluster_size", at_least=2)
+
+
+ANALYSIS = Analysis(
+    name="metastability",
+    help="clustering on the sphere, CKA plateaus, interaction energy and its violations, V/OV spectra",
+    heading="Metastability",
+    order=40,
+    streams=STREAMS,
+    result=MetastabilityResult,
+    measure=measure,
+    parameters=MetastabilityParameters,
+    min_tokens=2,  # each prompt's tokens are clustered: a cloud needs a pair
+    # As measure()'s own control: the repeated-token diagnostic and the attention graphs run for the model only.
+    reference_keywords={"repeated": False, "attention_graphs": False},
+)

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from lensdyn.analyses.registry import Analysis
 from lensdyn.hooks.capture import capture_for
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
 from lensdyn.results import Conventions, Provenance, Result
@@ -139,7 +140,7 @@ def measure(capture_or_model, prompts="diverse", **capture_kwargs) -> NormsResul
             aggregation="mean/std/quantiles over all included tokens pooled; prompt_mean per prompt; "
             "position 0 averaged over prompts separately",
             excluded_positions=cap.exclude,
-            layout=cap.model.layout,
+            layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
         prompt_mean=masked_mean(norms, cap.mask).T.numpy(),
@@ -147,3 +148,14 @@ def measure(capture_or_model, prompts="diverse", **capture_kwargs) -> NormsResul
         prompt_labels=cap.prompts.labels,
         **stats,
     )
+
+
+ANALYSIS = Analysis(
+    name="norms",
+    help="per-layer residual-stream norms",
+    heading="Residual norms",
+    order=10,
+    streams=STREAMS,
+    result=NormsResult,
+    measure=measure,
+)

@@ -42,6 +42,7 @@ from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.jacobian import jacobian_spectrum
 from lensdyn.hooks.temperature import attention_type, temperature_hooks
 from lensdyn.analyses.measure import measure_with_control
+from lensdyn.analyses.registry import Analysis, option
 from lensdyn.ops import masked_tokens
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
@@ -335,7 +336,7 @@ def _measure(cap: Capture, model, layers, profile_prompts, context, k, betas, k_
             aggregation=f"Jacobians at the last of the first {context} tokens of "
             f"{min(profile_prompts, cap.n_prompts)} prompt(s); mean cosine and K-theta over included tokens",
             excluded_positions=cap.exclude,
-            layout=cap.model.layout,
+            layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
         attention_type=attention_type(model),
@@ -397,3 +398,26 @@ def _k_theta(model, cap: Capture, k_grid: tuple[int, ...], seed: int) -> tuple[n
         draws.append([subspace_cosine(u, q[:, :kk]) for kk in k_grid])
     draws = np.array(draws)
     return np.array(rows), draws.mean(axis=0), np.quantile(draws, 0.95, axis=0)
+
+
+@dataclass(frozen=True)
+class StabilityParameters:
+    """The options of ``measure()`` (its defaults) as the command line offers them."""
+
+    layers: tuple[int, ...] | None = option(None, "blocks whose Jacobian to profile (default all)", blocks=True)
+    profile_prompts: int = option(2, "prompts the Jacobian profile uses", at_least=1)
+    context: int = option(32, "Jacobians at the last of each prompt's first CONTEXT tokens", at_least=2)
+    betas: tuple[float, ...] = option(BETAS, "attention temperatures", positive=True)
+
+
+ANALYSIS = Analysis(
+    name="stability",
+    help="block Jacobian spectra (matrix-free), attention temperature and mixing time, K-theta, stability index",
+    heading="Stability",
+    order=60,
+    streams=STREAMS,
+    result=StabilityResult,
+    measure=measure,
+    parameters=StabilityParameters,
+    opt_in=True,  # Jacobian spectra and temperature sweeps run their own forward passes
+)

@@ -43,7 +43,9 @@ prompts: ``redshift`` carries the vector's own size at its source, ``norm_match`
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,17 +54,19 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lensdyn.analyses.expansion import hubble, scale_factor
-from lensdyn.errors import ArgumentError, UnsupportedArchitectureError
+from lensdyn.analyses.expansion import scale_factor
+from lensdyn.errors import ArgumentError, PromptError, UnsupportedArchitectureError
+from lensdyn.fits import hubble
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.circuits import model_causal_metric
 from lensdyn.hooks.patching import last_logits
 from lensdyn.hooks.steering import steered_last_logits
 from lensdyn.analyses.measure import measure_with_control
+from lensdyn.analyses.registry import Analysis, option
 from lensdyn.metric import metric_norms
 from lensdyn.models import text_token_ids
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
-from lensdyn.prompts import ContrastSet, PromptSet, resolve_contrast
+from lensdyn.prompts import PromptSet
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, Verdict, judge
 
@@ -71,6 +75,139 @@ CORRECTIONS = ("none", "redshift", "redshift_causal", "norm_match")
 RELATIVE = (0.125, 0.25, 0.5, 1.0, 2.0)
 LINEAR_MAX = 0.5
 TARGET_FRACTION = 0.5
+
+
+# --- contrast sets (the built-in steering texts; a user's own from JSON) --------------------
+
+
+@dataclass(frozen=True)
+class ContrastSet:
+    """Two sets of texts that differ in one concept, for difference-of-means steering vectors.
+
+    ``positive`` and ``negative`` are the contrastive texts (the vector points from negative to
+    positive). ``evaluation`` are neutral prompts the vector is added to; its effect is read at
+    their last token as the mean logit of ``positive_targets`` minus that of ``negative_targets``
+    (each target one token). A JSON file with these five keys is a user's own set (``load_contrast``).
+    """
+
+    name: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    evaluation: tuple[str, ...]
+    positive_targets: tuple[str, ...]
+    negative_targets: tuple[str, ...]
+
+    def __post_init__(self):
+        for field_name in ("positive", "negative", "evaluation", "positive_targets", "negative_targets"):
+            values = getattr(self, field_name)
+            if isinstance(values, str) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+                raise PromptError(f"contrast set {self.name!r}: {field_name} must be a non-empty list of non-empty texts")
+        if set(self.positive_targets) & set(self.negative_targets):
+            raise PromptError(f"contrast set {self.name!r}: a target is both positive and negative")
+
+
+# Written for lensdyn. Pairs of sentences share their frame, so the difference of means is the concept.
+CONTRAST_SETS: dict[str, ContrastSet] = {
+    "sentiment": ContrastSet(
+        name="sentiment",
+        positive=(
+            "I loved every minute of the film; it was a joy.",
+            "The soup was delicious and the staff were so kind.",
+            "What a wonderful day at the beach with my friends.",
+            "She was thrilled with the gift and hugged everyone.",
+            "The new park is beautiful, clean and full of flowers.",
+            "His speech was brilliant and the crowd cheered.",
+            "We had a fantastic holiday and can't wait to go back.",
+            "The puppy is adorable and makes us so happy.",
+            "This book is a delight from the first page to the last.",
+            "The team played superbly and won the final.",
+            "Our neighbours are lovely and always help out.",
+            "The concert was amazing, the best night of the year.",
+        ),
+        negative=(
+            "I hated every minute of the film; it was a chore.",
+            "The soup was disgusting and the staff were so rude.",
+            "What a miserable day at the beach with my friends.",
+            "She was upset with the gift and ignored everyone.",
+            "The new park is ugly, dirty and full of litter.",
+            "His speech was dreadful and the crowd booed.",
+            "We had an awful holiday and never want to go back.",
+            "The puppy is aggressive and makes us so anxious.",
+            "This book is a slog from the first page to the last.",
+            "The team played terribly and lost the final.",
+            "Our neighbours are unpleasant and never help out.",
+            "The concert was boring, the worst night of the year.",
+        ),
+        evaluation=(
+            "I watched the movie last night and it was",
+            "The food at the new restaurant was",
+            "My week at work has been",
+            "The weather on our trip was",
+            "Honestly, the service at the hotel was",
+            "Overall, I think the book is",
+        ),
+        positive_targets=(" good", " great", " wonderful", " excellent", " happy"),
+        negative_targets=(" bad", " terrible", " awful", " horrible", " sad"),
+    ),
+    "formality": ContrastSet(
+        name="formality",
+        positive=(
+            "I would be grateful if you could send the report at your earliest convenience.",
+            "Please accept my sincere apologies for the delay in responding.",
+            "We regret to inform you that the meeting has been postponed.",
+            "Kindly find attached the documents you requested.",
+            "I am writing to enquire about the position advertised.",
+            "It is my pleasure to welcome you to the conference.",
+            "Should you require further information, do not hesitate to contact us.",
+            "The committee has reviewed your proposal with great interest.",
+        ),
+        negative=(
+            "hey can u send me the report whenever, thx",
+            "sorry for the late reply lol, been super busy",
+            "so yeah the meeting's off, we'll do it some other time",
+            "here's the stuff you wanted, cheers",
+            "yo is that job still going? kinda keen",
+            "welcome to the thing, glad you made it!",
+            "if you need anything just ping me ok",
+            "we checked out your idea and it's pretty cool tbh",
+        ),
+        evaluation=(
+            "Regarding the schedule for next week,",
+            "About the party on Saturday,",
+            "Thanks for your message. I",
+            "Quick update on the project:",
+            "As discussed in our call,",
+            "Just wanted to say that",
+        ),
+        positive_targets=(" therefore", " however", " regarding", " pleased", " furthermore"),
+        negative_targets=(" gonna", " yeah", " hey", " cool", " awesome"),
+    ),
+}
+
+
+def load_contrast(path: str | Path) -> ContrastSet:
+    """A contrast set from a JSON file with keys positive, negative, evaluation, positive_targets, negative_targets."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise PromptError(f"cannot read contrast set {path}: {err}") from err
+    keys = ("positive", "negative", "evaluation", "positive_targets", "negative_targets")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise PromptError(f"contrast set {path} lacks {', '.join(missing)}: it needs {', '.join(keys)}")
+    return ContrastSet(name=data.get("name", path.stem), **{k: tuple(data[k]) for k in keys})
+
+
+def resolve_contrast(contrast) -> ContrastSet:
+    """A ``ContrastSet``, a built-in name (``CONTRAST_SETS``), or a path to a JSON file."""
+    if isinstance(contrast, ContrastSet):
+        return contrast
+    if isinstance(contrast, str) and contrast in CONTRAST_SETS:
+        return CONTRAST_SETS[contrast]
+    if isinstance(contrast, (str, Path)) and Path(contrast).is_file():
+        return load_contrast(contrast)
+    raise PromptError(f"unknown contrast set {contrast!r}: choose from {', '.join(CONTRAST_SETS)} or give a JSON file")
 
 
 # --- pure functions of tensors -------------------------------------------------------------
@@ -387,7 +524,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     cap.require_streams(STREAMS)
     if getattr(model.cfg, "attention_dir", "causal") != "causal":
         raise UnsupportedArchitectureError(
-            f"{cap.model.name} is not a causal language model: steering effects are read off next-token logits")
+            f"{cap.model_info.name} is not a causal language model: steering effects are read off next-token logits")
     n_layers = cap.n_layers
     layers = np.arange(n_layers) if layers is None else np.asarray(sorted(set(int(l) for l in layers)))
     if layers.size == 0 or layers[0] < 0 or layers[-1] >= n_layers:
@@ -447,7 +584,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
             f"mean over evaluation prompts; a(l) ratio of means over the capture's tokens; E* = {TARGET_FRACTION} x median "
             f"native maximum; {n_bootstrap} bootstrap draws over evaluation prompts",
             excluded_positions=cap.exclude,
-            layout=cap.model.layout,
+            layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
         contrast=contrast.name,
@@ -536,3 +673,31 @@ def _bootstrap(effect: np.ndarray, transfer_from, n_bootstrap: int, seed: int) -
 def _share_below(x: np.ndarray, y: np.ndarray) -> float:
     ok = np.isfinite(x) & np.isfinite(y)
     return float((x[ok] < y[ok]).mean()) if ok.any() else float("nan")
+
+
+@dataclass(frozen=True)
+class SteeringParameters:
+    """The options of ``measure()`` (its defaults) as the command line offers them."""
+
+    contrast: str = option("sentiment", "built-in contrast set (sentiment, formality) or a JSON file", contrast=True)
+    layers: tuple[int, ...] | None = option(None, "blocks steered with their own vector (default all)",
+                                            flag="--steer-layers", blocks=True)
+    transfer_layers: tuple[int, ...] | None = option(
+        None, "source/target blocks of the transfer test (default 6 spread over the steered blocks)", blocks=True, distinct=2)
+    relative: tuple[float, ...] = option(RELATIVE, "sizes tried, as ||added vector|| / mean residual norm at the block",
+                                         positive=True)
+    n_bootstrap: int = option(200, "bootstrap draws over evaluation prompts", flag="--bootstrap", at_least=1)
+
+
+ANALYSIS = Analysis(
+    name="steering",
+    help="difference-of-means steering per block against H(l); redshift vs norm-matching transfer between blocks",
+    heading="Steering across layers",
+    order=70,
+    streams=STREAMS,
+    result=SteeringResult,
+    measure=measure,
+    parameters=SteeringParameters,
+    opt_in=True,  # every steered size of every block is a forward pass of the evaluation prompts
+    causal="steering effects are read off next-token logits",
+)

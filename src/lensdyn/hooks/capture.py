@@ -85,7 +85,7 @@ class Capture:
     mask: Bool[Tensor, "batch pos"]  # positions that enter aggregates: real and not excluded
     str_tokens: tuple[tuple[str, ...], ...]
     prompts: PromptSet
-    model: ModelInfo
+    model_info: ModelInfo
     exclude: tuple[str, ...]
     truncated: tuple[int, ...]  # indices of prompts cut to the context length (truncate=True)
     n_layers: int
@@ -180,7 +180,7 @@ class Capture:
         absent = [s for s in streams if s in self.absent and s not in self.packed]
         if absent and not allow_absent:
             raise UnsupportedArchitectureError(
-                f"{', '.join(map(repr, absent))} does not exist on {self.model.layout} blocks ({self.model.name}): "
+                f"{', '.join(map(repr, absent))} does not exist on {self.model_info.layout} blocks ({self.model_info.name}): "
                 "see lensdyn.layouts for what each stream means per layout"
             )
         missing = [s for s in streams if s not in self.packed and s not in self.absent]
@@ -192,7 +192,7 @@ class Capture:
     def mlp_writes_into(self, mask: Bool[Tensor, "batch pos"] | None = None) -> Tensor:
         """``[block, n, d_model]``: the residual state each MLP's write is added to: ``resid_mid`` on
         sequential blocks, the block input ``resid_pre`` on parallel ones (``lensdyn.layouts``)."""
-        if self.model.layout == "parallel":
+        if self.model_info.layout == "parallel":
             return self.tokens_of("resid", mask)[:-1]
         return self.tokens_of("resid_mid", mask)
 
@@ -202,7 +202,7 @@ class Capture:
         if self.attention is not None:
             held += f", attention={tuple(self.attention.shape)}"
         return (
-            f"Capture(model={self.model.name!r} ({self.model.weights}), prompts={self.prompts.name!r} "
+            f"Capture(model={self.model_info.name!r} ({self.model_info.weights}), prompts={self.prompts.name!r} "
             f"x{self.n_prompts}, tokens={self.n_tokens} of {int(self.token_mask.sum())}, "
             f"exclude={self.exclude}, packed {held})"
         )
@@ -327,7 +327,7 @@ def capture(
         mask=mask,
         str_tokens=str_tokens,
         prompts=prompt_set,
-        model=info,
+        model_info=info,
         exclude=tuple(exclude),
         truncated=tuple(truncated),
         n_layers=model.cfg.n_layers,
@@ -335,6 +335,29 @@ def capture(
         attention=buffers.attention,
         absent=absent,
     )
+
+
+def included_counts(
+    model, prompts, exclude: Sequence[str] = ("first",), truncate: bool = False, prepend_bos: bool | None = None
+) -> list[int]:
+    """How many tokens of each prompt ``capture`` would keep in ``mask``, without a forward pass.
+
+    The capture's own tokenisation (``prepend_bos`` as in ``capture``), truncation and ``exclude``
+    rules, one prompt at a time (a padded tensor of a whole corpus would be its full size). A prompt
+    longer than the context raises ``PromptTooLongError`` here already unless ``truncate``.
+
+    >>> included_counts(model, ["One short prompt.", "Two."])          # doctest: +SKIP
+    [3, 1]
+    """
+    if prepend_bos is None:
+        prepend_bos = model_info(model).prepend_bos
+    prompt_set, token_lists = _tokenize(model, prompts, prepend_bos)
+    token_lists, _ = _fit_context(token_lists, prompt_set, model.cfg.n_ctx, truncate)
+    counts = []
+    for ids in token_lists:
+        tokens = torch.tensor([ids], dtype=torch.long)
+        counts.append(len(ids) - int(_excluded(model, tokens, torch.ones_like(tokens, dtype=torch.bool), exclude).sum()))
+    return counts
 
 
 def capture_for(capture_or_model, prompts, streams: Sequence[str], **capture_kwargs) -> tuple[Capture, object | None]:
