@@ -43,10 +43,9 @@ def no_model(monkeypatch):
 @pytest.fixture
 def smollm2_no_forward(smollm2, monkeypatch):
     """``load_model`` returns the session's smollm2; any capture fails the test."""
-    from lensdyn.app.cli import ANALYSES
+    from lensdyn.analyses.registry import analyses
 
-    for name in ANALYSES:  # imported first, so that none binds the failing capture below for the tests after this one
-        importlib.import_module(f"lensdyn.analyses.{name}")
+    analyses()  # every analysis imported first, so that none binds the failing capture below for the tests after this one
     monkeypatch.setattr(lensdyn.models, "load_model", lambda *args, **kwargs: smollm2)
 
     def capture(*args, **kwargs):

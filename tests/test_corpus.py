@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import lensdyn as ld
+from lensdyn import load_result
 from lensdyn.app.cli import main
 from lensdyn.app.corpus import corpus_result, merge_shards, parse_shard, run_corpus
 from lensdyn.errors import ArgumentError
-from lensdyn.results import load_result
 
 CORPUS = [
     "The river rose overnight and the bridge was closed.",

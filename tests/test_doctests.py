@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from lensdyn import fits, metric, ops, verdicts
-from lensdyn.analyses import curvature, expansion, gains, idealized, metastability, norms, stability, steering
+from lensdyn.analyses import idealized
+from lensdyn.analyses.registry import analyses
 
-MODULES = [ops, fits, metric, verdicts, norms, expansion, gains, metastability, idealized, curvature, stability, steering]
+MODULES = [ops, fits, metric, verdicts, idealized]
+MODULES += [importlib.import_module(analysis.measure.__module__) for analysis in analyses()]  # every analysis
 MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching", "jacobian", "steering")]
 MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.app.corpus")]
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jaxtyping import Complex, Float, Int
 
-from lensdyn.results import Conventions, Provenance, Result, load_result
+from lensdyn import load_result
+from lensdyn.results import Conventions, Provenance, Result
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,20 +7,34 @@
 """
 __version__ = "0.1.0"
 
-from lensdyn.errors import (
-    ArgumentError,
-    LensdynError,
-    MissingModelPackageError,
-    NonFiniteActivationError,
-    PromptError,
-    PromptTooLongError,
-    UnknownModelError,
-    UnsupportedArchitectureError,
-)
-from lensdyn.hooks.capture import STREAMS, Capture, capture
-from lensdyn.models import DEFAULT_MODEL, ModelInfo, available_models, load_model
-from lensdyn.prompts import PromptSet, get_prompts, load_prompts
-from lensdyn.results import Conventions, Provenance, Result, load_result
+import importlib
+
+# Every public name and the module it lives in. Each is imported on first use (PEP 562), so that
+# importing a core module (``lensdyn.results``, which runs this file first) imports none of the
+# floors above it, and ``import lensdyn`` costs nothing until a name is used.
+_EXPORTS = {
+    **dict.fromkeys(("ArgumentError", "LensdynError", "MissingModelPackageError", "NonFiniteActivationError",
+                     "PromptError", "PromptTooLongError", "UnknownModelError", "UnsupportedArchitectureError"),
+                    "lensdyn.errors"),
+    **dict.fromkeys(("STREAMS", "Capture", "capture"), "lensdyn.hooks.capture"),
+    **dict.fromkeys(("DEFAULT_MODEL", "ModelInfo", "available_models", "load_model"), "lensdyn.models"),
+    **dict.fromkeys(("PromptSet", "get_prompts", "load_prompts"), "lensdyn.prompts"),
+    **dict.fromkeys(("Conventions", "Provenance", "Result"), "lensdyn.results"),
+    "load_result": "lensdyn.analyses.registry",  # it imports every analysis first, so any result kind loads
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lensdyn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # bound once, as an eager import would have
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "__version__",

@@ -48,6 +48,9 @@ def masked_mean(values: Float[Tensor, "layer batch pos"], mask: Bool[Tensor, "ba
     return (values.to(torch.float64) * weights).sum(-1) / weights.sum(-1)
 
 
+AGGREGATIONS = ("ratio_of_means", "mean_of_ratios")  # the ways aggregate_ratio pools tokens
+
+
 def aggregate_ratio(
     numerator: Float[Tensor, "layer token"],
     denominator: Float[Tensor, "layer token"],

@@ -6,7 +6,8 @@
         another model; --json-only: no HTML; --static png svg: figures as images too)
     lensdyn corpus --prompts my_corpus/ --out reports/corpus [--shard i/n]   streamed statistics, resumable
     lensdyn merge reports/corpus/shard-*.json --out reports/corpus          shards -> the single-run result
-    lensdyn norms | expansion | gains | metastability | curvature | stability | steering --model ... --out DIR   one analysis
+    lensdyn norms | expansion | ... --model ... --out DIR   one analysis: one command per analysis of the registry
+        (lensdyn.analyses.registry), its options those of the analysis's parameters
 
 Exit status: 0 on success, 2 on bad input (with a one-line reason on stderr), 130 when interrupted.
 What can be checked without the model (options, --out, --prompts, --device) is checked before it
@@ -22,6 +23,8 @@ import os
 import sys
 import tempfile
 import time
+import types
+import typing
 from pathlib import Path
 
 from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
@@ -117,9 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_run_options(report)
-    report.add_argument(
-        "--analyses", default=",".join(DEFAULT_REPORT), help=f"comma-separated subset of {', '.join(ANALYSES)}",
-    )
+    from lensdyn.analyses.registry import analyses
+
+    report.add_argument("--analyses", default=",".join(a.name for a in analyses() if not a.opt_in),
+                        help=f"comma-separated subset of {', '.join(a.name for a in analyses())}")
     report.set_defaults(command="report", run=_report)
 
     corpus = sub.add_parser(
@@ -157,81 +161,61 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, type=Path)
     merge.set_defaults(command="merge", run=_merge)
 
-    for name, help_text in ANALYSES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for analysis in analyses():  # each analysis's options go on its own command and on `report`
+        p = sub.add_parser(analysis.name, help=analysis.help, description=analysis.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_run_options(p)
-        p.set_defaults(command=name, run=_report, analyses=name)
-    # Each analysis's options go on its own command and on `report`.
-    for name, add_options in (("expansion", _add_expansion_options), ("gains", _add_gains_options),
-                              ("metastability", _add_metastability_options), ("curvature", _add_curvature_options),
-                              ("stability", _add_stability_options), ("steering", _add_steering_options)):
-        add_options(sub.choices[name])
-        add_options(report)
+        p.set_defaults(command=analysis.name, run=_report, analyses=analysis.name)
+        _add_parameters(p, analysis)
+        _add_parameters(report, analysis)
     return parser
 
 
-ANALYSES = {
-    "norms": "per-layer residual-stream norms",
-    "expansion": "scale factor a(l), Hubble rate, comoving CV with its null, causal metric, post-LN norms, covariance shape",
-    "gains": "attention / MLP / residual gain per block, with MLP phases",
-    "metastability": "clustering on the sphere, CKA plateaus, interaction energy and its violations, V/OV spectra",
-    "curvature": "turning angles and length-to-chord against null walks; deflection and patching under context edits",
-    "stability": "block Jacobian spectra (matrix-free), attention temperature and mixing time, K-theta, stability index",
-    "steering": "difference-of-means steering per block against H(l); redshift vs norm-matching transfer between blocks",
-}
-# Jacobian spectra, temperature sweeps and steering sweeps run their own forward passes (seconds to minutes):
-# they run when asked for (`--analyses ...,stability,steering`).
-OPT_IN = ("stability", "steering")
-DEFAULT_REPORT = tuple(name for name in ANALYSES if name not in OPT_IN)
+def _add_parameters(p: argparse.ArgumentParser, analysis) -> None:
+    """``analysis.parameters`` as options of ``p``, in a group named after it (how each reads: ``registry.option``).
+
+    An option another analysis already put on ``p`` (``report`` holds every analysis's) is shared:
+    one value for both, so the two declarations must agree (the contract test holds them to it).
+    """
+    group = p.add_argument_group(analysis.name)
+    taken = {action.dest: action for action in p._actions}
+    hints = typing.get_type_hints(analysis.parameters)
+    for f in dataclasses.fields(analysis.parameters):
+        if _dest(f) in taken:
+            taken[_dest(f)].help += f"; {analysis.name}: {f.metadata['help']}"
+            continue
+        group.add_argument(_option_flag(f), dest=_dest(f), default=f.default, help=f.metadata["help"],
+                           **_reading(hints[f.name], f.metadata))
 
 
-def _add_expansion_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("expansion")
-    g.add_argument("--aggregation", choices=("ratio_of_means", "mean_of_ratios"), default="ratio_of_means",
-                   help="how a(l) (and gains) aggregate over tokens")
-    g.add_argument("--fit-space", choices=("log", "linear"), default="log", help="space of the exponential fits")
-    g.add_argument("--permutations", type=int, default=100, help="draws of the comoving-CV permutation null")
+def _reading(hint, metadata) -> dict:
+    """How argparse reads a parameter of type ``hint``: a switch (bool), values (tuple), choices (Literal)."""
+    if hint is bool:
+        return {"action": "store_true"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: None is the default, not a value
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    many = typing.get_origin(hint) is tuple
+    element = typing.get_args(hint)[0] if many else hint
+    choices = metadata.get("choices")
+    if typing.get_origin(element) is typing.Literal:
+        choices = typing.get_args(element)
+        element = type(choices[0])
+    reading = {"type": element} if element in (int, float) else {}
+    return reading | ({"nargs": "*"} if many else {}) | ({"choices": choices} if choices else {})
 
 
-def _add_metastability_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("metastability")
-    g.add_argument("--attention-graphs", action="store_true", help="Fiedler value of every head's attention graph (slow)")
-    g.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN min_cluster_size")
+def _option_flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
-def _add_stability_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("stability")
-    g.add_argument("--layers", type=int, nargs="*", default=None, help="blocks whose Jacobian to profile (default all)")
-    g.add_argument("--profile-prompts", type=int, default=1, help="prompts the Jacobian profile uses")
-    g.add_argument("--context", type=int, default=32, help="Jacobians at the last of each prompt's first CONTEXT tokens")
-    g.add_argument("--betas", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0, 4.0], help="attention temperatures")
+def _dest(f: dataclasses.Field) -> str:
+    return _option_flag(f)[2:].replace("-", "_")
 
 
-def _add_steering_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("steering")
-    g.add_argument("--contrast", default="sentiment", help="built-in contrast set (sentiment, formality) or a JSON file")
-    g.add_argument("--steer-layers", type=int, nargs="*", default=None, help="blocks steered with their own vector (default all)")
-    g.add_argument("--transfer-layers", type=int, nargs="*", default=None,
-                   help="source/target blocks of the transfer test (default 6 spread over the steered blocks)")
-    g.add_argument("--relative", type=float, nargs="*", default=[0.125, 0.25, 0.5, 1.0, 2.0],
-                   help="sizes tried, as ||added vector|| / mean residual norm at the block")
-    g.add_argument("--bootstrap", type=int, default=200, help="bootstrap draws over evaluation prompts")
-
-
-def _add_curvature_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("curvature")
-    g.add_argument("--null-draws", type=int, default=20, help="draws of each curvature null")
-    g.add_argument("--patch-streams", nargs="*", default=["resid"], choices=("resid", "attn_out", "mlp_out"),
-                   help="what to patch from the edited run into the clean one (none: no patching)")
-
-
-def _add_gains_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("gains")
-    g.add_argument("--reference", choices=("ln_output", "resid"), default="ln_output",
-                   help="what a sublayer's output is compared to")
-    g.add_argument("--tokens", choices=("all", "last"), default="all", help="all included tokens or each prompt's last")
-    if not any(a.dest == "aggregation" for a in p._actions):
-        g.add_argument("--aggregation", choices=("ratio_of_means", "mean_of_ratios"), default="ratio_of_means")
+def _parameters(analysis, args):
+    """``analysis.parameters`` as the command line gave them."""
+    values = {f.name: getattr(args, _dest(f)) for f in dataclasses.fields(analysis.parameters)}
+    return analysis.parameters(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -292,31 +276,39 @@ def _set_threads(args) -> None:
     torch.set_num_threads(thread_count(args.threads))
 
 
-# The least value of each numeric option (of the commands that have it), checked before any model loads.
-AT_LEAST = {"batch_size": 1, "chunk": 1, "subsample": 0, "threads": 1, "seed": 0, "permutations": 1, "null_draws": 1,
-            "bootstrap": 1, "min_cluster_size": 2, "profile_prompts": 1, "context": 2, "layers": 0, "steer_layers": 0,
-            "transfer_layers": 0}
-POSITIVE = ("relative", "betas")
+# The least value of each numeric option of the commands themselves (an analysis's options state their own
+# bounds: registry.option), checked before any model loads.
+AT_LEAST = {"batch_size": 1, "chunk": 1, "subsample": 0, "threads": 1, "seed": 0}
 
 
 def _check_options(args) -> None:
     """The options that need no model: bounds, formats, --device, --out."""
+    from lensdyn.analyses.registry import analyses
+
     for dest, least in AT_LEAST.items():
-        for value in _values(getattr(args, dest, None)):
-            if value < least:
-                raise ArgumentError(f"{_flag(dest)} must be at least {least}, not {value}")
-    for dest in POSITIVE:
-        for value in _values(getattr(args, dest, None)):
-            if not (value > 0 and math.isfinite(value)):
-                raise ArgumentError(f"{_flag(dest)} takes positive numbers, not {value}")
-    transfer = getattr(args, "transfer_layers", None)
-    if transfer is not None and len(set(transfer)) < 2:
-        raise ArgumentError(f"--transfer-layers needs at least 2 different blocks, not {transfer}")
+        _check_bounds(_flag(dest), getattr(args, dest, None), {"at_least": least})
+    for analysis in analyses():  # `report` has every analysis's options, whichever it runs
+        for f in dataclasses.fields(analysis.parameters):
+            _check_bounds(_option_flag(f), getattr(args, _dest(f), None), f.metadata)
     static = set(getattr(args, "static", ()))
     if static - {"png", "svg"}:
         raise ArgumentError(f"--static takes png and/or svg, not {sorted(static - {'png', 'svg'})}")
     _check_device(getattr(args, "device", None))
     _check_out(args.out)
+
+
+def _check_bounds(flag: str, value, metadata) -> None:
+    """``value`` (of ``flag``) within the bounds ``metadata`` states: at_least, positive, distinct (``registry.option``)."""
+    least = metadata.get("at_least", 0 if metadata.get("blocks") else None)
+    for v in _values(value):
+        if least is not None and v < least:
+            raise ArgumentError(f"{flag} must be at least {least}, not {v}")
+        if metadata.get("positive") and not (v > 0 and math.isfinite(v)):
+            raise ArgumentError(f"{flag} takes positive numbers, not {v}")
+    fewest = metadata.get("distinct")
+    if fewest and value is not None and len(set(value)) < fewest:
+        what = "blocks" if metadata.get("blocks") else "values"
+        raise ArgumentError(f"{flag} needs at least {fewest} different {what}, not {value}")
 
 
 def _values(value) -> list:
@@ -386,59 +378,59 @@ def _undecodable(path: Path) -> Path:
     return path
 
 
-def _contrast(spec: str):
-    """The --contrast set, read before any model loads; a malformed file is one line, not a traceback."""
-    from lensdyn.prompts import resolve_contrast
+def _contrast(flag: str, spec: str):
+    """A contrast-set option's value (``option(contrast=True)``), read before any model loads; a malformed
+    file is one line, not a traceback."""
+    from lensdyn.analyses.steering import resolve_contrast
 
     try:
         return resolve_contrast(spec)
     except UnicodeDecodeError as err:
-        raise PromptError(f"--contrast {spec} is not UTF-8 text ({err.reason} at byte {err.start}): "
+        raise PromptError(f"{flag} {spec} is not UTF-8 text ({err.reason} at byte {err.start}): "
                           "save it as UTF-8") from None
     except (TypeError, AttributeError) as err:  # JSON of the wrong shape (a number, a list of numbers)
-        raise PromptError(f"--contrast {spec}: expected a JSON object whose positive, negative, evaluation, "
+        raise PromptError(f"{flag} {spec}: expected a JSON object whose positive, negative, evaluation, "
                           f"positive_targets and negative_targets are lists of texts ({err})") from None
 
 
+def _options_marked(chosen, key: str):
+    """``(analysis, flag, value)`` of every chosen analysis's parameter whose declaration sets ``key``."""
+    for analysis, parameters in chosen:
+        for f in dataclasses.fields(parameters):
+            if f.metadata.get(key):
+                yield analysis, _option_flag(f), getattr(parameters, f.name)
+
+
 def _check_for_model(model, prompts, args, chosen=()) -> None:
-    """What needs the loaded model (its tokenizer, its depth), before any forward pass."""
-    from lensdyn.app.corpus import MIN_TOKENS, describe_prompt, included_tokens
+    """What needs the loaded model (its tokenizer, its depth), before any forward pass.
+
+    ``chosen``: ``(analysis, parameters)`` pairs; each analysis's declaration says what it needs
+    (``min_tokens``, ``causal``, options of ``blocks`` and ``contrast``).
+    """
+    from lensdyn.app.corpus import describe_prompt, included_tokens
+    from lensdyn.models import text_token_ids
 
     counts = included_tokens(model, prompts, tuple(args.exclude), args.truncate)
     if not any(counts):
         keep = "; or keep every position with --exclude and no value" if args.exclude else ""
         raise PromptError(f"no prompt of {prompts.name!r} keeps a token after excluding {list(args.exclude)} "
                           f"(e.g. {describe_prompt(prompts, 0)}): give longer prompts{keep}")
-    if "metastability" in chosen:
-        short = [i for i, n in enumerate(counts) if n < MIN_TOKENS]
+    for analysis, _ in chosen:
+        short = [i for i, n in enumerate(counts) if n < analysis.min_tokens]
         if short:
             raise PromptError(f"{describe_prompt(prompts, short[0])} keeps {counts[short[0]]} token(s) after excluding "
-                              f"{list(args.exclude)}, and metastability clusters each prompt's tokens (it needs "
-                              f"{MIN_TOKENS}): give longer prompts, or leave metastability out (--analyses)")
-    n_layers = model.cfg.n_layers
-    if "stability" in chosen:
-        _check_blocks(args.layers, n_layers, "--layers")
-    if "steering" in chosen:
-        _check_steering(model, args, n_layers)
-
-
-def _check_blocks(blocks, n_layers: int, flag: str) -> None:
-    outside = sorted({b for b in blocks or () if b >= n_layers})
-    if outside:
-        raise ArgumentError(f"{flag} {outside}: this model's blocks are 0..{n_layers - 1}")
-
-
-def _check_steering(model, args, n_layers: int) -> None:
-    from lensdyn.models import text_token_ids
-
-    if getattr(model.cfg, "attention_dir", "causal") != "causal":
-        raise UnsupportedArchitectureError(
-            f"{args.model} is not a causal language model: steering effects are read off next-token logits")
-    contrast = _contrast(args.contrast)
-    text_token_ids(model, contrast.positive_targets, "steering targets")  # each must be one token: its logit is one number
-    text_token_ids(model, contrast.negative_targets, "steering targets")
-    _check_blocks(args.steer_layers, n_layers, "--steer-layers")
-    _check_blocks(args.transfer_layers, n_layers, "--transfer-layers")
+                              f"{list(args.exclude)}, and {analysis.name} needs {analysis.min_tokens} per prompt: give "
+                              f"longer prompts, or leave {analysis.name} out (--analyses)")
+        if analysis.causal and getattr(model.cfg, "attention_dir", "causal") != "causal":
+            raise UnsupportedArchitectureError(f"{args.model} is not a causal language model: {analysis.causal}")
+    for analysis, flag, spec in _options_marked(chosen, "contrast"):
+        contrast = _contrast(flag, spec)
+        for targets in (contrast.positive_targets, contrast.negative_targets):
+            text_token_ids(model, targets, f"{analysis.name} targets")  # each must be one token: its logit is one number
+    for _, flag, blocks in _options_marked(chosen, "blocks"):
+        outside = sorted({b for b in blocks or () if b >= model.cfg.n_layers})
+        if outside:
+            raise ArgumentError(f"{flag} {outside}: this model's blocks are 0..{model.cfg.n_layers - 1}")
 
 
 def _truncation_line(truncated, n_prompts: int, model) -> str | None:
@@ -580,8 +572,8 @@ SUBSAMPLE_FILE = "metastability_subsample.json"
 
 def _write_corpus(stats, record, out: Path) -> None:
     from lensdyn.app.corpus import corpus_result
+    from lensdyn.analyses.registry import load_result
     from lensdyn.app.report import Section, write_html
-    from lensdyn.results import load_result
 
     result = corpus_result(stats, record)
     print(result.summary())
@@ -606,22 +598,25 @@ def _report(args) -> int:
 
     from tqdm.auto import tqdm
 
+    from lensdyn.analyses.registry import analyses, get
+    from lensdyn.app.report import analysis_section, export_figures, write_html
     from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
-    from lensdyn.app.report import export_figures, write_html
     from lensdyn.results import attach_control
     from lensdyn.verdicts import verdict_table
 
-    chosen = [a.strip() for a in args.analyses.split(",") if a.strip()]
-    unknown = sorted(set(chosen) - set(ANALYSES))
-    if unknown or not chosen:
-        raise ArgumentError(f"unknown analysis {unknown or chosen}: choose from {', '.join(ANALYSES)}")
+    names = [a.strip() for a in args.analyses.split(",") if a.strip()]
+    known = [a.name for a in analyses()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise ArgumentError(f"unknown analysis {unknown or names}: choose from {', '.join(known)}")
     _check_options(args)
     prompts = _prompts(args.prompts)
-    if "steering" in chosen:
-        _contrast(args.contrast)  # a bad contrast set fails before any model loads
+    chosen = [(get(name), _parameters(get(name), args)) for name in names]
+    for _, flag, spec in _options_marked(chosen, "contrast"):
+        _contrast(flag, spec)  # a bad contrast set fails before any model loads
     _set_threads(args)
-    streams = sorted({s for name in chosen for s in _analysis(name).STREAMS})
+    streams = sorted({s for analysis, _ in chosen for s in analysis.streams})
     runs = []
     if args.compare:
         runs.append(("reference", args.compare, "pretrained"))
@@ -643,17 +638,22 @@ def _report(args) -> int:
     def measure_role(role: str) -> dict[str, object]:
         """Capture once, then every chosen analysis, without the control (attached below)."""
         model, steps, out = models[role], timings[role], {}
+        # The reference runs as each analysis's reference_keywords say (no diagnostics meant for the model only).
+        keywords = {analysis.name: analysis.keywords(parameters, model=model, control=None, seed=args.seed, progress=True,
+                                                     **({} if role == "model" else analysis.reference_keywords))
+                    for analysis, parameters in chosen}
+        needs = {k: v for analysis, _ in chosen for k, v in analysis.capture_options(keywords[analysis.name]).items()}
         began = time.perf_counter()
         cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
-                      truncate=args.truncate, attention=_graphs(args, role))
+                      truncate=args.truncate, **needs)
         steps["capture_s"] = round(time.perf_counter() - began, 3)
         truncation[role] = _truncation_line(cap.truncated, cap.n_prompts, model)
         bar.update(1)
-        for analysis in chosen:
+        for analysis, _ in chosen:
             began = time.perf_counter()
-            out[analysis] = _analysis(analysis).measure(cap, **_options(analysis, role, model, None, args))
-            steps[analysis] = round(time.perf_counter() - began, 3)
-            bar.set_postfix_str(f"{role} {analysis}")
+            out[analysis.name] = analysis.measure(cap, **keywords[analysis.name])
+            steps[analysis.name] = round(time.perf_counter() - began, 3)
+            bar.set_postfix_str(f"{role} {analysis.name}")
             bar.update(1)
         return out
 
@@ -668,12 +668,12 @@ def _report(args) -> int:
     bar.close()
     models.clear()  # free both models before writing
     results: dict[str, dict[str, object]] = {}
-    for analysis in chosen:
-        reference = by_role.get("reference", {}).get(analysis)
-        result = by_role["model"][analysis]
-        if reference is not None and any(f.name == "control" for f in dataclasses.fields(result)):
-            result = attach_control(result, reference)  # norms keeps its reference apart
-        results[analysis] = {"model": result, **({"reference": reference} if reference is not None else {})}
+    for analysis, _ in chosen:
+        reference = by_role.get("reference", {}).get(analysis.name)
+        result = by_role["model"][analysis.name]
+        if reference is not None and not analysis.keeps_reference_apart:
+            result = attach_control(result, reference)
+        results[analysis.name] = {"model": result, **({"reference": reference} if reference is not None else {})}
     measured = time.perf_counter()
     print(f"loaded in {loaded - started:.1f} s, measured in {measured - loaded:.1f} s"
           + (" (reference and model side by side)" if len(roles) > 1 and not args.serial else ""), file=sys.stderr)
@@ -683,39 +683,39 @@ def _report(args) -> int:
     reference_label = _reference_label(args)
     args.out.mkdir(parents=True, exist_ok=True)
     written, sections, verdicts, files = [], [], [], {}
-    for name in chosen:
+    for name in names:
         result = results[name]["model"]
         path = result.to_json(args.out / f"{name}.json")
         written.append(path)
         files[name] = path.name
-        if name == "norms" and "reference" in results[name]:
-            written.append(results[name]["reference"].to_json(args.out / "norms_reference.json"))
-            files["norms_reference"] = written[-1].name
+        if get(name).keeps_reference_apart and "reference" in results[name]:
+            written.append(results[name]["reference"].to_json(args.out / f"{name}_reference.json"))
+            files[f"{name}_reference"] = written[-1].name
         verdicts += result.verdicts()
         print(result.summary(), end="\n\n")
     if verdicts:
         print(verdict_table(verdicts, reference_label), end="\n\n")
     if not args.json_only:
-        sections = [_section(name, results[name]) for name in chosen]
-        page = "report.html" if len(chosen) > 1 else f"{chosen[0]}.html"
+        sections = [analysis_section(get(name), **results[name]) for name in names]
+        page = "report.html" if len(names) > 1 else f"{names[0]}.html"
         written.append(write_html(
             args.out / page,
-            title=f"lensdyn: {', '.join(chosen)} of {args.model}",
+            title=f"lensdyn: {', '.join(names)} of {args.model}",
             subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights; "
             f"reference: {reference_label} (grey)",
             sections=sections, verdicts=verdicts, reference_label=reference_label,
         ))
-        figures = {name: section.figure for name, section in zip(chosen, sections)}
+        figures = {name: section.figure for name, section in zip(names, sections)}
         written += export_figures(figures, args.out / "figures", args.static)
     # Per-role steps overlap when the roles run side by side; "wall" is what the whole report took.
     timings["wall"] = {"load_s": round(loaded - started, 3), "measure_s": round(measured - loaded, 3),
                        "write_s": round(time.perf_counter() - measured, 3)}
     index = {
         "model": args.model, "weights": args.weights, "reference": reference_label, "prompts": prompts.name,
-        "n_prompts": len(prompts), "excluded_positions": list(args.exclude), "analyses": chosen, "files": files,
+        "n_prompts": len(prompts), "excluded_positions": list(args.exclude), "analyses": names, "files": files,
         "verdicts": [dataclasses.asdict(v) for v in verdicts], "timings_s": timings,
     }
-    report_json = args.out / ("report.json" if len(chosen) > 1 else f"{chosen[0]}_report.json")
+    report_json = args.out / ("report.json" if len(names) > 1 else f"{names[0]}_report.json")
     report_json.write_text(json.dumps(index, indent=1), encoding="utf-8")
     written.append(report_json)
     for path in written:
@@ -729,54 +729,6 @@ def _reference_label(args) -> str:
     if args.control == "random" and args.weights != "random":
         return "untrained control"
     return "none"
-
-
-def _section(name: str, by_role: dict):
-    from lensdyn.app.report import Section
-
-    model = by_role["model"]
-    if name == "norms":
-        control = by_role.get("reference")
-        text = "\n\n".join(r.summary() for r in (model, control) if r is not None)
-        return Section(f"Residual norms of {model.provenance.model}", model.figure(control=control), text)
-    heading = {"expansion": "Expansion", "gains": "Sublayer gains", "metastability": "Metastability",
-               "curvature": "Curvature and deflection", "stability": "Stability",
-               "steering": "Steering across layers"}[name]
-    return Section(f"{heading} of {model.provenance.model}", model.figure(), model.summary())
-
-
-def _analysis(name: str):
-    import importlib
-
-    return importlib.import_module(f"lensdyn.analyses.{name}")
-
-
-def _options(name: str, role: str, model, control, args) -> dict:
-    """Keyword arguments of ``<analysis>.measure(capture, ...)`` from the command line."""
-    if name == "expansion":
-        return dict(model=model, control=control, aggregation=args.aggregation, fit_space=args.fit_space,
-                    n_permutations=args.permutations, seed=args.seed)
-    if name == "gains":
-        return dict(control=control, reference=args.reference, aggregation=args.aggregation, tokens=args.tokens)
-    if name == "stability":
-        return dict(model=model, control=control, layers=args.layers, profile_prompts=args.profile_prompts,
-                    context=args.context, betas=tuple(args.betas), seed=args.seed)
-    if name == "steering":
-        return dict(model=model, control=control, contrast=args.contrast, layers=args.steer_layers,
-                    transfer_layers=args.transfer_layers, relative=tuple(args.relative), n_bootstrap=args.bootstrap,
-                    seed=args.seed, progress=True)
-    if name == "curvature":
-        return dict(model=model, control=control, patch_streams=tuple(args.patch_streams), n_draws=args.null_draws,
-                    seed=args.seed)
-    if name == "metastability":
-        # The repeated-token diagnostic and the attention graphs run for the model only.
-        return dict(model=model, control=control, repeated=role == "model", attention_graphs=_graphs(args, role),
-                    min_cluster_size=args.min_cluster_size)
-    return {}
-
-
-def _graphs(args, role: str) -> bool:
-    return role == "model" and "metastability" in args.analyses and getattr(args, "attention_graphs", False)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The page opens with the verdict table (``lensdyn.verdicts``): every write-up claim the chosen
 analyses test, the value measured on the model, the same measurement on the reference (the
 untrained control or a ``--compare`` model), and the verdict its stated rule gives. Then one
-section per analysis: heading, figure, text summary.
+section per analysis (``analysis_section``): its declared heading, its figure, its text summary.
 """
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ class Section:
     heading: str
     figure: object  # a plotly Figure
     text: str = ""
+
+
+def analysis_section(analysis, model, reference=None) -> Section:
+    """The section of one analysis (a ``registry.Analysis``): its result on the model, and a reference
+    run where the result keeps one apart (a result holding its control draws that itself)."""
+    heading = f"{analysis.heading} of {model.provenance.model}"
+    if reference is None or not analysis.keeps_reference_apart:
+        return Section(heading, model.figure(), model.summary())
+    return Section(heading, model.figure(control=reference), f"{model.summary()}\n\n{reference.summary()}")
 
 
 def verdict_html(verdicts: Sequence[Verdict], reference_label: str) -> str:
