@@ -136,38 +136,37 @@ def test_float64_models_capture_in_float64(minilm):
 
 
 @pytest.fixture(scope="module")
-def albert_checkpoint(tmp_path_factory):
-    """A tiny random ALBERT: a family TransformerLens has no bridge for."""
+def ctrl_checkpoint(tmp_path_factory):
+    """A tiny random CTRL: a family TransformerLens has no bridge for (ALBERT, once the example, now has lensdyn's own)."""
     import transformers
 
-    config = transformers.AlbertConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=2,
-                                       intermediate_size=128, embedding_size=32)
-    path = tmp_path_factory.mktemp("albert")
+    config = transformers.CTRLConfig(vocab_size=120, n_positions=64, n_embd=64, dff=128, n_layer=3, n_head=2)
+    path = tmp_path_factory.mktemp("ctrl")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        transformers.AlbertForMaskedLM(config).save_pretrained(path)
+        transformers.CTRLLMHeadModel(config).save_pretrained(path)
     return path
 
 
 def _assert_short_and_names_the_family(message: str):
     assert len(message) < 300 and "\n" not in message, message
-    assert "albert" in message and "AlbertForMaskedLM" in message
+    assert "ctrl" in message and "CTRLLMHeadModel" in message
     assert "lensdyn models --check" in message and "README" in message
     assert "Available architectures" not in message and "GPTNeoXForCausalLM" not in message
 
 
-def test_unsupported_checkpoint_names_its_family_in_one_short_line(albert_checkpoint):
+def test_unsupported_checkpoint_names_its_family_in_one_short_line(ctrl_checkpoint):
     with pytest.raises(UnsupportedArchitectureError) as caught:
-        ld.load_model(str(albert_checkpoint))
+        ld.load_model(str(ctrl_checkpoint))
     _assert_short_and_names_the_family(str(caught.value))
 
 
-def test_unsupported_in_memory_model_names_its_family_in_one_short_line(albert_checkpoint):
+def test_unsupported_in_memory_model_names_its_family_in_one_short_line(ctrl_checkpoint):
     import transformers
 
-    hf_model = transformers.AlbertForMaskedLM.from_pretrained(albert_checkpoint)
+    hf_model = transformers.CTRLLMHeadModel.from_pretrained(ctrl_checkpoint)
     with pytest.raises(UnsupportedArchitectureError) as caught:
-        models._bridge_from_hf(albert_checkpoint, hf_model, None, device=None, dtype=torch.float32)
+        models._bridge_from_hf(ctrl_checkpoint, hf_model, None, device=None, dtype=torch.float32)
     _assert_short_and_names_the_family(str(caught.value))
 
 
