@@ -1,4 +1,4 @@
-"""Curve fits and change points shared by the analyses, vectorised over many series, in float64.
+"""Curve fits, growth rates and change points shared by the analyses, vectorised over many series, in float64.
 
 >>> x = np.arange(5.0)
 >>> fit = exponential_fit(x, np.exp(0.3 * x + 1.0))
@@ -37,6 +37,18 @@ class ExponentialFit:
     space: str
 
 
+def hubble(a: Float[np.ndarray, " state"]) -> Float[np.ndarray, " block"]:
+    """``H(l) = log a(l+1) - log a(l)``, the growth rate across block ``l`` of a scale factor ``a(l)``.
+
+    Exact for ``a = exp(H0 l)``; one value per block. ``lensdyn.analyses.expansion`` reads it off
+    the captured ``a(l)``, ``lensdyn.streaming.NormStats.hubble_rate`` off the streamed one.
+
+    >>> hubble(np.exp(0.5 * np.arange(4))).round(12)
+    array([0.5, 0.5, 0.5])
+    """
+    return np.diff(np.log(a))
+
+
 def line_fit(x: Float[np.ndarray, " n"], y: Float[np.ndarray, "*series n"]) -> LineFit:
     """Closed-form OLS of every series on the same ``x``: ``slope = cov(x, y) / var(x)``.
 
@@ -68,7 +80,7 @@ def exponential_fit(
 ) -> ExponentialFit:
     """Fit ``y = exp(c + h x)`` to every series.
 
-    ``space="log"``: OLS of ``log y`` on ``x`` (each layer weighs the same, whatever its size).
+    ``space="log"``: OLS of ``log y`` on ``x`` (each point, e.g. each state, weighs the same, whatever its size).
     ``space="linear"``: least squares on ``y`` itself by Gauss-Newton from the log fit, which is
     what ``scipy.optimize.curve_fit`` does for one series; large values dominate it. The two
     differ whenever growth is not exactly exponential; the expansion write-up used one for its

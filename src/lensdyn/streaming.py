@@ -1,6 +1,6 @@
 """Streaming float64 accumulators: corpus-scale statistics batch by batch, mergeable across shards.
 
-Per-layer statistics over thousands of prompts cannot hold every token in memory. Each accumulator
+Statistics per state (or per block) over thousands of prompts cannot hold every token in memory. Each accumulator
 here keeps a fixed-size float64 summary that grows with neither the number of prompts nor of
 tokens; ``update`` folds in one batch, ``merge`` combines shards computed anywhere (another
 machine, another order), and the final statistics equal a single run over all the data, and the
@@ -8,28 +8,28 @@ direct (non-streaming) lensdyn function, to float64 round-off.
 
 Conventions shared by every accumulator:
 
-- Input is packed: ``update(tokens)`` takes ``[layer, token, d_model]`` rows that already are the
-  tokens entering aggregates (e.g. ``lensdyn.ops.masked_tokens(cap.resid, cap.mask)``), in any
-  float dtype (bfloat16 included). Per-token norms are ``lensdyn.ops.token_norms`` (the values the
-  analyses see); everything else is converted to float64, and every sum over tokens or prompts
-  is float64. Every layer of a packed batch
-  holds the same tokens, so one ``count`` serves all layers. Per-prompt statistics take a list of
-  per-prompt clouds ``[layer, n, d_model]`` instead.
+- Input is packed: ``update(tokens)`` takes ``[state, token, d_model]`` rows (``[block, token,
+  d_model]`` for a sublayer stream) that already are the tokens entering aggregates (e.g.
+  ``lensdyn.ops.masked_tokens(cap.resid, cap.mask)``), in any float dtype (bfloat16 included).
+  Per-token norms are ``lensdyn.ops.token_norms`` (the values the analyses see); everything else
+  is converted to float64, and every sum over tokens or prompts is float64. Every state (or block)
+  of a packed batch holds the same tokens, so one ``count`` serves all of them. Per-prompt
+  statistics take a list of per-prompt clouds ``[state, n, d_model]`` instead.
 - ``update`` changes the accumulator in place and returns it (for chaining); it checks the whole
   batch first (shape against what is held, float dtype, NaN/inf), so a refused batch leaves the
   accumulator unchanged. ``merge`` returns a **new** accumulator and changes neither operand;
   it is associative and commutative up to round-off, and an empty accumulator is its identity.
-- Mixing data of different shape (layers, ``d_model``), bins or betas raises ``ArgumentError``;
-  NaN/inf raises ``NonFiniteActivationError`` (the message names the layers and tokens/prompts).
+- Mixing data of different shape (states or blocks, ``d_model``), bins or betas raises ``ArgumentError``;
+  NaN/inf raises ``NonFiniteActivationError`` (the message names the states or blocks and the tokens/prompts).
 - ``to_dict()`` / ``from_dict()`` hold plain values and float64 (int64 for counts) arrays, so a
   shard survives ``.npz`` and ``.json`` exactly; ``save(obj, path)`` / ``load(path)`` write either
   (by suffix) for any accumulator or a ``StreamingStats`` container. ``merge_all`` folds shards.
 
-The math of each statistic is not repeated here: per-token norms come from ``lensdyn.ops``, and
-the Hubble rate, sphere projection, histogram binning and interaction energy from the analyses
-(imported inside the methods that need them, so the core never imports an analysis at load time).
+The math of each statistic is not repeated here: per-token norms come from ``lensdyn.ops``, the
+Hubble rate from ``lensdyn.fits``, and the sphere projection, Gram matrices, histogram binning and
+interaction energy from ``lensdyn.sphere``: the functions the analyses call too, all in the core.
 
->>> x = torch.tensor([[[3., 4.], [0., 1.]], [[6., 8.], [0., 2.]]])      # 2 layers, 2 tokens, d_model 2
+>>> x = torch.tensor([[[3., 4.], [0., 1.]], [[6., 8.], [0., 2.]]])      # 2 states, 2 tokens, d_model 2
 >>> shard_a, shard_b = NormStats().update(x[:, :1]), NormStats().update(x[:, 1:])
 >>> shard_a.merge(shard_b).scale_factor()                                # every token doubles
 array([1., 2.])
@@ -47,7 +47,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError, NonFiniteActivationError
+from lensdyn.fits import hubble
 from lensdyn.ops import token_norms
+from lensdyn.sphere import BETAS, BINS, cloud_grams, inner_product_histogram, interaction_energy
 
 AGGREGATIONS = ("ratio_of_means", "mean_of_ratios")
 FORMAT = "lensdyn.streaming/1"
@@ -57,7 +59,7 @@ FORMAT = "lensdyn.streaming/1"
 
 
 def check_batch(x: Tensor, where: str, shape: tuple[int | None, int | None] = (None, None), prompt: int | None = None) -> None:
-    """Refuse a batch that is not a finite float ``[layer, token, d_model]`` tensor matching ``shape = (layers, d_model)``.
+    """Refuse a batch that is not a finite float ``[state or block, token, d_model]`` tensor matching ``shape = (n, d_model)``.
 
     ``prompt``: the batch is that prompt's cloud (its index in the batch goes into the error's ``prompt_indices``).
 
@@ -99,19 +101,6 @@ def check_batch(x: Tensor, where: str, shape: tuple[int | None, int | None] = (N
 def _check_aggregation(aggregation: str) -> None:
     if aggregation not in AGGREGATIONS:
         raise ArgumentError(f"aggregation must be 'ratio_of_means' or 'mean_of_ratios', not {aggregation!r}")
-
-
-def cloud_grams(cloud: Float[Tensor, "layer n d_model"]) -> list[Float[Tensor, "n n"]]:
-    """Per layer, the Gram matrix ``<x_i, x_j>`` of the sphere-projected cloud, exactly as metastability forms it.
-
-    >>> [g.tolist() for g in cloud_grams(torch.tensor([[[2., 0.], [0., 3.]]]))]
-    [[[1.0, 0.0], [0.0, 1.0]]]
-    """
-    from lensdyn.analyses.metastability import sphere
-
-    # One matmul per layer, the same expression as metastability.cloud_metrics: a bitwise-equal Gram
-    # keeps every pair in the same histogram bin as the analysis puts it.
-    return [x @ x.T for x in sphere(cloud)]
 
 
 # --- the shared machinery -------------------------------------------------------------------
@@ -244,17 +233,17 @@ def _numpy(x: Tensor) -> np.ndarray:
 
 
 class NormStats(Accumulator):
-    """Per-layer statistics of token norms ``n_lt = ||x_lt||``: mean, population std, min, max, ``a(l)``, ``H(l)``.
+    """Per-state statistics of token norms ``n_lt = ||x_lt||``: mean, population std, min, max, ``a(l)``, ``H(l)``.
 
     Each token's norm is ``lensdyn.ops.token_norms`` (at its precision, the same values the analyses
     see); everything over tokens is summed in float64.
-    State per layer: ``total = sum_t n_lt``, ``m2 = sum_t (n_lt - mean_l)^2`` (merged by Chan et al.'s
+    Held per state: ``total = sum_t n_lt``, ``m2 = sum_t (n_lt - mean_l)^2`` (merged by Chan et al.'s
     pairwise rule ``M2 = M2_a + M2_b + delta^2 n_a n_b / n`` instead of a raw sum of squares, which
     loses ``(mean / std)^2`` in relative precision), ``minimum``, ``maximum``, and
-    ``ratio_total = sum_t n_lt / n_0t`` (each token against its own layer-0 norm) for the
+    ``ratio_total = sum_t n_lt / n_0t`` (each token against its own state-0 norm) for the
     mean-of-ratios scale factor.
 
-    >>> x = torch.tensor([[[1., 0.], [3., 0.]], [[2., 0.], [6., 0.]]])    # layer 1 = 2 x layer 0
+    >>> x = torch.tensor([[[1., 0.], [3., 0.]], [[2., 0.], [6., 0.]]])    # state 1 = 2 x state 0
     >>> s = NormStats().update(x)
     >>> s.mean_norm, s.std_norm, s.scale_factor("mean_of_ratios")
     (array([2., 4.]), array([1., 2.]), array([1., 2.]))
@@ -262,10 +251,10 @@ class NormStats(Accumulator):
 
     ARRAYS = ("total", "m2", "minimum", "maximum", "ratio_total")
 
-    def update(self, tokens: Float[Tensor, "layer token d_model"]) -> NormStats:
+    def update(self, tokens: Float[Tensor, "state token d_model"]) -> NormStats:
         """Fold in one packed batch; returns ``self``."""
         check_batch(tokens, self._where(), (self.n_layers, self.d_model))
-        norms = token_norms(tokens)  # [layer, token] float64
+        norms = token_norms(tokens)  # [state, token] float64
         if norms.shape[1] == 0:
             return self
         batch = NormStats()
@@ -290,33 +279,33 @@ class NormStats(Accumulator):
         }
 
     @property
-    def mean_norm(self) -> Float[np.ndarray, " layer"]:
+    def mean_norm(self) -> Float[np.ndarray, " state"]:
         """``mean_t n_lt``."""
         self._require()
         return self.total / self.count
 
     @property
-    def variance_norm(self) -> Float[np.ndarray, " layer"]:
+    def variance_norm(self) -> Float[np.ndarray, " state"]:
         """Population variance ``mean_t (n_lt - mean_l)^2``."""
         self._require()
         return self.m2 / self.count
 
     @property
-    def std_norm(self) -> Float[np.ndarray, " layer"]:
+    def std_norm(self) -> Float[np.ndarray, " state"]:
         """Population standard deviation (``correction=0``) of the norms."""
         return np.sqrt(self.variance_norm)
 
     @property
-    def min_norm(self) -> Float[np.ndarray, " layer"]:
+    def min_norm(self) -> Float[np.ndarray, " state"]:
         self._require()
         return self.minimum.copy()
 
     @property
-    def max_norm(self) -> Float[np.ndarray, " layer"]:
+    def max_norm(self) -> Float[np.ndarray, " state"]:
         self._require()
         return self.maximum.copy()
 
-    def scale_factor(self, aggregation: str = "ratio_of_means") -> Float[np.ndarray, " layer"]:
+    def scale_factor(self, aggregation: str = "ratio_of_means") -> Float[np.ndarray, " state"]:
         """``a(l)`` as ``lensdyn.analyses.expansion.scale_factor`` defines it, so ``a(0) = 1``.
 
         ``"ratio_of_means"``: ``mean_t n_lt / mean_t n_0t``; ``"mean_of_ratios"``: ``mean_t (n_lt / n_0t)``.
@@ -329,9 +318,7 @@ class NormStats(Accumulator):
         return self.ratio_total / self.count
 
     def hubble_rate(self, aggregation: str = "ratio_of_means") -> Float[np.ndarray, " block"]:
-        """``H(l) = log a(l+1) - log a(l)``, by ``lensdyn.analyses.expansion.hubble``."""
-        from lensdyn.analyses.expansion import hubble
-
+        """``H(l) = log a(l+1) - log a(l)``, by ``lensdyn.fits.hubble`` (as ``lensdyn.analyses.expansion`` computes it)."""
         return hubble(self.scale_factor(aggregation))
 
 
@@ -399,15 +386,15 @@ class GainStats(Accumulator):
 
 
 class CovarianceStats(Accumulator):
-    """Per-layer mean vector and token covariance, merged by the parallel rule of Chan, Golub and LeVeque.
+    """Per-state mean vector and token covariance, merged by the parallel rule of Chan, Golub and LeVeque.
 
-    State per layer: ``mean`` (``[layer, d_model]``) and the centred co-moment
-    ``comoment = sum_t (x_t - mean)(x_t - mean)^T`` (``[layer, d_model, d_model]``), combined as
+    Held per state: ``mean`` (``[state, d_model]``) and the centred co-moment
+    ``comoment = sum_t (x_t - mean)(x_t - mean)^T`` (``[state, d_model, d_model]``), combined as
     ``C = C_a + C_b + (n_a n_b / n) delta delta^T`` with ``delta = mean_b - mean_a``.
     ``covariance = C / (n - 1)`` (as ``lensdyn.analyses.expansion.covariance_shape`` normalises);
     ``second_moment = C / n + mean mean^T`` (``E[x x^T]``).
 
-    Memory: ``layer x d_model^2`` float64, whatever the number of tokens: 82 MB for SmolLM2-135M
+    Memory: ``(n_layers + 1) x d_model^2`` float64, whatever the number of tokens: 82 MB for SmolLM2-135M
     (31 x 576^2), 1.9 GB for a 37-state, d_model 2560 model; a batch adds its own float64 copy.
 
     >>> x = torch.tensor([[[1., 0.], [-1., 0.], [0., 2.], [0., -2.]]])
@@ -418,7 +405,7 @@ class CovarianceStats(Accumulator):
 
     ARRAYS = ("mean", "comoment")
 
-    def update(self, tokens: Float[Tensor, "layer token d_model"]) -> CovarianceStats:
+    def update(self, tokens: Float[Tensor, "state token d_model"]) -> CovarianceStats:
         """Fold in one packed batch; returns ``self``."""
         check_batch(tokens, self._where(), (self.n_layers, self.d_model))
         if tokens.shape[1] == 0:
@@ -441,16 +428,16 @@ class CovarianceStats(Accumulator):
         }
 
     @property
-    def covariance(self) -> Float[np.ndarray, "layer d_model d_model"]:
-        """Sample covariance ``C / (n - 1)`` per layer."""
+    def covariance(self) -> Float[np.ndarray, "state d_model d_model"]:
+        """Sample covariance ``C / (n - 1)`` per state."""
         self._require()
         if self.count < 2:
             raise ArgumentError("a covariance needs at least 2 tokens")
         return self.comoment / (self.count - 1)
 
     @property
-    def second_moment(self) -> Float[np.ndarray, "layer d_model d_model"]:
-        """Uncentred ``E[x x^T] = C / n + mean mean^T`` per layer."""
+    def second_moment(self) -> Float[np.ndarray, "state d_model d_model"]:
+        """Uncentred ``E[x x^T] = C / n + mean mean^T`` per state."""
         self._require()
         return self.comoment / self.count + self.mean[:, :, None] * self.mean[:, None, :]
 
@@ -459,11 +446,11 @@ class CovarianceStats(Accumulator):
 
 
 class CloudAccumulator(Accumulator):
-    """Statistics of per-prompt clouds: ``update(clouds)`` takes ``[layer, n, d_model]`` per prompt, ``count`` is prompts."""
+    """Statistics of per-prompt clouds: ``update(clouds)`` takes ``[state, n, d_model]`` per prompt, ``count`` is prompts."""
 
     UNIT = "prompt"
 
-    def update(self, clouds: Sequence[Float[Tensor, "layer _n d_model"]]) -> CloudAccumulator:
+    def update(self, clouds: Sequence[Float[Tensor, "state _n d_model"]]) -> CloudAccumulator:
         """Fold in one batch of prompts (each its own cloud of included tokens); returns ``self``."""
         clouds = self._check_clouds(clouds, (self.n_layers, self.d_model))
         batch = self._fresh()
@@ -492,11 +479,11 @@ class CloudAccumulator(Accumulator):
 
 
 class HistogramStats(CloudAccumulator):
-    """Per layer, the histogram of pairwise inner products ``<x_i, x_j>`` (``i < j``) of unit vectors within each prompt.
+    """Per state, the histogram of pairwise inner products ``<x_i, x_j>`` (``i < j``) of unit vectors within each prompt.
 
-    Bins are ``lensdyn.analyses.metastability.BINS`` (40 equal bins on [-1, 1]) unless given, and
-    each prompt is binned by metastability's ``inner_product_histogram`` on the Gram matrix
-    metastability forms. Two aggregations over prompts are kept:
+    Bins are ``lensdyn.sphere.BINS`` (40 equal bins on [-1, 1]) unless given, and each prompt is
+    binned by ``lensdyn.sphere.inner_product_histogram`` on its ``cloud_grams``, as metastability
+    bins it. Two aggregations over prompts are kept:
 
     - ``histogram``: the mean over prompts of each prompt's normalised histogram, every prompt
       weighing the same. This is what metastability reports (``MetastabilityResult.mean("histogram")``
@@ -505,9 +492,9 @@ class HistogramStats(CloudAccumulator):
       tokens weighs ``n (n - 1) / 2``): the histogram of all pairs at once.
 
     State: ``histogram_total = sum_p hist_p`` (float64) and ``pair_counts`` (int64, exact), both
-    ``[layer, bin]``, and ``n_pairs`` (pairs per layer, as an int64 ``[1]`` array).
+    ``[state, bin]``, and ``n_pairs`` (pairs per state, as an int64 ``[1]`` array).
 
-    >>> unit = torch.eye(4)[None]                                  # one layer, 4 orthogonal tokens
+    >>> unit = torch.eye(4)[None]                                  # one state, 4 orthogonal tokens
     >>> h = HistogramStats().update([unit, 2 * unit]).histogram    # every pair at <x_i, x_j> = 0
     >>> h.shape, float(h[0, 20]), float(h.sum())                   # bin 20 is [0, 0.05)
     ((1, 40), 1.0, 1.0)
@@ -520,19 +507,15 @@ class HistogramStats(CloudAccumulator):
     def __init__(self, bins: np.ndarray | None = None) -> None:
         super().__init__()
         if bins is None:
-            from lensdyn.analyses.metastability import BINS
-
             bins = BINS
         self.bins = np.array(bins, dtype=np.float64)
         if self.bins.ndim != 1 or len(self.bins) < 2 or not np.all(np.diff(self.bins) > 0):
             raise ArgumentError("bins must be increasing edges, at least two")
 
     def _add_prompt(self, grams: list[Float[Tensor, "n n"]], d_model: int) -> None:
-        from lensdyn.analyses.metastability import inner_product_histogram
-
         n = grams[0].shape[0]
         pairs = n * (n - 1) // 2
-        fractions = np.stack([inner_product_histogram(g, self.bins) for g in grams])  # [layer, bin]
+        fractions = np.stack([inner_product_histogram(g, self.bins) for g in grams])  # [state, bin]
         part = HistogramStats(self.bins)
         part.n_layers, part.d_model, part.count = len(grams), d_model, 1
         part.histogram_total = fractions
@@ -545,27 +528,27 @@ class HistogramStats(CloudAccumulator):
         return {name: getattr(self, name) + getattr(other, name) for name in self.ARRAYS}
 
     @property
-    def histogram(self) -> Float[np.ndarray, "layer bin"]:
+    def histogram(self) -> Float[np.ndarray, "state bin"]:
         """Mean over prompts of each prompt's fraction of pairs per bin (metastability's aggregation)."""
         self._require()
         return self.histogram_total / self.count
 
     @property
-    def pooled_histogram(self) -> Float[np.ndarray, "layer bin"]:
+    def pooled_histogram(self) -> Float[np.ndarray, "state bin"]:
         """Fraction of all pairs, pooled over prompts, in each bin."""
         self._require()
         return self.pair_counts / self.n_pairs[0]
 
 
 class EnergyStats(CloudAccumulator):
-    """Per beta and layer, the mean over prompts of the interaction energy ``E_beta`` of each prompt's cloud.
+    """Per beta and state, the mean over prompts of the interaction energy ``E_beta`` of each prompt's cloud.
 
-    ``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)`` is metastability's
-    ``interaction_energy`` on its Gram matrix; betas default to ``metastability.BETAS``. State:
-    ``energy_total = sum_p E_beta,l(p)`` (``[beta, layer]``); ``mean_energy`` divides by the number of
+    ``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)`` is ``lensdyn.sphere.interaction_energy``
+    on its Gram matrix (as metastability computes it); betas default to ``lensdyn.sphere.BETAS``. State:
+    ``energy_total = sum_p E_beta,l(p)`` (``[beta, state]``); ``mean_energy`` divides by the number of
     prompts, as ``MetastabilityResult.mean("energy")`` averages prompts.
 
-    >>> aligned = torch.ones(1, 2, 3)                        # one layer, two identical tokens
+    >>> aligned = torch.ones(1, 2, 3)                        # one state, two identical tokens
     >>> EnergyStats(betas=(1.0,)).update([aligned]).mean_energy.round(6)       # e / 2
     array([[1.359141]])
     """
@@ -576,16 +559,12 @@ class EnergyStats(CloudAccumulator):
     def __init__(self, betas: Sequence[float] | np.ndarray | None = None) -> None:
         super().__init__()
         if betas is None:
-            from lensdyn.analyses.metastability import BETAS
-
             betas = BETAS
         self.betas = tuple(float(b) for b in np.atleast_1d(np.asarray(betas, dtype=np.float64)))
         if not self.betas or not all(b > 0 for b in self.betas):
             raise ArgumentError(f"betas must be positive, got {self.betas}")
 
     def _add_prompt(self, grams: list[Float[Tensor, "n n"]], d_model: int) -> None:
-        from lensdyn.analyses.metastability import interaction_energy
-
         part = EnergyStats(self.betas)
         part.n_layers, part.d_model, part.count = len(grams), d_model, 1
         part.energy_total = np.array([[interaction_energy(g, beta) for g in grams] for beta in self.betas])
@@ -595,8 +574,8 @@ class EnergyStats(CloudAccumulator):
         return {"energy_total": self.energy_total + other.energy_total}
 
     @property
-    def mean_energy(self) -> Float[np.ndarray, "beta layer"]:
-        """Mean over prompts of ``E_beta`` at each layer."""
+    def mean_energy(self) -> Float[np.ndarray, "beta state"]:
+        """Mean over prompts of ``E_beta`` at each state."""
         self._require()
         return self.energy_total / self.count
 
@@ -648,7 +627,8 @@ class StreamingStats:
     def update_from(
         self, packed: Mapping[str, Tensor] | None = None, clouds: Mapping[str, Sequence[Tensor]] | None = None
     ) -> StreamingStats:
-        """Fold in one batch: ``packed[stream]`` is ``[layer, token, d_model]``; ``clouds[stream]`` lists per-prompt clouds."""
+        """Fold in one batch: ``packed[stream]`` is ``[state or block, token, d_model]``; ``clouds[stream]``
+        lists per-prompt clouds."""
         packed, clouds = packed or {}, dict(clouds or {})
         parts: dict[str, Accumulator] = {}
         cloud_streams: dict[str, list[str]] = {}

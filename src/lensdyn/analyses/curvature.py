@@ -1,7 +1,7 @@
-"""Curvature and deflection of token trajectories through the layers (arXiv 2511.03060, defined here).
+"""Curvature and deflection of token trajectories through the blocks (arXiv 2511.03060, defined here).
 
 The paper's code and exact definitions are not public; lensdyn's are these. A token's trajectory
-is its states ``x_0..x_L`` (capture convention: ``x_L`` is before the final norm), in the raw
+is its states ``x_0..x_L`` (``lensdyn.conventions`` 1: ``x_L`` is before the final norm), in the raw
 residual stream or projected to the sphere (``x_l / ||x_l||``). Steps ``d_l = x_{l+1} - x_l``.
 
 - ``turning_angles``: ``theta_l = arccos(<d_l, d_{l+1}> / (||d_l|| ||d_{l+1}||))`` in degrees, one
@@ -9,7 +9,7 @@ residual stream or projected to the sphere (``x_l / ||x_l||``). Steps ``d_l = x_
   ``flat``: ``theta <= FLAT`` (60).
 - ``length_to_chord = sum_l ||d_l|| / ||x_L - x_0||`` (1 for a straight line).
 - nulls with the same step lengths: ``walk``, steps in isotropic random directions of
-  ``d_model`` dimensions; ``shuffle``, the token's own steps in a random layer order. Every
+  ``d_model`` dimensions; ``shuffle``, the token's own steps in a random block order. Every
   statistic is a function of the inner products of a token's ``k = L`` steps, so both nulls run
   on ``k`` exact coordinates per token (``step_coordinates``), the walk's directions drawn there
   by the Bartlett decomposition (``null_steps``): ``k(k+1)/2`` draws per token, not ``k d_model``. Each

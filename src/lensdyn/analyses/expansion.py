@@ -1,9 +1,9 @@
 """Residual-stream expansion: the FLRW-style write-up's claims, each with the test it never ran.
 
 The write-up (Qwen3-4B, 512 tokens of one text) reads the growth of token norms through the
-layers as a cosmological scale factor. lensdyn measures every quantity it names, on any model,
-under the layer convention of ``lensdyn.hooks.capture`` (state ``n_layers`` is the last block's
-output *before* the final norm, so the write-up's "final contraction" is not a layer here).
+blocks as a cosmological scale factor. lensdyn measures every quantity it names, on any model,
+under the state convention of ``lensdyn.conventions`` (state ``n_layers`` is the last block's
+output *before* the final norm, so the write-up's "final contraction", read off the post-norm output, is not a state here).
 
 Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the capture's mask):
 
@@ -20,16 +20,16 @@ Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the 
   correlation with position.
 - comoving coordinates: ``n_lt / a(l)``. ``physical_cv`` is the mean over tokens of the
   coefficient of variation (std / mean over states) of ``n_lt``; ``comoving_cv`` the same of
-  ``n_lt / a(l)``; ``cv_reduction = 1 - comoving_cv / physical_cv``. Dividing by the layer mean
+  ``n_lt / a(l)``; ``cv_reduction = 1 - comoving_cv / physical_cv``. Dividing by the per-state mean
   removes most of the variation of *any* set of growing numbers, so ``cv_reduction_null`` repeats
   the computation after permuting tokens independently within each state (token identity across
-  layers destroyed, every layer's distribution kept). Only a reduction beyond the null says
+  states destroyed, every state's distribution kept). Only a reduction beyond the null says
   tokens keep their comoving norm.
 - ``post_ln_norms``: mean norm of what attention reads (``attn_in``: the pre-attention norm's
   output with its gain), per block: the write-up's "LayerNorm artifact" test.
 - metric shape: per-state covariance ``C_l`` of the residual (centred, float64); overlap of top-k
   eigenvector subspaces ``||U_i^T U_j||_F^2 / k``; eigenvalue growth ``lambda_k(l) / lambda_k(0)``
-  against ``a(l)^2``; variance growth along the fixed layer-0 eigendirections against ``a(l)^2``
+  against ``a(l)^2``; variance growth along the fixed state-0 eigendirections against ``a(l)^2``
   (all ones if expansion is isotropic); participation ratio ``(sum lambda)^2 / sum lambda^2``
   (``d_model`` for a Euclidean-isotropic cloud) and condition number of ``C_0``.
 - growth per sublayer: ``||h + d||^2 - ||h||^2 = 2 h.d + ||d||^2`` for the residual ``h`` a
@@ -170,14 +170,14 @@ class CovarianceShape:
     """Shape of the residual covariance across states (see the module docstring).
 
     ``rank`` counts eigenvalues above ``RANK_TOLERANCE * lambda_max``; the condition number and
-    the layer-0 directions use only those (embeddings of a few hundred distinct tokens span fewer
+    the state-0 directions use only those (embeddings of a few hundred distinct tokens span fewer
     than ``d_model`` directions, and a zero-variance direction has no growth ratio).
     """
 
     top_eigenvalues: Float[np.ndarray, "state k"]
     subspace_overlap: Float[np.ndarray, "state state"]
     eigenvalue_growth: Float[np.ndarray, "state k"]  # lambda_k(l) / lambda_k(0)
-    directional_growth: Float[np.ndarray, "state quantile"]  # 5/50/95% of u^T C_l u / u^T C_0 u, layer-0 directions
+    directional_growth: Float[np.ndarray, "state quantile"]  # 5/50/95% of u^T C_l u / u^T C_0 u, state-0 directions
     participation_ratio: Float[np.ndarray, " state"]
     condition_number: Float[np.ndarray, " state"]  # lambda_max / smallest eigenvalue within the rank
     rank: Int[np.ndarray, " state"]

@@ -1,6 +1,6 @@
 """Sublayer gains: how much each attention and MLP sublayer amplifies what it reads.
 
-The Pythia write-up (1.4B / 6.9B) claims attention contracts in every layer, the last MLP
+The Pythia write-up (1.4B / 6.9B) claims attention contracts in every block, the last MLP
 expands 3.6x / 6.24x, and "final MLP gain ~ params^0.35" from two models. Its gain is
 ``mean ||sublayer out|| / mean ||LayerNorm output||`` over all tokens. lensdyn names every choice:
 

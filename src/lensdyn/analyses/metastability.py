@@ -28,7 +28,7 @@ capture's included tokens of that prompt:
   smallest Laplacian eigenvalue) of the symmetrised ``(A + A^T) / 2``, Sinkhorn-scaled to doubly
   stochastic, per head and block; and the same for attention that is uniform over the causal mask
   (or over all tokens, for encoders): what the mask alone produces.
-- spectra: ``rho(V)`` and ``rho(OV)`` per layer and the fraction of complex OV eigenvalues
+- spectra: ``rho(V)`` and ``rho(OV)`` per block and the fraction of complex OV eigenvalues
   (``lensdyn.hooks.circuits``); ``collapse_speed`` = per-block rise of mean ``mass_near_one``,
   and its Spearman correlation with each radius across blocks.
 

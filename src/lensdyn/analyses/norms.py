@@ -1,6 +1,6 @@
-"""Residual-stream norms per layer: the table behind the demo and the raw material of expansion.
+"""Residual-stream norms per state: the table behind the demo and the raw material of expansion.
 
-For every state ``l = 0..n_layers`` (see the layer convention in ``lensdyn.hooks.capture``)
+For every state ``l = 0..n_layers`` (see the state convention, ``lensdyn.conventions``)
 and every token, ``||x_l||_2``; aggregated over the tokens in ``capture.mask`` (position 0
 excluded by default) as mean, standard deviation, median and 5/95% quantiles, and per prompt.
 Position 0 is reported on its own line so that an attention sink is seen, not averaged in.
@@ -29,11 +29,11 @@ def residual_norms(resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lea
 
 
 def layer_statistics(
-    norms: Float[Tensor, "layer batch pos"], mask: Bool[Tensor, "batch pos"]
-) -> dict[str, Float[np.ndarray, " layer"]]:
-    """Mean, std (ddof=1), and the ``QUANTILES`` of the masked norms, per layer, pooling all tokens.
+    norms: Float[Tensor, "state batch pos"], mask: Bool[Tensor, "batch pos"]
+) -> dict[str, Float[np.ndarray, " state"]]:
+    """Mean, std (ddof=1), and the ``QUANTILES`` of the masked norms, per state, pooling all tokens.
 
-    >>> n = torch.tensor([[[1., 2., 3.]], [[2., 4., 6.]]])      # 2 layers, 1 prompt, 3 positions
+    >>> n = torch.tensor([[[1., 2., 3.]], [[2., 4., 6.]]])      # 2 states, 1 prompt, 3 positions
     >>> layer_statistics(n, torch.tensor([[False, True, True]]))["mean"]
     array([2.5, 5. ])
     """
@@ -53,7 +53,7 @@ def layer_statistics(
 
 @dataclass(frozen=True, eq=False)
 class NormsResult(Result):
-    """Per-layer residual norms. Arrays index states ``0..n_layers`` (``n_layers + 1`` of them)."""
+    """Per-state residual norms. Arrays index states ``0..n_layers`` (``n_layers + 1`` of them)."""
 
     mean: Float[np.ndarray, " state"]
     std: Float[np.ndarray, " state"]
@@ -133,7 +133,7 @@ def measure(capture_or_model, prompts="diverse", **capture_kwargs) -> NormsResul
     """
     cap, _ = capture_for(capture_or_model, prompts, STREAMS, **capture_kwargs)
     cap.require_streams(STREAMS)
-    norms = cap.pad(residual_norms(cap.packed["resid"]))  # [layer, batch, pos], zeros at padding
+    norms = cap.pad(residual_norms(cap.packed["resid"]))  # [state, batch, pos], zeros at padding
     stats = layer_statistics(norms, cap.mask)
     return NormsResult(
         conventions=Conventions(

@@ -1,6 +1,6 @@
 """Stability: block Jacobian spectra, attention temperature and mixing time, K-theta alignment, stability index.
 
-The StateLens write-up claims: the layer-2 Jacobian spectral radius is ~1.7-1.8 > 1 across 15+
+The StateLens write-up claims: the block-2 Jacobian spectral radius is ~1.7-1.8 > 1 across 15+
 models (its gpt2 value 1.48-1.63), measured on the last token alone as a length-1 sequence;
 "stability emerges from LayerNorm"; a mixing time ``tau = tau_min + C / beta`` under attention
 temperature ``beta`` (MHA C ~ 27, GQA ~ 4, MQA ~ 0); ``cos theta_k = c0 + c1 (1 - exp(-k / tau))``
@@ -18,7 +18,7 @@ stability index with LP / SP / OSC regimes. lensdyn's definitions:
 - K-theta: ``u_l`` is the top right singular vector of block ``l``'s MLP output matrix ``W_out``
   (the direction its linear path writes most); ``cos theta_K = ||P_K u_l||`` with ``P_K`` the
   projector on the top-K principal directions of the block's ``mlp_out`` over tokens. The null:
-  ``K``-dimensional random subspaces (``E cos^2 = K / d``), 20 draws. A layer beats the null at
+  ``K``-dimensional random subspaces (``E cos^2 = K / d``), 20 draws. A block beats the null at
   ``K`` when its cosine exceeds the null's 95th percentile. The law is fitted to the mean curve.
 - stability index (the write-up gives no formula; lensdyn's reading): ``SI_l = rho_l`` in context
   mode with live norms; regime ``LP`` if ``rho <= 1``, ``SP`` if ``rho > 1`` with a real leading

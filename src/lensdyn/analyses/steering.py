@@ -1,6 +1,6 @@
-"""Steering vectors across layers: the expansion write-up's predictions 5 and 6, measured.
+"""Steering vectors across blocks: the expansion write-up's predictions 5 and 6, measured.
 
-The write-up predicts that (5) steering works best at low-H layers and (6) a vector extracted at
+The write-up predicts that (5) steering works best at low-H blocks and (6) a vector extracted at
 state ``s`` and applied at block ``t`` has its effective magnitude scaled by
 ``1 + z = a(t) / a(s)``. It tested neither. Definitions (``h_lpt``: residual at state ``l``,
 prompt ``p``, position ``t``; tokens are each capture's mask):
@@ -13,7 +13,7 @@ prompt ``p``, position ``t``; tokens are each capture's mask):
 - effect: ``E = LD(steered) - LD(unsteered)`` at the evaluation prompt's last token, with
   ``LD = mean logit(positive targets) - mean logit(negative targets)``, averaged over the
   evaluation prompts. ``KL(unsteered || steered)`` there says how much else the vector changed.
-- efficacy (prediction 5, layer selection): the slope through the origin of ``E`` against ``r``
+- efficacy (prediction 5, block selection): the slope through the origin of ``E`` against ``r``
   over ``r <= LINEAR_MAX``: ``sum r E / sum r^2``, per block, compared with ``H(l)`` (from the
   capture's ``a(l)``, ``analyses.expansion``) by a Spearman correlation over blocks.
 - transfer (prediction 6): ``v_s`` applied at block ``t``. ``m*(s, t)`` is the norm of the added
@@ -30,7 +30,7 @@ prompt ``p``, position ``t``; tokens are each capture's mask):
   ``norm_match``      ``alpha N(t) u_s``             ``m* / N(t)``
   ==================  =============================  =================================
 
-  A correction makes transfer layer-independent when ``alpha*`` is the same for every pair:
+  A correction makes transfer block-independent when ``alpha*`` is the same for every pair:
   its ``spread`` is the standard deviation of ``log10 alpha*`` over the pairs that reach ``E*``
   (the same pairs for every correction: a correction only rescales). A bootstrap over the
   evaluation prompts gives each spread's 95% interval and how often redshift beats the others.
@@ -252,8 +252,8 @@ def kl_divergence(reference: Float[Tensor, "batch vocab"], logits: Float[Tensor,
     return (ref.exp() * (ref - new)).sum(-1)
 
 
-def efficacy(relative: Float[np.ndarray, " r"], effect: Float[np.ndarray, "layer r"], linear_max: float = LINEAR_MAX
-             ) -> Float[np.ndarray, " layer"]:
+def efficacy(relative: Float[np.ndarray, " r"], effect: Float[np.ndarray, "steered r"], linear_max: float = LINEAR_MAX
+             ) -> Float[np.ndarray, " steered"]:
     """Effect per unit relative norm: the slope through the origin over ``r <= linear_max``, ``sum r E / sum r^2``.
 
     >>> efficacy(np.array([0.25, 0.5, 1.0]), np.array([[0.5, 1.0, 9.0]]))
@@ -340,7 +340,7 @@ def redshift_factors(a: Float[np.ndarray, " state"], sources: Int[np.ndarray, " 
 class Transfer:
     """Prediction 6 on one grid of source and target blocks."""
 
-    layers: Int[np.ndarray, " layer"]  # sources = targets
+    layers: Int[np.ndarray, " steered"]  # sources = targets
     magnitude: Float[np.ndarray, "source target"]  # m*(s, t), NaN where E* is never reached
     alpha: dict[str, Float[np.ndarray, "source target"]]  # per correction
     spread: dict[str, float]  # std of log10 alpha* over reached pairs
@@ -355,7 +355,7 @@ class Transfer:
 class SteeringResult(Result):
     """Steering effects per block, against ``H(l)``, and transfer between blocks under each correction.
 
-    Shapes: ``block = n_layers``; ``layer`` the steered blocks (``layers``); ``r`` the relative-norm grid.
+    Shapes: ``block = n_layers``; ``steered`` the steered blocks (``layers``); ``r`` the relative-norm grid.
     """
 
     contrast: str
@@ -367,11 +367,11 @@ class SteeringResult(Result):
     hubble: Float[np.ndarray, " block"]
     eval_norms: Float[np.ndarray, " block"]  # N(t), mean residual norm of the evaluation prompts
     vector_norms: Float[np.ndarray, " block"]  # ||v_l||
-    layers: Int[np.ndarray, " layer"]
+    layers: Int[np.ndarray, " steered"]
     relative: Float[np.ndarray, " r"]
-    effect: Float[np.ndarray, "layer r"]  # native: v_l at block l, mean over evaluation prompts
-    kl: Float[np.ndarray, "layer r"]
-    efficacy: Float[np.ndarray, " layer"]
+    effect: Float[np.ndarray, "steered r"]  # native: v_l at block l, mean over evaluation prompts
+    kl: Float[np.ndarray, "steered r"]
+    efficacy: Float[np.ndarray, " steered"]
     efficacy_h_spearman: float
     efficacy_h_p: float
     target_effect: float  # E*

@@ -22,12 +22,14 @@ Every prompt must leave ``MIN_TOKENS`` tokens after the exclusions (each prompt'
 sphere needs two): a shorter one is refused before the run starts, named, or left out under
 ``skip_short=True`` (CLI ``--skip-short``), which the record keeps like every other setting.
 
-What streams (every per-layer statistic that can be accumulated): residual norms and the scale
+What streams (every per-state or per-block statistic that can be accumulated): residual norms and the scale
 factor ``a(l)`` under both aggregations and under the causal metric, the Hubble rate, attention
 and MLP gains (``ln_output`` reference, ratio of means), the residual covariance per state
 (participation ratio and top eigenvalues: isotropy), the inner-product histogram and the
 interaction energy of each prompt's cloud on the sphere. Analyses that need every token at once
 (clustering, CKA, curvature nulls) run on a stated subsample through ``lensdyn report``.
+``corpus_result`` turns the merged accumulators into a ``CorpusResult`` (``lensdyn.corpus_result``,
+in the core beside the other results, so loading one needs none of this workflow).
 """
 from __future__ import annotations
 
@@ -41,13 +43,10 @@ import sys
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
-from jaxtyping import Float
 from tqdm.auto import tqdm
 
 try:
@@ -55,9 +54,10 @@ try:
 except ImportError:  # not POSIX (Windows): shards go unlocked
     fcntl = None
 
+from lensdyn.corpus_result import CorpusResult
 from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.prompts import PromptSet, resolve_prompts
-from lensdyn.results import Conventions, Provenance, Result
+from lensdyn.results import Conventions, Provenance
 from lensdyn.streaming import (
     CovarianceStats,
     EnergyStats,
@@ -157,21 +157,13 @@ def usable_subsample(model, prompts: PromptSet, k: int, seed: int = 0, *, exclud
 def included_tokens(model, prompts: PromptSet, exclude: Sequence[str] = ("first",), truncate: bool = False) -> list[int]:
     """How many tokens of each prompt a capture keeps after truncation and ``exclude``, without a forward pass.
 
-    Uses ``lensdyn.hooks.capture``'s own tokenisation and exclusion rules, so the count is the
-    capture's. A prompt longer than the context raises ``PromptTooLongError`` here already unless
-    ``truncate``.
+    ``lensdyn.hooks.capture.included_counts``: the capture's own tokenisation and exclusion rules,
+    so the count is the capture's. A prompt longer than the context raises ``PromptTooLongError``
+    here already unless ``truncate``.
     """
-    # Private helpers of hooks.capture: a second copy of the BOS and exclusion rules would drift from the capture's.
-    from lensdyn.hooks.capture import _excluded, _fit_context, _tokenize
-    from lensdyn.models import model_info
+    from lensdyn.hooks.capture import included_counts
 
-    _, token_lists = _tokenize(model, prompts, model_info(model).prepend_bos)
-    token_lists, _ = _fit_context(token_lists, prompts, model.cfg.n_ctx, truncate)
-    counts = []
-    for ids in token_lists:  # one prompt at a time: a padded tensor of a whole corpus would be its full size
-        tokens = torch.tensor([ids], dtype=torch.long)
-        counts.append(len(ids) - int(_excluded(model, tokens, torch.ones_like(tokens, dtype=torch.bool), exclude).sum()))
-    return counts
+    return included_counts(model, prompts, exclude, truncate)
 
 
 def short_prompts(model, prompts: PromptSet, indices: Sequence[int], exclude: Sequence[str], truncate: bool) -> list[int]:
@@ -462,57 +454,6 @@ def _redo(path: Path) -> str:
     found = re.fullmatch(r"shard-(\d+)-of-(\d+)\.json", path.name)
     shard = f"{found[1]}/{found[2]}" if found else "i/n"
     return f"redo that shard with `lensdyn corpus ... --out {path.parent} --shard {shard} --restart` (the run's other arguments)"
-
-
-@dataclass(frozen=True, eq=False)
-class CorpusResult(Result):
-    """Streamed per-layer statistics of a corpus. ``state`` indexes ``0..n_layers``, ``block`` the blocks."""
-
-    n_shards: int
-    mean_norm: Float[np.ndarray, " state"]
-    std_norm: Float[np.ndarray, " state"]
-    scale_factor: Float[np.ndarray, " state"]  # ratio of means
-    scale_factor_mean_of_ratios: Float[np.ndarray, " state"]
-    hubble_rate: Float[np.ndarray, " block"]
-    causal_scale_factor: Float[np.ndarray, " state"]
-    attn_gain: Float[np.ndarray, " block"]
-    mlp_gain: Float[np.ndarray, " block"]
-    participation_ratio: Float[np.ndarray, " state"]
-    top_eigenvalues: Float[np.ndarray, "state k"]
-    histogram: Float[np.ndarray, "state bin"]
-    bins: Float[np.ndarray, " edge"]
-    energy: Float[np.ndarray, "beta state"]
-    betas: Float[np.ndarray, " beta"]
-
-    def summary(self) -> str:
-        p = self.provenance
-        lines = [f"Corpus statistics: {p.model} ({p.weights}), prompts {p.prompt_set!r}: {p.n_prompts} prompts, "
-                 f"{p.n_tokens} tokens, {self.n_shards} shard(s); {self.conventions.aggregation}",
-                 f"{'state':>5} {'mean norm':>11} {'a(l)':>8} {'a_causal':>9} {'PR':>7}"]
-        for l in range(len(self.mean_norm)):
-            lines.append(f"{l:>5} {self.mean_norm[l]:>11.3f} {self.scale_factor[l]:>8.3f} "
-                         f"{self.causal_scale_factor[l]:>9.3f} {self.participation_ratio[l]:>7.2f}")
-        return "\n".join(lines)
-
-    def figure(self):
-        from plotly.subplots import make_subplots
-
-        states = np.arange(len(self.mean_norm))
-        fig = make_subplots(rows=2, cols=2, subplot_titles=(
-            "scale factor a(l)", "sublayer gains", "participation ratio of the residual covariance",
-            "inner products on the sphere (histogram per state)"))
-        fig.add_scatter(x=states, y=self.scale_factor, name="a(l), Euclidean", row=1, col=1)
-        fig.add_scatter(x=states, y=self.causal_scale_factor, name="a(l), causal metric", row=1, col=1)
-        fig.add_scatter(x=states[:-1], y=self.attn_gain, name="attention gain", row=1, col=2)
-        fig.add_scatter(x=states[:-1], y=self.mlp_gain, name="MLP gain", row=1, col=2)
-        fig.add_scatter(x=states, y=self.participation_ratio, name="participation ratio", row=2, col=1)
-        centres = (self.bins[:-1] + self.bins[1:]) / 2
-        fig.add_heatmap(x=centres, y=states, z=self.histogram, colorscale="Viridis", showscale=False, row=2, col=2)
-        fig.update_yaxes(type="log", row=1, col=1)
-        fig.update_layout(template="plotly_white", height=700,
-                          title=f"{self.provenance.model}: {self.provenance.n_prompts} prompts, "
-                          f"{self.provenance.n_tokens} tokens")
-        return fig
 
 
 def _skipped_note(record: dict) -> str:

@@ -1,12 +1,12 @@
 """One forward pass per batch, caching only the hook points an analysis needs.
 
 ``capture(model, prompts)`` returns a ``Capture``: the residual stream and the sublayer
-contributions of every block, stacked by layer, with the masks that say which positions are
-real tokens and which enter aggregates.
+contributions of every block, stacked by state (``resid``) or by block (the sublayer streams),
+with the masks that say which positions are real tokens and which enter aggregates.
 
-Layer convention (DESIGN.md, convention 1): ``resid[l]`` for ``l < n_layers`` is the input of
+State convention (``lensdyn.conventions``, convention 1): ``resid[l]`` for ``l < n_layers`` is the input of
 block ``l`` (``blocks.l.hook_resid_pre``); ``resid[n_layers]`` is the output of the last block
-*before* the final norm. The post-final-norm state is never a layer.
+*before* the final norm. The post-final-norm state is never one of the states.
 
 Pre-norm models (Llama, GPT-2, Gemma, ...): ``resid_pre + attn_out == resid_mid`` and
 ``resid_mid + mlp_out == resid_post`` exactly.
@@ -20,11 +20,11 @@ post-attention state, so lensdyn reads ``ln1.hook_in``/``ln1.hook_out`` instead 
 the Hugging Face modules).
 
 Storage is packed: each stream holds only the real tokens, prompt after prompt
-(``Capture.packed[stream]``, ``[layer, token, ...]``), so a set of prompts of very different
+(``Capture.packed[stream]``, ``[state or block, token, ...]``), so a set of prompts of very different
 lengths costs its tokens, not prompts x longest prompt (the built-in diverse set: 1,331 tokens
 instead of 9 x 455 padded positions). Analyses read it through ``tokens_of`` (the tokens in a
 mask, pooled) and ``prompt_of`` (one prompt's states, a view). ``cap.resid`` and the other stream
-names still give the padded ``[layer, batch, pos, ...]`` tensors (zeros at padding), built on
+names still give the padded ``[state or block, batch, pos, ...]`` tensors (zeros at padding), built on
 first use and kept, for notebooks and per-position work.
 
 ``attn_in``/``mlp_in`` are what each sublayer reads: on pre-norm models the norm's output with
@@ -75,7 +75,7 @@ EXCLUDE_RULES = ("first", "bos", "special")
 class Capture:
     """Activations of one set of prompts (module docstring: packed storage, padded views).
 
-    Shapes: ``layer = n_layers + 1`` states, ``block = n_layers`` sublayer outputs, ``token`` the
+    Shapes: ``state = n_layers + 1`` residual states, ``block = n_layers`` sublayer outputs, ``token`` the
     real tokens of every prompt, prompt after prompt (``token_mask.sum()`` of them). Streams not
     asked for are absent from ``packed``; ``require(name)`` returns one or says how to capture it.
     """
@@ -89,7 +89,7 @@ class Capture:
     exclude: tuple[str, ...]
     truncated: tuple[int, ...]  # indices of prompts cut to the context length (truncate=True)
     n_layers: int
-    packed: dict[str, Tensor] = field(default_factory=dict)  # stream -> [layer or block, token, (d_model)]
+    packed: dict[str, Tensor] = field(default_factory=dict)  # stream -> [state or block, token, (d_model)]
     attention: Float[Tensor, "block batch head query key"] | None = None
     absent: tuple[str, ...] = ()  # streams asked for that this block layout does not have (lensdyn.layouts)
     _padded: dict[str, Tensor] = field(default_factory=dict, init=False, compare=False)  # padded views, built on use
@@ -106,7 +106,7 @@ class Capture:
 
     @classmethod
     def from_padded(cls, *, token_mask: Bool[Tensor, "batch pos"], **fields) -> Capture:
-        """A Capture from padded ``[layer, batch, pos, ...]`` streams (``resid=...``), for hand-built known inputs."""
+        """A Capture from padded ``[state or block, batch, pos, ...]`` streams (``resid=...``), for hand-built known inputs."""
         streams = {name: fields.pop(name) for name in STREAMS if fields.get(name) is not None}
         for name in STREAMS:
             fields.pop(name, None)
@@ -116,7 +116,7 @@ class Capture:
         return cls(token_mask=token_mask, packed={name: v[:, token_mask] for name, v in streams.items()}, **fields)
 
     def require(self, stream: str) -> Tensor:
-        """The named stream, padded ``[layer, batch, pos, ...]``, or a clear error saying how to capture it."""
+        """The named stream, padded ``[state or block, batch, pos, ...]``, or a clear error saying how to capture it."""
         if stream == "attention":
             if self.attention is None:
                 raise ArgumentError("this capture holds no 'attention': capture again with attention=True")
@@ -130,7 +130,7 @@ class Capture:
         return self._padded[stream]
 
     def tokens_of(self, stream: str, mask: Bool[Tensor, "batch pos"] | None = None, prompt: int | None = None) -> Tensor:
-        """``[layer, n, ...]``: the stream at the positions where ``mask`` (default ``self.mask``) holds, in
+        """``[state or block, n, ...]``: the stream at the positions where ``mask`` (default ``self.mask``) holds, in
         (prompt, position) order; only prompt ``prompt`` when given. The same as
         ``masked_tokens(cap.require(stream), mask)`` without the padded copy; do not write into it.
         """
@@ -145,13 +145,14 @@ class Capture:
         return self.packed[stream][:, keep]
 
     def prompt_of(self, stream: str, prompt: int) -> Tensor:
-        """``[layer, length, ...]``: every real position of one prompt (a view into the packed stream)."""
+        """``[state or block, length, ...]``: every real position of one prompt (a view into the packed stream)."""
         self.require_streams((stream,))
         start = self.offsets[prompt]
         return self.packed[stream][:, start: start + self.lengths[prompt]]
 
     def pad(self, values: Tensor) -> Tensor:
-        """Per-token values ``[layer, token, ...]`` (packed order) laid out as ``[layer, batch, pos, ...]``, zeros at padding."""
+        """Per-token values ``[state or block, token, ...]`` (packed order) laid out as
+        ``[state or block, batch, pos, ...]``, zeros at padding."""
         padded = values.new_zeros(values.shape[0], *self.token_mask.shape, *values.shape[2:])
         padded[:, self.token_mask] = values
         return padded
@@ -219,9 +220,10 @@ class Capture:
 
 # Every stream is also readable by its name, padded: cap.resid is cap.require("resid").
 for _stream in STREAMS:
+    _axis = "state" if _stream == "resid" else "block"
     setattr(Capture, _stream, property(lambda self, _s=_stream: self.require(_s) if _s in self.packed else None,
-                                       doc=f"``{_stream}`` padded to ``[layer, batch, pos, ...]`` (None if not captured)."))
-del _stream
+                                       doc=f"``{_stream}`` padded to ``[{_axis}, batch, pos, ...]`` (None if not captured)."))
+del _stream, _axis
 
 
 def capture(
@@ -500,7 +502,7 @@ class _Buffers:
 
 
 def _hook_plan(n_layers: int, layout: BlockLayout, wanted: set[str]) -> list[tuple[str, str | None, int]]:
-    """(hook point, stream it fills or None, layer index), in the order the forward pass reaches them.
+    """(hook point, stream it fills or None, block index), in the order the forward pass reaches them.
 
     Where each stream is read from is the layout's (``BlockLayout.stream_hooks``); one hook point
     may fill two streams. The last entry is always the last block's ``hook_resid_post``: the pass stops there.

@@ -1,6 +1,6 @@
 """Depth as time: apply one block to its own output, again and again; and how to call a block on its own.
 
-ALBERT shares one layer's weights across depth, so its layer index is an iteration count; the
+ALBERT shares one layer's weights across depth, so its block index is an iteration count; the
 metastability write-up used it to let the slow timescale play out. ``iterate`` does the same
 with any block of any model: start from the state a prompt has at ``block``'s input and apply
 ``model.blocks[block]`` ``steps`` times (causal, one prompt, no padding).

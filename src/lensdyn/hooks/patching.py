@@ -6,7 +6,7 @@ prompts of different lengths align automatically: position ``p`` of the clean su
 ``p + (len_edited - len_clean)`` of the edited one. A target token inside the edited span cannot
 be aligned and is an error.
 
-``patch_sweep`` answers "which layer carries the edit to the output": for every block ``l`` it
+``patch_sweep`` answers "which block carries the edit to the output": for every block ``l`` it
 runs the clean prompt with the edited run's activation written in at ``l`` (at the aligned
 positions) and returns the logits at the last position. All ``n_layers`` patched runs go through
 one forward pass as one batch, row ``l`` patched at block ``l`` only; ``patch_sweeps`` puts the

@@ -9,7 +9,7 @@ it, so every later block sees it. ``from_position=p`` adds it only at positions 
 (the prompt before ``p`` runs unsteered).
 
 For sweeps, ``steering_hooks({layer: rows})`` adds a different vector to every row of a batch,
-at several layers in one forward pass: row ``b`` gets ``rows[b]`` at ``layer`` (zero rows add
+at several blocks in one forward pass: row ``b`` gets ``rows[b]`` at ``layer`` (zero rows add
 nothing). ``steered_last_logits`` runs such a batch and returns each row's last-token logits.
 """
 from __future__ import annotations

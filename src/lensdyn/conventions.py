@@ -1,0 +1,58 @@
+"""The measurement conventions every lensdyn number follows: cite ``lensdyn.conventions`` (and its number).
+
+Each is stated here once; modules point here instead of restating or linking outside the package.
+Where lensdyn does not yet do what a convention asks, it says so ("planned").
+
+Vocabulary. A **state** is an entry of the residual trajectory, ``0..L`` (``L = n_layers``): ``L + 1``
+of them. A **block** is a transformer block, ``0..L-1``: block ``l`` maps state ``l`` to state
+``l + 1``, and the sublayer streams (``attn_out``, ``mlp_out``, ...) have one entry per block. Shape
+strings say which: ``Float[Tensor, "state batch pos d_model"]`` for ``resid``, ``"block ..."`` for
+a sublayer stream; a helper that takes either names the leading axis ``depth``. "Layer" is left to
+the names of other libraries (``n_layers``, Hugging Face's decoder ``layers``) and to public
+parameters (``layer=``, ``--layers``), which take block indices.
+
+1. **State index** (implemented). State ``l`` for ``l < L`` is the input of block ``l``
+   (``blocks.l.hook_resid_pre``); state ``L`` is the output of the last block *before* the final
+   norm. The post-final-norm output is never a state: Hugging Face's last ``hidden_states`` entry
+   is post-norm, and a "final contraction" read off it measures the norm, not a block.
+   ``lensdyn.hooks.capture`` captures this way; every result records it
+   (``Conventions.layer_convention``).
+2. **Raw weights** (implemented). ``load_model`` returns the checkpoint's weights as they are: no
+   ``fold_ln``, no centering, no compatibility mode (which centres the residual stream and changes
+   every norm); ``weights="random"`` re-initialises the same architecture as the untrained control.
+   Recorded in every result (``Conventions.weights``, ``Provenance.weights``).
+3. **Positions** (implemented). Position 0 (BOS, attention sinks) carries norms up to 100,000x the
+   rest, so aggregates leave it out by default (``exclude=("first",)``; the rules ``"first"``,
+   ``"bos"``, ``"special"`` are configurable) and record what was left out
+   (``Conventions.excluded_positions``). Norms report position 0 on its own line.
+4. **Aggregation is named** (implemented). Ratio of means vs mean of ratios
+   (``lensdyn.ops.AGGREGATIONS``), fits in log vs linear space (``lensdyn.fits``), all tokens vs the
+   last token: each result states its choice in ``Conventions.aggregation``; nothing is implicit.
+5. **Controls and nulls** (implemented in part). By default every command-line run measures the
+   untrained twin (``--control random``, ``lensdyn.models.random_control``) beside the model; analyses carry their
+   own nulls (expansion: token permutation for the comoving reduction; stability: random-subspace
+   null for K-theta; curvature: random walk and shuffled steps). A bootstrap spread over prompts
+   or tokens is computed where steering's transfer test needs it; for the other headline
+   statistics it is planned.
+6. **float64** (implemented). Gram matrices, cosine distances, covariances and every accumulator
+   over tokens or prompts are float64 (``lensdyn.ops``, ``lensdyn.sphere``, ``lensdyn.streaming``).
+   A single token's norm accumulates in the activations' dtype, at least float32, and is returned
+   as float64 (``lensdyn.ops.token_norms`` says why that is exact enough).
+7. **Padding-aware batches** (implemented). Masks travel with every tensor: a ``Capture`` holds
+   ``token_mask`` (real tokens) and ``mask`` (tokens that enter aggregates) and stores only real
+   tokens (packed); every masked helper takes the mask explicitly.
+8. **Two causal metrics** (implemented in part). Park, Choe and Veitch define the causal inner
+   product on unembedding vectors, ``g^T Cov(gamma)^-1 g'`` (gamma: unembedding rows, centred by
+   their mean); its dual on embedding-side vectors (residual states, steering vectors) is
+   ``l^T Cov(gamma) l``. lensdyn offers ``Cov(gamma)^-1`` (``lensdyn.metric``), applied to residual
+   states as the expansion write-up did, and records that this is a choice, not a derivation. The
+   dual metric, offered by name beside it with the choice recorded, is planned.
+9. **Massive activations** (planned). Activations of magnitude > 100 and ~1000x the median (Sun et
+   al. 2024) sit on the first token and on early delimiter tokens, not only position 0; they are
+   to be found and reported, and excludable by rule. Today only the position rules of 3 exist.
+10. **Verdicts carry uncertainty** (implemented in part). Claims are judged by rules written in
+    code (``lensdyn.verdicts``), and some rules already compare with a null or a bootstrap
+    (steering's share of bootstrap draws, K-theta's 95th percentile of the random-subspace null).
+    A bootstrap share of resamples in which each rule holds, an effect-size floor where a p-value
+    decides, and a correction across the claims of a report are planned.
+"""
