@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
 from lensdyn.analyses import steering  # noqa: E402
-from lensdyn.prompts import CONTRAST_SETS, PromptSet  # noqa: E402
+from lensdyn.analyses.steering import CONTRAST_SETS  # noqa: E402
+from lensdyn.prompts import PromptSet  # noqa: E402
 
 
 def main() -> None:

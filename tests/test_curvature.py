@@ -11,7 +11,7 @@ from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.fastpath import fast_paths
 from lensdyn.hooks import patching
 from lensdyn.hooks.patching import align, last_logits, patch_sweep, patch_sweeps
-from lensdyn.prompts import EDIT_PAIRS
+from lensdyn.analyses.curvature import EDIT_PAIRS
 
 
 def test_a_straight_line_has_no_turns_and_length_to_chord_one():

@@ -13,12 +13,11 @@ from lensdyn.hooks.jacobian import (
     dense_jacobian,
     jacobian_operator,
     jacobian_spectrum,
-    largest_singular_value,
-    leading_eigenvalues,
 )
 from lensdyn.fastpath import fast_paths
 from lensdyn.hooks import jacobian
 from lensdyn.hooks.temperature import attention_type, temperature_hooks
+from lensdyn.spectra import largest_singular_value, leading_eigenvalues
 
 
 def operator(A: np.ndarray) -> LinearOperator:

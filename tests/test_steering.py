@@ -16,7 +16,7 @@ from lensdyn.hooks.patching import last_logits
 from lensdyn.hooks.steering import steered_last_logits
 from lensdyn.hooks.steering import steering as steer
 from lensdyn.ops import token_norms
-from lensdyn.prompts import CONTRAST_SETS, load_contrast, resolve_contrast
+from lensdyn.analyses.steering import CONTRAST_SETS, load_contrast, resolve_contrast
 from lensdyn.results import load_result
 
 
@@ -165,6 +165,13 @@ def test_contrast_sets_and_user_files(tmp_path):
         resolve_contrast(path)
     with pytest.raises(PromptError, match="unknown contrast"):
         resolve_contrast("politeness")
+
+
+def test_the_core_lists_exactly_the_contrast_set_names():
+    # lensdyn.prompts (core) cannot import this analysis, so it lists the names its hints refuse as prompts.
+    from lensdyn.prompts import CONTRAST_SET_NAMES
+
+    assert CONTRAST_SET_NAMES == tuple(CONTRAST_SETS)
 
 
 def test_smollm2_steering_measure_and_round_trip(smollm2, smollm2_diverse, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from lensdyn import streaming
+from lensdyn import sphere, streaming
 from lensdyn.analyses import expansion
 from lensdyn.analyses import metastability as ms
 from lensdyn.errors import ArgumentError, NonFiniteActivationError
@@ -209,7 +209,7 @@ def test_cloud_statistics_merge_to_the_single_run_and_to_metastability(k):
     analysis_hist = np.mean([m.histogram for m in metrics], axis=0)
     analysis_energy = np.mean([m.energy for m in metrics], axis=0)
     pooled_counts = np.stack([
-        np.histogram(np.concatenate([ms._pairs(g).numpy() for g in grams]), ms.BINS)[0]
+        np.histogram(np.concatenate([sphere.pair_values(g).numpy() for g in grams]), ms.BINS)[0]
         for grams in zip(*(streaming.cloud_grams(c) for c in clouds))
     ])
     for h, e in ((hist, energy), (single_hist, single_energy)):

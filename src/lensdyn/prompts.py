@@ -12,9 +12,11 @@ A ``PromptSet`` is a named, labelled tuple of texts. Built-in sets (``get_prompt
 ``resolve_prompts(x)`` accepts any of these, a built-in name, a string, or a list of strings;
 a string that nearly names a set or a path (``"diverse "``) is an error, not a one-prompt set.
 
-``EDIT_PAIRS`` are clean/edited prompt pairs for deflection and patching; ``CONTRAST_SETS``
-(``sentiment``, ``formality``) are contrastive texts for steering vectors, with neutral
-evaluation prompts and target tokens (``resolve_contrast``).
+Data owned by one analysis lives with it: the clean/edited prompt pairs for deflection and
+patching are ``lensdyn.analyses.curvature.EDIT_PAIRS``; the contrastive texts for steering
+vectors (``sentiment``, ``formality``) are ``lensdyn.analyses.steering.CONTRAST_SETS``
+(``resolve_contrast``). Their names are listed here (``CONTRAST_SET_NAMES``) only so that a
+prompt string naming one is refused with a pointer there, never run as a one-prompt set.
 """
 from __future__ import annotations
 
@@ -173,6 +175,10 @@ _BUILTIN: dict[str, PromptSet] = {
 
 BUILTIN_PROMPT_SETS = tuple(_BUILTIN)
 
+# The names of lensdyn.analyses.steering.CONTRAST_SETS. The core imports no analysis, so they are listed
+# here, for the hints of resolve_prompts; tests/test_steering.py checks that they are exactly steering's.
+CONTRAST_SET_NAMES = ("sentiment", "formality")
+
 
 def get_prompts(name: str) -> PromptSet:
     """A built-in prompt set by name (``"diverse"`` or ``"repeated"``)."""
@@ -272,7 +278,7 @@ def _near_name(text: str) -> str | None:
     key = text.strip()
     if key != text and (key in _BUILTIN or _is_existing_path(key)):
         return key
-    names = {name.casefold(): name for name in (*_BUILTIN, *CONTRAST_SETS)}
+    names = {name.casefold(): name for name in (*_BUILTIN, *CONTRAST_SET_NAMES)}
     close = difflib.get_close_matches(key.casefold(), names, n=1, cutoff=0.8)
     return names[close[0]] if close else None
 
@@ -288,9 +294,9 @@ def _looks_like_a_path(text: str) -> bool:
 def _not_a_name(text: str, near: str | None, allow_literal: bool) -> str:
     """What was understood of a string that nearly names a set or path, and what to give instead."""
     quote = (lambda s: json.dumps(s, ensure_ascii=False)) if allow_literal else repr
-    if near in CONTRAST_SETS and near == text.strip():
+    if near in CONTRAST_SET_NAMES and near == text.strip():
         hint = " (it is a contrast set, for steering: resolve_contrast)"
-    elif near in CONTRAST_SETS:
+    elif near in CONTRAST_SET_NAMES:
         hint = f" (did you mean the contrast set {quote(near)}? contrast sets are for steering: resolve_contrast)"
     else:
         hint = f" (did you mean {quote(near)}?)" if near is not None else ""
@@ -299,186 +305,3 @@ def _not_a_name(text: str, near: str | None, allow_literal: bool) -> str:
     # The CLI's wording, as get_prompts words it: a command line cannot pass a list.
     return (f"unknown prompt set {text!r}{hint}: built-in sets are {', '.join(_BUILTIN)}; "
             "or give a .txt/.jsonl file or a directory of .txt files")
-
-
-@dataclass(frozen=True)
-class EditPair:
-    """A clean prompt and an edited one that differ in one span before the last token (the target).
-
-    ``kind="meaning"``: the edit changes the meaning the target's continuation depends on, and
-    ``clean_answer`` / ``edited_answer`` are the continuations each context calls for.
-    ``kind="control"``: the edit keeps the meaning (a synonym, punctuation); both answers agree.
-    """
-
-    label: str
-    kind: str
-    clean: str
-    edited: str
-    clean_answer: str
-    edited_answer: str
-
-
-# Written for lensdyn. Every edit precedes the final token, which is shared by both prompts.
-EDIT_PAIRS: tuple[EditPair, ...] = (
-    EditPair("weather", "meaning", "It was freezing outside, so before leaving she put on her",
-             "It was scorching outside, so before leaving she put on her", " coat", " sunglasses"),
-    EditPair("pet", "meaning", "Every morning my cat likes to chase the", "Every morning my dog likes to chase the",
-             " mouse", " ball"),
-    EditPair("capital", "meaning", "In Paris, the capital of France, most people speak",
-             "In Berlin, the capital of Germany, most people speak", " French", " German"),
-    EditPair("taste", "meaning", "She bit into the lemon and it tasted very", "She bit into the cake and it tasted very",
-             " sour", " sweet"),
-    EditPair("mood", "meaning", "The news made him so happy that he started to", "The news made him so sad that he started to",
-             " laugh", " cry"),
-    EditPair("river", "meaning", "The lake was frozen solid, so the children went",
-             "The lake was warm and calm, so the children went",
-             " skating", " swimming"),
-    EditPair("fall", "meaning", "She dropped the glass on the tiles and it", "She dropped the pillow on the tiles and it",
-             " shattered", " landed"),
-    EditPair("sky", "meaning", "At midnight, when you look up, the sky is", "At midday, when you look up, the sky is",
-             " dark", " blue"),
-    EditPair("weather-synonym", "control", "It was freezing outside, so before leaving she put on her",
-             "It was icy cold outside, so before leaving she put on her", " coat", " coat"),
-    EditPair("pet-synonym", "control", "Every morning my cat likes to chase the", "Every morning my kitten likes to chase the",
-             " mouse", " mouse"),
-    EditPair("mood-comma", "control", "The news made him so happy that he started to",
-             "The news made him so happy, that he started to",
-             " laugh", " laugh"),
-    EditPair("fall-comma", "control", "She dropped the glass on the tiles and it", "She dropped the glass on the tiles, and it",
-             " shattered", " shattered"),
-    EditPair("sky-comma", "control", "At midnight, when you look up, the sky is", "At midnight when you look up the sky is",
-             " dark", " dark"),
-    EditPair("river-synonym", "control", "The lake was frozen solid, so the children went",
-             "The pond was frozen solid, so the children went",
-             " skating", " skating"),
-)
-
-
-@dataclass(frozen=True)
-class ContrastSet:
-    """Two sets of texts that differ in one concept, for difference-of-means steering vectors.
-
-    ``positive`` and ``negative`` are the contrastive texts (the vector points from negative to
-    positive). ``evaluation`` are neutral prompts the vector is added to; its effect is read at
-    their last token as the mean logit of ``positive_targets`` minus that of ``negative_targets``
-    (each target one token). A JSON file with these five keys is a user's own set (``load_contrast``).
-    """
-
-    name: str
-    positive: tuple[str, ...]
-    negative: tuple[str, ...]
-    evaluation: tuple[str, ...]
-    positive_targets: tuple[str, ...]
-    negative_targets: tuple[str, ...]
-
-    def __post_init__(self):
-        for field_name in ("positive", "negative", "evaluation", "positive_targets", "negative_targets"):
-            values = getattr(self, field_name)
-            if isinstance(values, str) or not values or not all(isinstance(v, str) and v.strip() for v in values):
-                raise PromptError(f"contrast set {self.name!r}: {field_name} must be a non-empty list of non-empty texts")
-        if set(self.positive_targets) & set(self.negative_targets):
-            raise PromptError(f"contrast set {self.name!r}: a target is both positive and negative")
-
-
-# Written for lensdyn. Pairs of sentences share their frame, so the difference of means is the concept.
-CONTRAST_SETS: dict[str, ContrastSet] = {
-    "sentiment": ContrastSet(
-        name="sentiment",
-        positive=(
-            "I loved every minute of the film; it was a joy.",
-            "The soup was delicious and the staff were so kind.",
-            "What a wonderful day at the beach with my friends.",
-            "She was thrilled with the gift and hugged everyone.",
-            "The new park is beautiful, clean and full of flowers.",
-            "His speech was brilliant and the crowd cheered.",
-            "We had a fantastic holiday and can't wait to go back.",
-            "The puppy is adorable and makes us so happy.",
-            "This book is a delight from the first page to the last.",
-            "The team played superbly and won the final.",
-            "Our neighbours are lovely and always help out.",
-            "The concert was amazing, the best night of the year.",
-        ),
-        negative=(
-            "I hated every minute of the film; it was a chore.",
-            "The soup was disgusting and the staff were so rude.",
-            "What a miserable day at the beach with my friends.",
-            "She was upset with the gift and ignored everyone.",
-            "The new park is ugly, dirty and full of litter.",
-            "His speech was dreadful and the crowd booed.",
-            "We had an awful holiday and never want to go back.",
-            "The puppy is aggressive and makes us so anxious.",
-            "This book is a slog from the first page to the last.",
-            "The team played terribly and lost the final.",
-            "Our neighbours are unpleasant and never help out.",
-            "The concert was boring, the worst night of the year.",
-        ),
-        evaluation=(
-            "I watched the movie last night and it was",
-            "The food at the new restaurant was",
-            "My week at work has been",
-            "The weather on our trip was",
-            "Honestly, the service at the hotel was",
-            "Overall, I think the book is",
-        ),
-        positive_targets=(" good", " great", " wonderful", " excellent", " happy"),
-        negative_targets=(" bad", " terrible", " awful", " horrible", " sad"),
-    ),
-    "formality": ContrastSet(
-        name="formality",
-        positive=(
-            "I would be grateful if you could send the report at your earliest convenience.",
-            "Please accept my sincere apologies for the delay in responding.",
-            "We regret to inform you that the meeting has been postponed.",
-            "Kindly find attached the documents you requested.",
-            "I am writing to enquire about the position advertised.",
-            "It is my pleasure to welcome you to the conference.",
-            "Should you require further information, do not hesitate to contact us.",
-            "The committee has reviewed your proposal with great interest.",
-        ),
-        negative=(
-            "hey can u send me the report whenever, thx",
-            "sorry for the late reply lol, been super busy",
-            "so yeah the meeting's off, we'll do it some other time",
-            "here's the stuff you wanted, cheers",
-            "yo is that job still going? kinda keen",
-            "welcome to the thing, glad you made it!",
-            "if you need anything just ping me ok",
-            "we checked out your idea and it's pretty cool tbh",
-        ),
-        evaluation=(
-            "Regarding the schedule for next week,",
-            "About the party on Saturday,",
-            "Thanks for your message. I",
-            "Quick update on the project:",
-            "As discussed in our call,",
-            "Just wanted to say that",
-        ),
-        positive_targets=(" therefore", " however", " regarding", " pleased", " furthermore"),
-        negative_targets=(" gonna", " yeah", " hey", " cool", " awesome"),
-    ),
-}
-
-
-def load_contrast(path: str | Path) -> ContrastSet:
-    """A contrast set from a JSON file with keys positive, negative, evaluation, positive_targets, negative_targets."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise PromptError(f"cannot read contrast set {path}: {err}") from err
-    keys = ("positive", "negative", "evaluation", "positive_targets", "negative_targets")
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise PromptError(f"contrast set {path} lacks {', '.join(missing)}: it needs {', '.join(keys)}")
-    return ContrastSet(name=data.get("name", path.stem), **{k: tuple(data[k]) for k in keys})
-
-
-def resolve_contrast(contrast) -> ContrastSet:
-    """A ``ContrastSet``, a built-in name (``CONTRAST_SETS``), or a path to a JSON file."""
-    if isinstance(contrast, ContrastSet):
-        return contrast
-    if isinstance(contrast, str) and contrast in CONTRAST_SETS:
-        return CONTRAST_SETS[contrast]
-    if isinstance(contrast, (str, Path)) and Path(contrast).is_file():
-        return load_contrast(contrast)
-    raise PromptError(f"unknown contrast set {contrast!r}: choose from {', '.join(CONTRAST_SETS)} or give a JSON file")

@@ -17,12 +17,10 @@ Only Jacobian-vector products are formed (``torch.func.linearize`` once, then on
 product; ``vjp`` for ``J^T``). In context mode with live norms on a Hugging Face decoder layer
 that takes ``past_key_values`` (Llama, Gemma, Qwen, ...), the other positions' keys and values
 are computed once and each product runs the layer on the one target token (``_prefix_map``),
-checked against the full-context map at the base point before use. The leading
-eigenvalues come from Arnoldi (``scipy.sparse.linalg.eigs`` on a ``LinearOperator``), which
-finds complex-conjugate leading pairs where power iteration oscillates forever; the largest
-singular value from power iteration on ``J^T J``. Both start from a seeded random vector: for a
-pre-norm block with a centring LayerNorm the all-ones vector is an exact eigenvector with
-eigenvalue 1 (the norm ignores constant shifts), a trap for a method that starts there.
+checked against the full-context map at the base point before use. This module builds the
+operator (``jacobian_operator``, a scipy ``LinearOperator``); the solvers are the core's
+(``lensdyn.spectra``): the leading eigenvalues by Arnoldi, the largest singular value by power
+iteration on ``J^T J``, both from a seeded random start.
 Precision follows the model's dtype (load it with ``dtype=torch.float64`` for float64).
 """
 from __future__ import annotations
@@ -30,12 +28,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Complex, Float
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
+from jaxtyping import Float
+from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError, UnsupportedArchitectureError
@@ -43,6 +40,7 @@ from lensdyn.fastpath import agrees, unavailable, verdict
 from lensdyn.hooks.compat import cache_keyword, route_cache_keyword
 from lensdyn.hooks.iterate import block_inputs
 from lensdyn.models import block_layout
+from lensdyn.spectra import Spectrum, largest_singular_value, leading_eigenvalues
 
 MODES = ("context", "single-token")
 # Forward-mode AD levels are global to the process, not per thread: two threads inside a jvp at once
@@ -185,7 +183,12 @@ def _linear_map(f: Callable[[Tensor], Tensor], z0: Tensor) -> Callable[[Tensor],
 
 
 def jacobian_operator(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) -> LinearOperator:
-    """``J = df/dz`` at ``z0`` as a scipy ``LinearOperator`` (``matvec`` by jvp, ``rmatvec`` by vjp), counting calls."""
+    """``J = df/dz`` at ``z0`` as a scipy ``LinearOperator`` (``matvec`` by jvp, ``rmatvec`` by vjp), counting calls.
+
+    >>> op = jacobian_operator(lambda z: z * z, torch.tensor([1.0, 3.0], dtype=torch.float64))     # J = diag(2 z)
+    >>> op.matvec(np.ones(2)), op.rmatvec(np.ones(2)), op.counter
+    (array([2., 6.]), array([2., 6.]), {'matvec': 1})
+    """
     d = z0.shape[0]
     dtype = z0.dtype
     counter = {"matvec": 0}
@@ -212,76 +215,6 @@ def jacobian_operator(f: Callable[[Tensor], Tensor], z0: Float[Tensor, " d"]) ->
     op = LinearOperator((d, d), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
     op.counter = counter
     return op
-
-
-@dataclass(frozen=True)
-class Spectrum:
-    """Leading eigenvalues (by modulus) and the largest singular value of one operator."""
-
-    eigenvalues: Complex[np.ndarray, " k"]
-    residuals: Float[np.ndarray, " k"]  # ||J v - lambda v|| / ||v|| of each returned pair
-    spectral_radius: float
-    sigma_max: float
-    sigma_iterations: int
-    sigma_converged: bool
-    matvecs: int
-    converged: bool
-
-    @property
-    def leading_is_complex(self) -> bool:
-        lead = self.eigenvalues[0]
-        return bool(abs(lead.imag) > 1e-6 * max(abs(lead), 1e-300))
-
-
-def leading_eigenvalues(
-    op: LinearOperator, k: int = 6, seed: int = 0, tol: float = 1e-8
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """``(eigenvalues, residuals, converged)``: the ``k`` of largest modulus by Arnoldi from a seeded random start.
-
-    >>> A = np.diag([3.0, -2.0, 1.0, 0.5])
-    >>> leading_eigenvalues(LinearOperator((4, 4), matvec=lambda v: A @ v), k=2)[0].real
-    array([ 3., -2.])
-    """
-    n = op.shape[0]
-    k = min(k, n - 2)
-    v0 = np.random.default_rng(seed).standard_normal(n)
-    try:
-        values, vectors = eigs(op, k=k, which="LM", v0=v0, tol=tol, ncv=min(n, max(2 * k + 1, 20)), maxiter=n * 10)
-        converged = True
-    except ArpackNoConvergence as err:
-        values, vectors, converged = err.eigenvalues, err.eigenvectors, False
-    order = np.argsort(-np.abs(values), kind="stable")
-    values, vectors = values[order], vectors[:, order]
-    residuals = np.array([
-        np.linalg.norm(op.matvec(vectors[:, i]) - values[i] * vectors[:, i]) / np.linalg.norm(vectors[:, i])
-        for i in range(len(values))
-    ])
-    return values, residuals, converged
-
-
-def largest_singular_value(
-    op: LinearOperator, iterations: int = 100, tol: float = 1e-6, seed: int = 0
-) -> tuple[float, int, bool]:
-    """``(sigma_max, iterations used, converged)`` by power iteration on ``J^T J`` from a seeded random start.
-
-    >>> A = np.array([[1.0, 10.0], [0.0, 1.0]])                 # non-normal: rho = 1, sigma_max ~ 10.1
-    >>> round(largest_singular_value(LinearOperator((2, 2), matvec=lambda v: A @ v, rmatvec=lambda v: A.T @ v))[0], 6)
-    10.09902
-    """
-    v = np.random.default_rng(seed + 1).standard_normal(op.shape[0])
-    v /= np.linalg.norm(v)
-    sigma = 0.0
-    for i in range(1, iterations + 1):
-        w = op.rmatvec(op.matvec(v))
-        norm = np.linalg.norm(w)
-        if norm == 0:
-            return 0.0, i, True
-        new_sigma = float(np.sqrt(norm))
-        v = w / norm
-        if abs(new_sigma - sigma) <= tol * new_sigma:
-            return new_sigma, i, True
-        sigma = new_sigma
-    return sigma, iterations, False
 
 
 def jacobian_spectrum(

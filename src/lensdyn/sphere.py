@@ -1,0 +1,77 @@
+"""Token clouds on the unit sphere: projection, Gram matrices, inner-product histograms, interaction energy.
+
+The shared math of ``lensdyn.analyses.metastability`` (per prompt, per state) and of the
+streaming accumulators ``lensdyn.streaming.HistogramStats`` / ``EnergyStats`` (over a corpus);
+both call these functions, so a streamed statistic bins and weighs every pair exactly as the
+analysis does. All in float64:
+
+- ``sphere``: ``x_i = h_i / ||h_i||``; ``cloud_grams``: per state the Gram matrix ``<x_i, x_j>``.
+- ``inner_product_histogram``: fractions of pairs ``i < j`` with ``<x_i, x_j>`` in each bin of
+  ``BINS`` (40 equal bins on [-1, 1]).
+- ``interaction_energy``: ``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``, for the
+  inverse temperatures ``BETAS``.
+
+>>> grams = cloud_grams(torch.tensor([[[3., 4.], [4., -3.]]]))     # one state, two orthogonal tokens
+>>> inner_product_histogram(grams[0], np.array([-1.0, -0.5, 0.5, 1.0]))
+array([0., 1., 0.])
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+BINS = np.linspace(-1.0, 1.0, 41)
+BETAS = (0.1, 1.0, 2.0, 5.0)
+
+
+def sphere(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
+    """``x / ||x||`` in float64.
+
+    >>> sphere(torch.tensor([[3.0, 4.0]]))
+    tensor([[0.6000, 0.8000]], dtype=torch.float64)
+    """
+    return torch.nn.functional.normalize(x.to(torch.float64), dim=-1)
+
+
+def cloud_grams(cloud: Float[Tensor, "state n d_model"]) -> list[Float[Tensor, "n n"]]:
+    """Per state, the Gram matrix ``<x_i, x_j>`` of the sphere-projected cloud.
+
+    >>> [g.tolist() for g in cloud_grams(torch.tensor([[[2., 0.], [0., 3.]]]))]
+    [[[1.0, 0.0], [0.0, 1.0]]]
+    """
+    # One matmul per state: the analysis and the accumulators form bitwise-equal Grams through this one
+    # expression, so every pair lands in the same histogram bin in both.
+    return [x @ x.T for x in sphere(cloud)]
+
+
+def pair_values(gram: Float[Tensor, "n n"]) -> Float[Tensor, " pair"]:
+    """The entries ``<x_i, x_j>`` with ``i < j`` (each pair once), row by row.
+
+    >>> pair_values(torch.tensor([[1., .5, .2], [.5, 1., .3], [.2, .3, 1.]]))
+    tensor([0.5000, 0.2000, 0.3000])
+    """
+    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1)
+    return gram[i, j]
+
+
+def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS) -> Float[np.ndarray, " bin"]:
+    """Fraction of pairs ``i < j`` in each bin of ``<x_i, x_j>``.
+
+    >>> inner_product_histogram(torch.eye(3, dtype=torch.float64), np.array([-1.0, 0.5, 1.0]))
+    array([1., 0.])
+    """
+    values = pair_values(gram).clamp(-1.0, 1.0).numpy()
+    counts, _ = np.histogram(values, bins=bins)
+    return counts / max(len(values), 1)
+
+
+def interaction_energy(gram: Float[Tensor, "n n"], beta: float) -> float:
+    """``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``.
+
+    >>> round(interaction_energy(torch.ones(2, 2, dtype=torch.float64), 1.0), 6)   # all aligned: e / 2
+    1.359141
+    """
+    n = gram.shape[0]
+    return float(torch.exp(beta * gram).sum() / (2.0 * beta * n * n))
