@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lensdyn import fits, metric, ops, verdicts
+from lensdyn import fits, metric, ops, spectra, sphere, verdicts
 from lensdyn.analyses import idealized
 from lensdyn.analyses.registry import analyses
 
-MODULES = [ops, fits, metric, verdicts, idealized]
+MODULES = [ops, fits, metric, verdicts, sphere, spectra, idealized]
 MODULES += [importlib.import_module(analysis.measure.__module__) for analysis in analyses()]  # every analysis
 MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching", "jacobian", "steering")]
 MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.app.corpus")]
