@@ -17,7 +17,7 @@ from lensdyn.hooks.steering import steered_last_logits
 from lensdyn.hooks.steering import steering as steer
 from lensdyn.ops import token_norms
 from lensdyn.analyses.steering import CONTRAST_SETS, load_contrast, resolve_contrast
-from lensdyn.results import load_result
+from lensdyn import load_result
 
 
 def _hook_count(model) -> int:
