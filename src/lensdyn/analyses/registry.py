@@ -67,6 +67,11 @@ def option(
     return dataclasses.field(default=default, metadata={"help": help, **given})
 
 
+def flag(parameter: dataclasses.Field) -> str:
+    """A parameter's command-line spelling: its ``option(flag=)``, else ``--`` and its name with dashes."""
+    return parameter.metadata.get("flag", "--" + parameter.name.replace("_", "-"))
+
+
 @dataclass(frozen=True)
 class NoParameters:
     """The parameters of an analysis that has no options."""

@@ -27,6 +27,7 @@ import types
 import typing
 from pathlib import Path
 
+from lensdyn.analyses import registry
 from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
 
 EPILOG = """examples:
@@ -120,10 +121,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_run_options(report)
-    from lensdyn.analyses.registry import analyses
-
-    report.add_argument("--analyses", default=",".join(a.name for a in analyses() if not a.opt_in),
-                        help=f"comma-separated subset of {', '.join(a.name for a in analyses())}")
+    report.add_argument("--analyses", default=",".join(a.name for a in registry.analyses() if not a.opt_in),
+                        help=f"comma-separated subset of {', '.join(a.name for a in registry.analyses())}")
     report.set_defaults(command="report", run=_report)
 
     corpus = sub.add_parser(
@@ -161,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, type=Path)
     merge.set_defaults(command="merge", run=_merge)
 
-    for analysis in analyses():  # each analysis's options go on its own command and on `report`
+    for analysis in registry.analyses():  # each analysis's options go on its own command and on `report`
         p = sub.add_parser(analysis.name, help=analysis.help, description=analysis.help,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_run_options(p)
@@ -184,7 +183,7 @@ def _add_parameters(p: argparse.ArgumentParser, analysis) -> None:
         if _dest(f) in taken:
             taken[_dest(f)].help += f"; {analysis.name}: {f.metadata['help']}"
             continue
-        group.add_argument(_option_flag(f), dest=_dest(f), default=f.default, help=f.metadata["help"],
+        group.add_argument(registry.flag(f), dest=_dest(f), default=f.default, help=f.metadata["help"],
                            **_reading(hints[f.name], f.metadata))
 
 
@@ -204,12 +203,8 @@ def _reading(hint, metadata) -> dict:
     return reading | ({"nargs": "*"} if many else {}) | ({"choices": choices} if choices else {})
 
 
-def _option_flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-
-
 def _dest(f: dataclasses.Field) -> str:
-    return _option_flag(f)[2:].replace("-", "_")
+    return registry.flag(f)[2:].replace("-", "_")
 
 
 def _parameters(analysis, args):
@@ -283,13 +278,11 @@ AT_LEAST = {"batch_size": 1, "chunk": 1, "subsample": 0, "threads": 1, "seed": 0
 
 def _check_options(args) -> None:
     """The options that need no model: bounds, formats, --device, --out."""
-    from lensdyn.analyses.registry import analyses
-
     for dest, least in AT_LEAST.items():
         _check_bounds(_flag(dest), getattr(args, dest, None), {"at_least": least})
-    for analysis in analyses():  # `report` has every analysis's options, whichever it runs
+    for analysis in registry.analyses():  # `report` has every analysis's options, whichever it runs
         for f in dataclasses.fields(analysis.parameters):
-            _check_bounds(_option_flag(f), getattr(args, _dest(f), None), f.metadata)
+            _check_bounds(registry.flag(f), getattr(args, _dest(f), None), f.metadata)
     static = set(getattr(args, "static", ()))
     if static - {"png", "svg"}:
         raise ArgumentError(f"--static takes png and/or svg, not {sorted(static - {'png', 'svg'})}")
@@ -312,7 +305,7 @@ def _check_bounds(flag: str, value, metadata) -> None:
 
 
 def _values(value) -> list:
-    return [] if value is None else list(value) if isinstance(value, list) else [value]
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _flag(dest: str) -> str:
@@ -398,7 +391,7 @@ def _options_marked(chosen, key: str):
     for analysis, parameters in chosen:
         for f in dataclasses.fields(parameters):
             if f.metadata.get(key):
-                yield analysis, _option_flag(f), getattr(parameters, f.name)
+                yield analysis, registry.flag(f), getattr(parameters, f.name)
 
 
 def _check_for_model(model, prompts, args, chosen=()) -> None:
@@ -572,7 +565,6 @@ SUBSAMPLE_FILE = "metastability_subsample.json"
 
 def _write_corpus(stats, record, out: Path) -> None:
     from lensdyn.app.corpus import corpus_result
-    from lensdyn.analyses.registry import load_result
     from lensdyn.app.report import Section, write_html
 
     result = corpus_result(stats, record)
@@ -580,7 +572,7 @@ def _write_corpus(stats, record, out: Path) -> None:
     sections = [Section("Streamed statistics", result.figure(), result.summary())]
     if (out / SUBSAMPLE_FILE).exists():
         try:
-            sample = load_result(out / SUBSAMPLE_FILE)
+            sample = registry.load_result(out / SUBSAMPLE_FILE)
         except ValueError as err:  # JSON cut short, or not UTF-8
             raise ArgumentError(f"{out / SUBSAMPLE_FILE} is damaged ({type(err).__name__}): delete it, or run shard 0 "
                                 "again with --restart to write it again") from None
@@ -598,7 +590,6 @@ def _report(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from lensdyn.analyses.registry import analyses, get
     from lensdyn.app.report import analysis_section, export_figures, write_html
     from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
@@ -606,13 +597,13 @@ def _report(args) -> int:
     from lensdyn.verdicts import verdict_table
 
     names = [a.strip() for a in args.analyses.split(",") if a.strip()]
-    known = [a.name for a in analyses()]
+    known = [a.name for a in registry.analyses()]
     unknown = sorted(set(names) - set(known))
     if unknown or not names:
         raise ArgumentError(f"unknown analysis {unknown or names}: choose from {', '.join(known)}")
     _check_options(args)
     prompts = _prompts(args.prompts)
-    chosen = [(get(name), _parameters(get(name), args)) for name in names]
+    chosen = [(registry.get(name), _parameters(registry.get(name), args)) for name in names]
     for _, flag, spec in _options_marked(chosen, "contrast"):
         _contrast(flag, spec)  # a bad contrast set fails before any model loads
     _set_threads(args)
@@ -688,7 +679,7 @@ def _report(args) -> int:
         path = result.to_json(args.out / f"{name}.json")
         written.append(path)
         files[name] = path.name
-        if get(name).keeps_reference_apart and "reference" in results[name]:
+        if registry.get(name).keeps_reference_apart and "reference" in results[name]:
             written.append(results[name]["reference"].to_json(args.out / f"{name}_reference.json"))
             files[f"{name}_reference"] = written[-1].name
         verdicts += result.verdicts()
@@ -696,7 +687,7 @@ def _report(args) -> int:
     if verdicts:
         print(verdict_table(verdicts, reference_label), end="\n\n")
     if not args.json_only:
-        sections = [analysis_section(get(name), **results[name]) for name in names]
+        sections = [analysis_section(registry.get(name), **results[name]) for name in names]
         page = "report.html" if len(names) > 1 else f"{names[0]}.html"
         written.append(write_html(
             args.out / page,
