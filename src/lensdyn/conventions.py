@@ -56,3 +56,9 @@ parameters (``layer=``, ``--layers``), which take block indices.
     A bootstrap share of resamples in which each rule holds, an effect-size floor where a p-value
     decides, and a correction across the claims of a report are planned.
 """
+
+# The layer convention as every result records it (convention 1); its words are part of the JSON files.
+LAYER_CONVENTION = (
+    "state l (l < n_layers) is the input of block l (hook_resid_pre); state n_layers is the "
+    "last block's output before the final norm; the post-final-norm state is not a layer"
+)

@@ -13,7 +13,7 @@ Subclasses register themselves by class name, which ``to_dict`` writes as ``"kin
 module is imported; ``Result.from_dict`` knows the registered ones, and ``lensdyn.load_result``
 (``lensdyn.analyses.registry``) imports every module that defines one before it reads. Declare
 them ``@dataclass(frozen=True, eq=False)`` (so the base's array-safe ``__eq__`` is kept) and
-annotate arrays with jaxtyping numpy types (``Float[np.ndarray, " layer"]``): the loader reads
+annotate arrays with jaxtyping numpy types (``Float[np.ndarray, " state"]``): the loader reads
 those hints to rebuild arrays, complex ones included.
 """
 from __future__ import annotations
@@ -30,17 +30,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from lensdyn.conventions import LAYER_CONVENTION
 from lensdyn.errors import ArgumentError
 
-LAYER_CONVENTION = (
-    "state l (l < n_layers) is the input of block l (hook_resid_pre); state n_layers is the "
-    "last block's output before the final norm; the post-final-norm state is not a layer"
-)
 
 
 @dataclass(frozen=True)
 class Conventions:
-    """How a number was measured (DESIGN.md, measurement conventions)."""
+    """How a number was measured (``lensdyn.conventions``)."""
 
     aggregation: str
     excluded_positions: tuple[str, ...] = ("first",)
