@@ -483,7 +483,8 @@ def _check_model(name: str, weights: str) -> int:
 
 
 def supported_analyses(model) -> dict[str, str]:
-    """Analysis name -> "yes" or why not (or what it leaves out) on this model."""
+    """Every registered analysis -> "yes" or why not (or what it leaves out) on this model."""
+    from lensdyn.analyses.registry import analyses
     from lensdyn.errors import UnsupportedArchitectureError as Unsupported
     from lensdyn.hooks.circuits import unembedding
     from lensdyn.models import layout_of
@@ -491,19 +492,24 @@ def supported_analyses(model) -> dict[str, str]:
     causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
     try:
         unembedding(model)
-        metric = "yes"
+        reads_residual = ""
     except Unsupported as err:
-        metric = f"no: {err}"
+        reads_residual = str(err)
     parallel = " (MLP measured against the block input: no mid state)" if layout_of(model) == "parallel" else ""
-    return {
-        "norms": "yes",
-        "expansion": metric if metric != "yes" else "yes" + parallel,
+    notes = {  # what a layout or a head changes for one analysis; every other analysis applies as it is
+        "expansion": f"no: {reads_residual}" if reads_residual else "yes" + parallel,
         "gains": "yes" + parallel,
-        "metastability": "yes",
         "curvature": "yes" if causal else "geometry only (an encoder has no next-token logits to patch)",
-        "stability": "yes",
-        "steering": "yes" if causal and getattr(model, "tokenizer", None) is not None else "no: needs a causal model with a tokenizer",
     }
+    support = {}
+    for analysis in analyses():
+        if analysis.causal and not causal:
+            support[analysis.name] = f"no: {analysis.causal}, and this model is an encoder"
+        elif analysis.causal and getattr(model, "tokenizer", None) is None:
+            support[analysis.name] = "no: needs a tokenizer"
+        else:
+            support[analysis.name] = notes.get(analysis.name, "yes")
+    return support
 
 
 def _corpus(args) -> int:
