@@ -535,6 +535,9 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     if transfer_layers.size < 2 or transfer_layers[0] < 0 or transfer_layers[-1] >= n_layers:
         raise ArgumentError(f"transfer needs at least 2 blocks in 0..{n_layers - 1}, not {transfer_layers.tolist()}")
 
+    # Targets first: a multi-token target is a cheap error, before any forward pass.
+    positive_ids, negative_ids = (torch.tensor(text_token_ids(model, t, "steering targets"))
+                                  for t in (contrast.positive_targets, contrast.negative_targets))
     states = masked_tokens(cap.resid, cap.mask)
     a = scale_factor(token_norms(states))
     a_causal = scale_factor(metric_norms(states, model_causal_metric(model)))
@@ -550,8 +553,6 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
                                         tuple(f"eval[{i}]" for i in range(len(evaluation)))),
                        streams=STREAMS, exclude=cap.exclude)
     eval_norms = masked_mean(token_norms(eval_cap.resid[:n_layers]), eval_cap.mask).mean(1).numpy()
-    positive_ids, negative_ids = (torch.tensor(text_token_ids(model, t, "steering targets"))
-                                  for t in (contrast.positive_targets, contrast.negative_targets))
     last = eval_cap.token_mask.sum(1) - 1
 
     pairs = [(int(l), int(l)) for l in layers]
