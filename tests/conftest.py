@@ -143,3 +143,15 @@ def tiny_checkpoint(directory, config, model_class, seed: int = 0):
     model_class(config).save_pretrained(directory)
     word_tokenizer(config.vocab_size).save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """A Hugging Face Llama checkpoint (3 layers, d_model 64, GQA) loaded through ``ld.load_model``: the
+    prefix-cache fast paths and the self-test's Hugging Face layers are all there."""
+    import lensdyn as ld
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return ld.load_model(tiny_checkpoint(tmp_path, config, LlamaForCausalLM))

@@ -4,8 +4,6 @@ import warnings
 import pytest
 import torch
 
-import lensdyn as ld
-from conftest import tiny_checkpoint
 from lensdyn.fastpath import FastPathWarning, agrees, disagreement, fast_paths, unavailable, verdict
 from lensdyn.hooks import jacobian, patching
 from lensdyn.hooks.jacobian import block_map
@@ -31,16 +29,6 @@ def test_an_unavailable_fast_path_warns_only_where_it_should_have_been_there():
     with pytest.warns(FastPathWarning, match="'cached' is unavailable"):
         unavailable(model, "cached", "the cache never reached the attention", warn=True)
     assert verdict(model, "not here") is False and verdict(model, "cached") is False
-
-
-@pytest.fixture
-def tiny_llama(tmp_path):
-    """A Hugging Face Llama checkpoint (3 layers, d_model 64, GQA) loaded through ``ld.load_model``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return ld.load_model(tiny_checkpoint(tmp_path, config, LlamaForCausalLM))
 
 
 def _sweep_inputs(model):

@@ -3,18 +3,8 @@ import pytest
 import torch
 
 import lensdyn as ld
-from conftest import tiny_checkpoint
 from lensdyn.errors import HookSemanticsError
 from lensdyn.hooks.selftest import SELF_TEST_TOKENS, ensure_self_tested, self_test
-
-
-@pytest.fixture
-def tiny_llama(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return ld.load_model(tiny_checkpoint(tmp_path, config, LlamaForCausalLM))
 
 
 def test_a_sound_bridge_passes_every_check_including_the_hugging_face_layers(tiny_llama):
