@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from lensdyn.app.cli import thread_count  # noqa: E402
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
 from lensdyn.analyses import curvature, expansion, gains  # noqa: E402
@@ -35,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
 
     model = ld.load_model("smollm2-135m")
     streams = tuple(sorted(set(expansion.STREAMS) | set(gains.STREAMS) | set(curvature.STREAMS)))

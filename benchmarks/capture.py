@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from lensdyn.app.cli import thread_count  # noqa: E402
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
 from lensdyn.hooks.selftest import self_test  # noqa: E402
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
 
     bridge = ld.load_model("smollm2-135m")
     hf = AutoModelForCausalLM.from_pretrained(embedded_checkpoint("smollm2-135m"), attn_implementation="eager").eval()

@@ -42,10 +42,11 @@ def measure_one(n: int, chunk: int) -> dict:
     import torch
 
     import lensdyn as ld
+    from lensdyn.app.cli import thread_count
     from lensdyn.app.corpus import run_corpus
     from lensdyn.hooks.capture import _length_batches
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
     model = ld.load_model("smollm2-135m")
     texts = build_corpus(n)
     ids = [model.tokenizer(t)["input_ids"] for t in texts]
@@ -89,7 +90,7 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--one", str(n), "--chunk", str(args.chunk)],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"smollm2-135m, corpus streaming (chunk {args.chunk} prompts, batches of 8), {os.cpu_count()} threads")
+    print(f"smollm2-135m, corpus streaming (chunk {args.chunk} prompts, batches of 8), {torch.get_num_threads()} threads")
     print(f"{'prompts':>8} {'tokens':>8} {'largest chunk':>14} {'peak MiB':>9} {'stream s':>9} {'bare s':>8} {'x bare':>7} "
           f"{'tok/s stream':>13} {'tok/s bare':>11}")
     for r in rows:

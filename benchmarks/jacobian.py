@@ -16,7 +16,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
-from lensdyn.hooks.iterate import _rotary  # noqa: E402
+from lensdyn.app.cli import thread_count  # noqa: E402
+from lensdyn.hooks.iterate import block_inputs  # noqa: E402
 from lensdyn.hooks.jacobian import jacobian_spectrum  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
 
     model = ld.load_model("smollm2-135m")
     text = " ".join(ld.get_prompts("diverse").texts * 3)
@@ -34,9 +35,9 @@ def main() -> None:
     cap = ld.capture(model, ids, streams=("resid",), exclude=())
     states = cap.resid[args.layer, 0]
     x = states[None]
-    position_embeddings = _rotary(model)(x, torch.arange(x.shape[1])[None])
+    block_args, block_kwargs = block_inputs(model, args.layer, x.shape[1])
     with torch.inference_mode():  # the block's own forward pass over all 512 positions
-        forward = best_of(lambda: model.blocks[args.layer](x, position_embeddings=position_embeddings), args.repeats)
+        forward = best_of(lambda: model.blocks[args.layer](x, *block_args, **block_kwargs), args.repeats)
     rows = [(f"block {args.layer} forward, {args.context} tokens", forward, None)]
     for mode in ("context", "single-token"):
         spectrum = jacobian_spectrum(model, states, args.layer, -1, mode, k=6, sigma=False)

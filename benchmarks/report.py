@@ -26,13 +26,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
 from _timing import best_of  # noqa: E402
 from lensdyn.app.cli import main as lensdyn_main  # noqa: E402
+from lensdyn.app.cli import thread_count  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
 
     bare = 0.0
     for weights in ("pretrained", "random"):

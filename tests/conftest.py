@@ -7,7 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(os.cpu_count() or 1)
+from lensdyn.app.cli import thread_count  # noqa: E402
+
+torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
 
 
 def tiny_bridge(**overrides):
