@@ -83,3 +83,11 @@ def test_untrained_post_norm_encoder_has_norm_sqrt_d_at_every_state():
     result = norms.measure(control, "diverse", exclude=())
     np.testing.assert_allclose(result.mean, np.sqrt(384), rtol=1e-4)
     np.testing.assert_allclose(result.q05, np.sqrt(384), rtol=1e-4)
+
+
+def test_an_empty_mask_is_a_lensdyn_error_the_cli_reports_in_one_line():
+    from lensdyn.errors import LensdynError
+    from lensdyn.ops import aggregate_ratio
+
+    with pytest.raises(LensdynError, match="no tokens left after masking"):
+        aggregate_ratio(torch.ones(2, 0, dtype=torch.float64), torch.ones(2, 0, dtype=torch.float64))

@@ -118,3 +118,15 @@ def test_prompt_set_validation():
         resolve_prompts([])
     with pytest.raises(PromptError, match="cannot read prompts"):
         resolve_prompts(42)
+
+
+def test_a_prompt_file_that_is_not_utf8_is_a_prompt_error_naming_it(tmp_path):
+    from lensdyn.errors import PromptError
+    from lensdyn.prompts import load_prompts
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(PromptError, match=r"latin1\.txt is not UTF-8"):
+        load_prompts(bad)
+    with pytest.raises(PromptError, match="is not UTF-8"):
+        load_prompts(tmp_path)

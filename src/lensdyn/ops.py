@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from lensdyn.errors import ArgumentError
+
 
 def token_norms(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead"]:
     """Euclidean norm of each vector over the last axis, returned in float64: ``||x|| = sqrt(sum_i x_i^2)``.
@@ -68,12 +70,12 @@ def aggregate_ratio(
     """
     num, den = numerator.to(torch.float64), denominator.to(torch.float64)
     if num.shape[-1] == 0:
-        raise ValueError("no tokens left after masking: every position is padding or excluded")
+        raise ArgumentError("no tokens left after masking: every position is padding or excluded")
     if aggregation == "ratio_of_means":
         return num.mean(dim=-1) / den.mean(dim=-1)
     if aggregation == "mean_of_ratios":
         return (num / den).mean(dim=-1)
-    raise ValueError(f"aggregation must be 'ratio_of_means' or 'mean_of_ratios', not {aggregation!r}")
+    raise ArgumentError(f"aggregation must be 'ratio_of_means' or 'mean_of_ratios', not {aggregation!r}")
 
 
 def last_token_mask(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:

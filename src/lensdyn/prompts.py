@@ -191,6 +191,14 @@ def get_prompts(name: str) -> PromptSet:
         ) from None
 
 
+def _read_text(path: Path) -> str:
+    """A prompt file's text; a file that is not UTF-8 is a ``PromptError`` naming it, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PromptError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+
+
 def load_prompts(path: str | Path) -> PromptSet:
     """Read prompts from a ``.txt`` file, a ``.jsonl`` file, or a directory of ``.txt`` files."""
     path = Path(path).expanduser()
@@ -198,13 +206,13 @@ def load_prompts(path: str | Path) -> PromptSet:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise PromptError(f"directory {path} holds no .txt files")
-        texts = tuple(f.read_text(encoding="utf-8") for f in files)
+        texts = tuple(_read_text(f) for f in files)
         return PromptSet(name=path.name, texts=texts, labels=tuple(f.stem for f in files))
     if not path.is_file():
         raise PromptError(f"no such prompt file or directory: {path}")
     if path.suffix == ".jsonl":
         texts, labels = [], []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -216,7 +224,7 @@ def load_prompts(path: str | Path) -> PromptSet:
         if not texts:
             raise PromptError(f"{path} holds no prompts")
         return PromptSet(name=path.stem, texts=tuple(texts), labels=tuple(labels))
-    return PromptSet(name=path.stem, texts=(path.read_text(encoding="utf-8"),), labels=(path.stem,))
+    return PromptSet(name=path.stem, texts=(_read_text(path),), labels=(path.stem,))
 
 
 def resolve_prompts(prompts, *, allow_literal: bool = True) -> PromptSet:

@@ -15,6 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from lensdyn.analyses.registry import Analysis
+from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import capture_for
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
 from lensdyn.results import Conventions, Provenance, Result
@@ -38,7 +39,7 @@ def layer_statistics(
     array([2.5, 5. ])
     """
     if not bool(mask.any()):
-        raise ValueError("no tokens left after masking: every position is padding or excluded")
+        raise ArgumentError("no tokens left after masking: every position is padding or excluded")
     tokens = masked_tokens(norms, mask).to(torch.float64)
     q = torch.quantile(tokens, torch.tensor(QUANTILES, dtype=tokens.dtype), dim=1)
     std = tokens.std(dim=1) if tokens.shape[1] > 1 else torch.full_like(tokens[:, 0], float("nan"))
