@@ -91,8 +91,9 @@ def test_the_cache_keyword_reaches_the_attention_of_a_hugging_face_layer(tiny_ll
     from lensdyn.hooks.compat import cache_keyword, route_cache_keyword
 
     route_cache_keyword(tiny_llama)
+    keyword = cache_keyword(tiny_llama.original_model)
+    assert keyword == cache_keyword(tiny_llama.original_model.model.layers[0]) in ("cache", "past_key_values")
     cache = DynamicCache(config=tiny_llama.original_model.config)
     with torch.inference_mode():
-        tiny_llama(torch.tensor([[5, 9, 17, 33]]), **{"past_key_values": cache})
+        tiny_llama(torch.tensor([[5, 9, 17, 33]]), **{keyword: cache})
     assert cache.get_seq_length() == 4
-    assert cache_keyword(tiny_llama.original_model.model.layers[0]) in ("cache", "past_key_values")

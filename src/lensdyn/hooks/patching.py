@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.fastpath import agrees, unavailable, verdict
-from lensdyn.hooks.compat import route_cache_keyword
+from lensdyn.hooks.compat import cache_keyword, route_cache_keyword
 
 PATCH_HOOKS = {"resid": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
 PREFIX_CACHE = "patch-sweep prefix cache"  # the fast path's name in warnings and ``lensdyn.fastpath.fast_paths``
@@ -115,7 +115,7 @@ def last_logits(
     The final norm and unembedding run on that position only (equal to the full forward's
     logits there to float32 round-off; tested). Causal models only: with right padding, the pad
     tokens after ``last[b]`` cannot change it. ``forward_kwargs`` go to the forward
-    (``attention_mask``, ``past_key_values``).
+    (``attention_mask``, the key/value cache).
     """
     device = next(model.parameters()).device
     rows = torch.arange(tokens.shape[0], device=device)
@@ -225,7 +225,8 @@ def _sweeps(model, clean_tokens, edited_activations, positions, edited_positions
     if cached is not None:
         cache, prefix_mask = cached
         cache.batch_repeat_interleave(n_layers)
-        forward_kwargs["past_key_values"] = cache
+        # The keyword the Hugging Face model itself takes (``cache`` from transformers 5.24): the bridge passes it through.
+        forward_kwargs[cache_keyword(getattr(model, "original_model", model))] = cache
         mask = torch.cat([prefix_mask, mask], 1)
     forward_kwargs["attention_mask"] = mask.repeat_interleave(n_layers, 0).to(device)
     hooks = [(f"blocks.{l}.{PATCH_HOOKS[stream]}", make(l)) for l in range(n_layers)]
