@@ -132,3 +132,25 @@ def test_the_block_map_at_its_base_point_is_the_next_state_encoders_included(fam
     cap = ld.capture(model, PROMPTS[:1].tolist(), exclude=(), streams=("resid",))
     f, z0 = block_map(model, 1, cap.resid[1, 0], 3)
     torch.testing.assert_close(f(z0), cap.resid[2, 0, 3], atol=1e-5, rtol=1e-5)
+
+
+def test_block_inputs_are_recorded_once_per_length_and_hold_no_cache(family):
+    """One forward pass records every block's inputs; no key/value cache rides along (GPT-2 passes one
+    positionally), so a block called twice on the same input gives the same output."""
+    from lensdyn.hooks.iterate import block_inputs
+
+    name, model, _ = family
+    passes = []
+    handle = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        recorded = [block_inputs(model, block, 7) for block in range(model.cfg.n_layers)]
+        block_inputs(model, 0, 7)
+    finally:
+        handle.remove()
+    assert len(passes) == 1, name
+    x = torch.randn(1, 7, model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    args, kwargs = recorded[1]
+    with torch.inference_mode():
+        first, second = (model.blocks[1](x, *args, **kwargs) for _ in range(2))
+    first, second = (out[0] if isinstance(out, tuple) else out for out in (first, second))
+    torch.testing.assert_close(first, second)
