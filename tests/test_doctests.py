@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from lensdyn import fits, metric, ops, spectra, sphere, verdicts
+from lensdyn import fits, metric, ops, resampling, spectra, sphere, verdicts
 from lensdyn.analyses import idealized
 from lensdyn.analyses.registry import analyses
 
-MODULES = [ops, fits, metric, verdicts, sphere, spectra, idealized]
+MODULES = [ops, fits, metric, verdicts, resampling, sphere, spectra, idealized]
 MODULES += [importlib.import_module(analysis.measure.__module__) for analysis in analyses()]  # every analysis
 MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "patching", "jacobian", "steering")]
-MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.app.corpus")]
+MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.app.corpus", "lensdyn.app.run")]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -7,7 +7,7 @@ tensor([ 5., 10.], dtype=torch.float64)
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
@@ -76,6 +76,15 @@ def aggregate_ratio(
     if aggregation == "mean_of_ratios":
         return (num / den).mean(dim=-1)
     raise ArgumentError(f"aggregation must be 'ratio_of_means' or 'mean_of_ratios', not {aggregation!r}")
+
+
+def prompt_index(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, " token"]:
+    """The prompt of each masked token, in (prompt, position) order: the packed tokens' owners.
+
+    >>> prompt_index(torch.tensor([[True, False], [True, True]]))
+    tensor([0, 1, 1])
+    """
+    return torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
 
 
 def last_token_mask(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:

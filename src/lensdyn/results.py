@@ -112,6 +112,7 @@ class Result:
     provenance: Provenance
 
     kind: ClassVar[str] = "Result"
+    claims: ClassVar[tuple] = ()  # the write-ups' claims it tests (lensdyn.verdicts.Claim)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -122,7 +123,8 @@ class Result:
         """Plain JSON-ready data: ``{"kind": ..., field: value, ...}``."""
         out: dict[str, Any] = {"kind": self.kind}
         for f in dataclasses.fields(self):
-            out[f.name] = _plain(getattr(self, f.name))
+            if not f.metadata.get("transient"):
+                out[f.name] = _plain(getattr(self, f.name))
         return out
 
     def to_json(self, path: str | Path) -> Path:
@@ -147,9 +149,17 @@ class Result:
         """A short text table of the result."""
         raise NotImplementedError(f"{self.kind} has no summary")
 
-    def verdicts(self) -> list:
-        """The write-ups' claims this result tests, judged by stated rules (``lensdyn.verdicts``); none by default."""
-        return []
+    def verdicts(self, **judge_options) -> list:
+        """The write-ups' claims this result tests (its class's ``claims``), judged by stated rules with
+        their bootstrap robustness (``lensdyn.verdicts.judge``, which takes ``judge_options``)."""
+        from lensdyn.verdicts import judge
+
+        return judge([self], **judge_options)
+
+    def resample(self, rng) -> "Result | None":
+        """This result on prompts drawn with replacement (``lensdyn.verdicts``, step 4), re-derived
+        from its own per-prompt data: None where it has none (the default)."""
+        return None
 
     def __eq__(self, other: object) -> bool:
         # Arrays make the dataclass __eq__ ambiguous; compare the plain data instead.
@@ -158,6 +168,12 @@ class Result:
         return json.dumps(self.to_dict(), sort_keys=True) == json.dumps(other.to_dict(), sort_keys=True)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def transient(default: Any = None) -> Any:
+    """A result field held in memory only (not in ``to_dict``; it reads back as ``default``): data a
+    bootstrap resample re-derives statistics from, too large or too raw for the JSON file."""
+    return dataclasses.field(default=default, metadata={"transient": True}, repr=False)
 
 
 def attach_control(result: Result, control, measure_random: Callable[[], Result] | None = None) -> Result:

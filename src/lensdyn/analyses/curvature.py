@@ -35,11 +35,12 @@ residual stream or projected to the sphere (``x_l / ||x_l||``). Steps ``d_l = x_
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
@@ -49,8 +50,10 @@ from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweep
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.models import text_token_ids
+from lensdyn.ops import prompt_index
+from lensdyn.resampling import prompt_counts, resampled_tokens
 from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.verdicts import Claim, Verdict, judge
+from lensdyn.verdicts import Claim, finite
 
 STREAMS = ("resid",)
 SHARP, FLAT, PART_ANGLE = 120.0, 60.0, 5.0
@@ -144,19 +147,43 @@ def _step_chord(d: Tensor) -> Tensor:
     return d.norm(dim=-1).sum(0) / d.sum(0).norm(dim=-1)
 
 
-def step_statistics(steps: Float[Tensor, "block token d_model"]) -> dict[str, float]:
-    """Mean angle, sharp and flat fractions, and mean length-to-chord of trajectories given by their steps.
+def token_statistics(steps: Float[Tensor, "block token d_model"]) -> dict[str, Float[Tensor, " token"]]:
+    """Per trajectory: mean turning angle, sharp and flat fractions of its turns, and length-to-chord.
 
     Angles are computed in the steps' dtype (``compare_with_nulls`` passes float64 coordinates);
-    every mean is taken in float64.
+    the values are float64. Every trajectory has the same number of turns, so the mean over
+    trajectories of a per-trajectory fraction is the fraction of all turns pooled.
+
+    >>> steps = torch.tensor([[[1., 0.]], [[0., 1.]], [[-1., 0.]]])      # two right turns of one token
+    >>> {k: round(float(v), 4) for k, v in token_statistics(steps).items()}
+    {'mean_angle': 90.0, 'sharp_fraction': 0.0, 'flat_fraction': 0.0, 'length_to_chord': 3.0}
     """
     angles = _angle(steps[:-1], steps[1:]).to(torch.float64)
     return {
-        "mean_angle": float(angles.mean()),
-        "sharp_fraction": float((angles >= SHARP).to(torch.float64).mean()),
-        "flat_fraction": float((angles <= FLAT).to(torch.float64).mean()),
-        "length_to_chord": float(_step_chord(steps).to(torch.float64).mean()),
+        "mean_angle": angles.mean(0),
+        "sharp_fraction": (angles >= SHARP).to(torch.float64).mean(0),
+        "flat_fraction": (angles <= FLAT).to(torch.float64).mean(0),
+        "length_to_chord": _step_chord(steps).to(torch.float64),
     }
+
+
+def step_statistics(steps: Float[Tensor, "block token d_model"]) -> dict[str, float]:
+    """``token_statistics`` averaged over trajectories (float64)."""
+    return {name: float(values.mean()) for name, values in token_statistics(steps).items()}
+
+
+def null_p_value(null: Float[np.ndarray, " draw"], observed: float, lower: bool = False) -> float:
+    """One-sided p of ``observed`` against null draws, ``(1 + #extreme) / (1 + n)``, ties counted as extreme.
+
+    Extreme is ``>=`` (``lower``: ``<=``). Ties count because the shuffle's chord equals the
+    observed one up to summation order.
+
+    >>> null_p_value(np.array([0.1, 0.2, 0.5]), 0.4)
+    0.5
+    """
+    tie = np.isclose(null, observed, rtol=1e-9, atol=0.0)
+    extreme = (null <= observed if lower else null >= observed) | tie
+    return float((1 + extreme.sum()) / (1 + len(null)))
 
 
 def step_coordinates(steps: Float[Tensor, "block token d_model"]) -> Float[Tensor, "block token coord"]:
@@ -260,28 +287,33 @@ class NullComparison:
     null_std: float
     p_value: float
     effect_size: float
+    null_draws: Float[np.ndarray, " draw"] | None = None
 
 
 def compare_with_nulls(
     states: Float[Tensor, "state token d_model"], n_draws: int = 20, seed: int = 0
 ) -> tuple[NullComparison, ...]:
     """Every statistic of ``step_statistics`` against both nulls (module docstring), on the steps' exact coordinates."""
-    steps = step_coordinates(torch.diff(states.to(torch.float64), dim=0))
+    return compare_steps_with_nulls(step_coordinates(torch.diff(states.to(torch.float64), dim=0)), states.shape[-1],
+                                    n_draws, seed)
+
+
+def compare_steps_with_nulls(
+    steps: Float[Tensor, "block token coord"], dim: int, n_draws: int = 20, seed: int = 0
+) -> tuple[NullComparison, ...]:
+    """``compare_with_nulls`` on steps already in coordinates (``step_coordinates``) of ``dim``-dimensional states."""
     observed = step_statistics(steps)
     g = torch.Generator().manual_seed(seed)
     out = []
     for kind in ("walk", "shuffle"):
-        draws = [step_statistics(null_steps(steps, kind, g, dim=states.shape[-1])) for _ in range(n_draws)]
+        draws = [step_statistics(null_steps(steps, kind, g, dim=dim)) for _ in range(n_draws)]
         for name, value in observed.items():
             null = np.array([d[name] for d in draws])
-            # Ties count as extreme: the shuffle's chord equals the observed one up to summation order.
-            tie = np.isclose(null, value, rtol=1e-9, atol=0.0)
-            extreme = (null <= value if name == "flat_fraction" else null >= value) | tie
             std = float(null.std(ddof=1))
             out.append(NullComparison(
                 statistic=name, null=kind, observed=value, null_mean=float(null.mean()), null_std=std,
-                p_value=float((1 + extreme.sum()) / (1 + n_draws)),
-                effect_size=float((value - null.mean()) / std) if std > 0 else float("nan"),
+                p_value=null_p_value(null, value, lower=name == "flat_fraction"),
+                effect_size=float((value - null.mean()) / std) if std > 0 else float("nan"), null_draws=null,
             ))
     return tuple(out)
 
@@ -340,9 +372,37 @@ class CurvatureResult(Result):
     output_kl_control: float
     output_kl_p: float
     control: "CurvatureResult | None" = None
+    # Per included token of the raw stream (token_statistics), and its prompt: what a resample redraws.
+    raw_token_statistics: dict[str, Float[np.ndarray, " token"]] | None = None
+    token_prompt: Int[np.ndarray, " token"] | None = None
 
-    def verdicts(self) -> list[Verdict]:
-        return judge(self, CLAIMS)
+    def resample(self, rng: np.random.Generator) -> "CurvatureResult | None":
+        """The claims' statistics on a resample: prompts drawn with replacement for the raw-stream
+        comparisons (against the nulls as drawn), and edit pairs drawn with replacement within each
+        kind for the deflection test. None without the per-token data (a result read from JSON)."""
+        if self.raw_token_statistics is None or self.token_prompt is None:
+            return None
+        drawn = resampled_tokens(self.token_prompt, prompt_counts(rng, self.provenance.n_prompts))
+        raw = []
+        for c in self.raw:
+            if c.null_draws is None or c.statistic not in self.raw_token_statistics:
+                raw.append(c)
+                continue
+            value = float(self.raw_token_statistics[c.statistic][drawn].mean())
+            raw.append(dataclasses.replace(c, observed=value,
+                                           p_value=null_p_value(c.null_draws, value, lower=c.statistic == "flat_fraction")))
+        kinds = {kind: [d for d in self.deflections if d.kind == kind] for kind in ("meaning", "control")}
+        drawn_pairs = {kind: [group[i] for i in rng.integers(len(group), size=len(group))] if group else []
+                       for kind, group in kinds.items()}
+        angles = {kind: [d.final_angle for d in group] for kind, group in drawn_pairs.items()}
+        return dataclasses.replace(
+            self, raw=tuple(raw), deflections=tuple(drawn_pairs["meaning"] + drawn_pairs["control"]),
+            final_angle_meaning=float(np.mean(angles["meaning"])) if angles["meaning"] else float("nan"),
+            final_angle_control=float(np.mean(angles["control"])) if angles["control"] else float("nan"),
+            final_angle_p=_one_sided(angles["meaning"], angles["control"]),
+            raw_token_statistics=None, token_prompt=None,
+        )
+
 
     def comparison(self, space: str, statistic: str, null: str) -> NullComparison:
         return next(c for c in getattr(self, space) if c.statistic == statistic and c.null == null)
@@ -399,26 +459,66 @@ class CurvatureResult(Result):
 CURVATURE = "curvature paper (arXiv 2511.03060)"
 
 
+SHARP_FLOOR = 0.01  # excess sharp turns below one in a hundred turns are negligible
+CHORD_FLOOR = 0.1  # trajectories at least 10% longer (relative to the chord) than the walk's
+# Vargha and Delaney (2000): A = P(meaning > control) of 0.56 is a "small" effect; below it, negligible.
+DEFLECTION_FLOOR = 0.56
+
+
 def _beats_walk(statistic: str):
-    def test(r) -> tuple[str, bool]:
+    def test(r) -> tuple[str, bool | None]:
         c = r.comparison("raw", statistic, "walk")
-        return f"{c.observed:.3g} vs walk {c.null_mean:.3g} (p {c.p_value:.2g})", bool(c.p_value < 0.05)
+        return f"{c.observed:.3g} vs walk {c.null_mean:.3g} (p {c.p_value:.2g})", finite(True, c.observed, c.null_mean)
     return test
+
+
+def _walk_p(statistic: str):
+    def p_value(r) -> tuple[float, int | None]:
+        c = r.comparison("raw", statistic, "walk")
+        return c.p_value, None if c.null_draws is None else len(c.null_draws)
+    return p_value
+
+
+def _sharp_excess(r) -> float:
+    c = r.comparison("raw", "sharp_fraction", "walk")
+    return c.observed - c.null_mean
+
+
+def _chord_excess(r) -> float:
+    c = r.comparison("raw", "length_to_chord", "walk")
+    return c.observed / c.null_mean - 1
 
 
 def _deflects(r) -> tuple[str, bool | None]:
     measured = f"{r.final_angle_meaning:.1f} vs {r.final_angle_control:.1f} deg (p {r.final_angle_p:.2g})"
-    return measured, None if not np.isfinite(r.final_angle_p) else bool(r.final_angle_p < 0.05)
+    return measured, finite(True, r.final_angle_p)
+
+
+def _vargha_delaney(r) -> float:
+    """``A = P(meaning angle > control angle) + P(tie) / 2`` over the result's pairs."""
+    meaning = np.array([d.final_angle for d in r.deflections if d.kind == "meaning"])
+    control = np.array([d.final_angle for d in r.deflections if d.kind == "control"])
+    if not len(meaning) or not len(control):
+        return float("nan")
+    diff = meaning[:, None] - control[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
 CLAIMS = (
-    Claim(CURVATURE, "excess sharp turns", "raw-stream fraction of turns >= 120 deg above the random-walk null, p < 0.05",
-          _beats_walk("sharp_fraction")),
-    Claim(CURVATURE, "longer length-to-chord than chance", "raw-stream length-to-chord above the random-walk null, p < 0.05",
-          _beats_walk("length_to_chord")),
+    Claim(CURVATURE, "excess sharp turns",
+          f"raw-stream fraction of turns >= 120 deg above the random-walk null (Holm p < 0.05), by >= {SHARP_FLOOR:.0%} "
+          "of turns", _beats_walk("sharp_fraction"), p_value=_walk_p("sharp_fraction"), effect=_sharp_excess,
+          floor=SHARP_FLOOR, effect_units="share of turns above the walk's"),
+    Claim(CURVATURE, "longer length-to-chord than chance",
+          f"raw-stream length-to-chord above the random-walk null (Holm p < 0.05), by >= {CHORD_FLOOR:.0%}",
+          _beats_walk("length_to_chord"), p_value=_walk_p("length_to_chord"), effect=_chord_excess, floor=CHORD_FLOOR,
+          effect_units="relative excess over the walk"),
     Claim(CURVATURE, "meaning edits deflect more than control edits",
-          "final angle between clean and edited target: Mann-Whitney meaning > control, p < 0.05", _deflects),
+          "final angle between clean and edited target: Mann-Whitney meaning > control (Holm p < 0.05), "
+          f"Vargha-Delaney A >= {DEFLECTION_FLOOR}", _deflects, p_value=lambda r: (r.final_angle_p, None),
+          effect=_vargha_delaney, floor=DEFLECTION_FLOOR, effect_units="P(meaning > control)"),
 )
+CurvatureResult.claims = CLAIMS
 
 
 def measure(
@@ -461,6 +561,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
     if states.shape[1] == 0:
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
     spherical = torch.nn.functional.normalize(states, dim=-1)
+    raw_steps = step_coordinates(torch.diff(states.to(torch.float64), dim=0))
     landscape_index = int(torch.argmax(cap.mask.sum(1)))  # the longest prompt
     keep = cap.mask[landscape_index]
     deflections = _deflections(model, pairs, patch_streams)
@@ -476,7 +577,9 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
             layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
-        raw=compare_with_nulls(states, n_draws, seed),
+        raw=compare_steps_with_nulls(raw_steps, states.shape[-1], n_draws, seed),
+        raw_token_statistics={name: values.numpy() for name, values in token_statistics(raw_steps).items()},
+        token_prompt=prompt_index(cap.mask).numpy(),
         sphere=compare_with_nulls(spherical, n_draws, seed),
         landscape=turning_angles(cap.tokens_of("resid", prompt=landscape_index)).numpy(),
         landscape_tokens=tuple(t for t, k in zip(cap.str_tokens[landscape_index], keep.tolist()) if k),

@@ -42,6 +42,7 @@ Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,8 +59,9 @@ from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.metric import CausalMetric, metric_norms
 from lensdyn.ops import AGGREGATIONS, aggregate_ratio, token_norms
-from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.verdicts import Claim, Verdict, judge
+from lensdyn.resampling import CovarianceMoments, prompt_counts, prompt_sums, resampled_tokens
+from lensdyn.results import Conventions, Provenance, Result, transient
+from lensdyn.verdicts import Claim, finite
 
 STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_out")
 
@@ -118,7 +120,7 @@ def comoving_cv(norms: Float[Tensor, "state token"], aggregation: str = "ratio_o
 
 
 def cv_reduction_null(
-    norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means", n_permutations: int = 100, seed: int = 0
+    norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means", n_permutations: int = 200, seed: int = 0
 ) -> Float[np.ndarray, " permutation"]:
     """``cv_reduction`` after permuting tokens independently within each state, ``n_permutations`` times.
 
@@ -127,7 +129,7 @@ def cv_reduction_null(
     """
     rng = np.random.default_rng(seed)
     values = norms.to(torch.float64).numpy()
-    out = np.empty(n_permutations)
+    out = np.empty(n_permutations)  # 0 draws: a resample, judged against the data's null
     for i in range(n_permutations):
         out[i] = comoving_cv(torch.from_numpy(rng.permuted(values, axis=1)), aggregation)[2]
     return out
@@ -184,6 +186,7 @@ class CovarianceShape:
 
 
 RANK_TOLERANCE = 1e-9
+MAX_MOMENT_PROMPTS = 64  # above: no bootstrap of the covariance claims (their prompt tables grow as prompts^3)
 
 
 def covariance_shape(vectors: Float[Tensor, "state token d_model"], k: int = 10) -> CovarianceShape:
@@ -276,7 +279,7 @@ def expansion_track(
     metric: str,
     aggregation: str = "ratio_of_means",
     fit_space: FitSpace = "log",
-    n_permutations: int = 100,
+    n_permutations: int = 200,
     seed: int = 0,
 ) -> ExpansionTrack:
     """All of the track's numbers from one ``[state, token]`` matrix of norms."""
@@ -317,6 +320,28 @@ def expansion_track(
     )
 
 
+def resampled_track(
+    track: ExpansionTrack, drawn: Int[np.ndarray, " drawn"], positions: Int[np.ndarray, " drawn"], aggregation: str,
+    fit_space: FitSpace,
+) -> ExpansionTrack:
+    """``track`` on the tokens ``drawn`` (a bootstrap resample): a(l), its fit, H(l), the per-token
+    rates' CV and position dependence, and the comoving CV reduction re-derived (against the data's
+    permutation null, not redrawn); the epochs and the redshift table are the data's."""
+    norms = torch.from_numpy(track.norms[:, drawn])
+    a = scale_factor(norms, aggregation)
+    fit = fit_h0(a, fit_space)
+    rates = track.per_token_h[drawn]  # each token's own fit does not depend on the others
+    physical, comoving, reduction = comoving_cv(norms, aggregation)
+    rho, p = stats.spearmanr(rates, positions) if np.ptp(positions) > 0 else (float("nan"), float("nan"))
+    return dataclasses.replace(
+        track, norms=track.norms[:, drawn], mean_norm=norms.mean(dim=1).numpy(), scale_factor=a, hubble=hubble(a),
+        h0=float(fit.rate[0]), h0_se=float(fit.rate_se[0]), h0_intercept=float(fit.intercept[0]), r2=float(fit.r2[0]),
+        per_token_h=rates, per_token_h_mean=float(rates.mean()), per_token_h_std=float(rates.std(ddof=1)),
+        per_token_h_cv=float(rates.std(ddof=1) / abs(rates.mean())), per_token_h_position_spearman=float(rho),
+        per_token_h_position_p=float(p), physical_cv=physical, comoving_cv=comoving, cv_reduction=reduction,
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class ExpansionResult(Result):
     """Expansion of one model on one prompt set; ``control`` holds the untrained model's, measured alike.
@@ -344,13 +369,39 @@ class ExpansionResult(Result):
     covariance: CovarianceShape
     control: "ExpansionResult | None" = None
     d_model: int | None = None
+    aggregation: str = "ratio_of_means"
+    post_ln_by_prompt: Float[np.ndarray, "prompt block"] | None = None  # sum over each prompt's tokens
+    moments: CovarianceMoments | None = transient()  # states 0 and n_layers, for the bootstrap
 
     @property
     def n_layers(self) -> int:
         return len(self.euclidean.scale_factor) - 1
 
-    def verdicts(self) -> list[Verdict]:
-        return judge(self, CLAIMS)
+    def resample(self, rng: np.random.Generator) -> "ExpansionResult | None":
+        """The claims' statistics on prompts drawn with replacement (``lensdyn.resampling``).
+
+        Tracks are recomputed from the drawn tokens' norms, against the permutation null as drawn
+        on the data; the covariance claims' participation ratio and overlap (states 0 and the
+        last) come from ``moments``; every other covariance entry is NaN. None without the
+        per-prompt data (a result read back from JSON).
+        """
+        if self.post_ln_by_prompt is None or self.moments is None:
+            return None
+        counts = prompt_counts(rng, self.provenance.n_prompts)
+        drawn = resampled_tokens(self.token_prompt, counts)
+        tracks = {f.name: resampled_track(t, drawn, self.token_position[drawn], self.aggregation, self.fit_space)
+                  for f in dataclasses.fields(self) if isinstance(t := getattr(self, f.name), ExpansionTrack)}
+        post_ln = (counts @ self.post_ln_by_prompt) / (counts @ self.moments.counts)
+        nan = np.full_like(self.covariance.participation_ratio, np.nan)
+        overlap = np.full_like(self.covariance.subspace_overlap, np.nan)
+        pr = self.moments.participation_ratio(counts)
+        overlap[0, -1] = overlap[-1, 0] = self.moments.subspace_overlap(counts, self.covariance.top_eigenvalues.shape[1])[0, 1]
+        nan[0], nan[-1] = pr
+        return dataclasses.replace(
+            self, **tracks, post_ln_norms=post_ln, post_ln_cv=float(post_ln.std() / post_ln.mean()),
+            covariance=dataclasses.replace(self.covariance, participation_ratio=nan, subspace_overlap=overlap),
+            token_position=self.token_position[drawn], token_prompt=self.token_prompt[drawn], post_ln_by_prompt=None,
+        )
 
     def track(self, metric: str) -> ExpansionTrack:
         if metric not in ("euclidean", "causal"):
@@ -475,27 +526,46 @@ class ExpansionResult(Result):
 
 
 FLRW = "FLRW expansion note"
+COMOVING_FLOOR = 0.1  # the least share, of the variation the null leaves, that keeping token identity must remove
+
+
+def _comoving_effect(r) -> float:
+    """How much of the comoving variation the permutation null leaves the real tokens remove:
+    ``(reduction - null mean) / (1 - null mean)``."""
+    t = r.causal
+    return (t.cv_reduction - t.cv_reduction_null_mean) / (1 - t.cv_reduction_null_mean)
+
+
 CLAIMS = (
     Claim(FLRW, "norms grow exponentially (R^2 0.97)", "R^2 >= 0.95 of the exponential fit to the causal a(l)",
-          lambda r: (f"H0 {r.causal.h0:.3f}, R^2 {r.causal.r2:.2f} ({r.fit_space} fit)", r.causal.r2 >= 0.95)),
+          lambda r: (f"H0 {r.causal.h0:.3f}/block, R^2 {r.causal.r2:.2f} ({r.fit_space} fit)",
+                     finite(r.causal.r2 >= 0.95, r.causal.r2))),
     Claim(FLRW, "final contraction", "H < 0 across the last block (final norm not a layer)",
-          lambda r: (f"H(last) {r.euclidean.hubble[-1]:+.3f}", bool(r.euclidean.hubble[-1] < 0))),
+          lambda r: (f"H(last) {r.euclidean.hubble[-1]:+.3f}/block", finite(r.euclidean.hubble[-1] < 0, r.euclidean.hubble[-1]))),
     Claim(FLRW, "per-token H uniform, no position dependence",
-          "causal per-token H: CV <= 10% and Spearman with position p >= 0.05",
+          "causal per-token H: CV <= 10% and Spearman with position p >= 0.05 (a claim of absence: not Holm-corrected)",
           lambda r: (f"CV {r.causal.per_token_h_cv:.1%}, Spearman {r.causal.per_token_h_position_spearman:+.2f}",
-                     r.causal.per_token_h_cv <= 0.10 and r.causal.per_token_h_position_p >= 0.05)),
-    Claim(FLRW, "comoving coordinates remove the variation", "causal CV reduction above its permutation null, p < 0.05",
+                     finite(r.causal.per_token_h_cv <= 0.10 and r.causal.per_token_h_position_p >= 0.05,
+                            r.causal.per_token_h_cv, r.causal.per_token_h_position_p))),
+    Claim(FLRW, "comoving coordinates remove the variation",
+          f"causal CV reduction above its permutation null (Holm p < 0.05), removing >= {COMOVING_FLOOR:.0%} of the "
+          "variation the null leaves",
           lambda r: (f"{r.causal.cv_reduction:.1%} vs null {r.causal.cv_reduction_null_mean:.1%}",
-                     r.causal.cv_reduction_p < 0.05)),
+                     finite(True, r.causal.cv_reduction, r.causal.cv_reduction_null_mean)),
+          p_value=lambda r: (r.causal.cv_reduction_p, len(r.causal.cv_reduction_null)),
+          effect=_comoving_effect, floor=COMOVING_FLOOR, effect_units="share of the null's comoving CV removed"),
     Claim(FLRW, "3: post-LN norms approximately constant", "CV of the post-LN norm across blocks <= 10%",
-          lambda r: (f"CV {r.post_ln_cv:.1%}, x{r.post_ln_growth:.1f} (raw x{r.pre_ln_growth:.0f})", r.post_ln_cv <= 0.10)),
+          lambda r: (f"CV {r.post_ln_cv:.1%}, x{r.post_ln_growth:.1f} (raw x{r.pre_ln_growth:.0f})",
+                     finite(r.post_ln_cv <= 0.10, r.post_ln_cv))),
     Claim(FLRW, "1: metric shape constant across layers", "top-10 covariance subspace overlap, first vs last state >= 0.5",
-          lambda r: (f"overlap {r.covariance.subspace_overlap[0, -1]:.2f}", bool(r.covariance.subspace_overlap[0, -1] >= 0.5))),
+          lambda r: (f"overlap {r.covariance.subspace_overlap[0, -1]:.2f} (of 1)",
+                     finite(r.covariance.subspace_overlap[0, -1] >= 0.5, r.covariance.subspace_overlap[0, -1]))),
     Claim(FLRW, "2: M(0) is Euclidean", "participation ratio of C_0 >= half of d_model",
-          lambda r: (f"PR {r.covariance.participation_ratio[0]:.1f} of {r.d_model}",
-                     bool(r.covariance.participation_ratio[0] >= r.d_model / 2) if r.d_model else None)),
+          lambda r: (f"PR {r.covariance.participation_ratio[0]:.1f} of {r.d_model} dims",
+                     finite(r.covariance.participation_ratio[0] >= r.d_model / 2, r.covariance.participation_ratio[0])
+                     if r.d_model else None)),
 )
-
+ExpansionResult.claims = CLAIMS
 
 def measure(
     capture_or_model,
@@ -505,7 +575,7 @@ def measure(
     control="random",
     aggregation: str = "ratio_of_means",
     fit_space: FitSpace = "log",
-    n_permutations: int = 100,
+    n_permutations: int = 200,
     top_k: int = 10,
     ridge: float = 1e-6,
     seed: int = 0,
@@ -547,7 +617,8 @@ def _measure_capture(
         name: expansion_track(norms, positions, name, aggregation, fit_space, n_permutations, seed)
         for name, norms in (("euclidean", token_norms(vectors)), ("causal", metric_norms(vectors, metric)))
     }
-    post_ln = token_norms(cap.tokens_of("attn_in")).mean(dim=1).numpy()
+    attn_in_norms = token_norms(cap.tokens_of("attn_in"))
+    post_ln = attn_in_norms.mean(dim=1).numpy()
     attn_cross, attn_self = growth_terms(vectors[:-1], cap.tokens_of("attn_out"))
     # On parallel blocks the MLP writes into the block input too; the 2 a.m interaction is in neither share.
     mlp_cross, mlp_self = growth_terms(cap.mlp_writes_into(), cap.tokens_of("mlp_out"))
@@ -577,6 +648,10 @@ def _measure_capture(
         attn_share=float(attn_growth.sum() / (attn_growth.sum() + mlp_growth.sum())),
         covariance=covariance_shape(vectors, top_k),
         d_model=int(vectors.shape[-1]),
+        aggregation=aggregation,
+        post_ln_by_prompt=prompt_sums(attn_in_norms.numpy(), prompts.numpy(), cap.n_prompts),
+        moments=CovarianceMoments.from_tokens(vectors[[0, -1]], prompts.numpy(), cap.n_prompts)
+        if cap.n_prompts <= MAX_MOMENT_PROMPTS else None,
         **{name: track for name, track in tracks.items()},
     )
 
@@ -587,7 +662,7 @@ class ExpansionParameters:
 
     aggregation: str = option("ratio_of_means", "how a(l) aggregates over tokens", choices=AGGREGATIONS)
     fit_space: FitSpace = option("log", "space of the exponential fits")
-    n_permutations: int = option(100, "draws of the comoving-CV permutation null", flag="--permutations", at_least=1)
+    n_permutations: int = option(200, "draws of the comoving-CV permutation null", flag="--permutations", at_least=1)
 
 
 ANALYSIS = Analysis(

@@ -26,6 +26,7 @@ ending at the last block; neighbouring runs with the same label are one phase.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,9 +38,10 @@ from lensdyn.fits import line_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
-from lensdyn.ops import AGGREGATIONS, aggregate_ratio, last_token_mask, token_norms
+from lensdyn.ops import AGGREGATIONS, aggregate_ratio, last_token_mask, prompt_index, token_norms
+from lensdyn.resampling import pooled_ratio, prompt_counts, ratio_parts
 from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.verdicts import Claim, Verdict, judge
+from lensdyn.verdicts import Claim, finite
 
 STREAMS = ("resid", "resid_mid", "attn_in", "attn_out", "mlp_in", "mlp_out")
 REFERENCES = ("ln_output", "resid")
@@ -132,13 +134,22 @@ class GainsResult(Result):
     last_mlp_gain: float
     mlp_phases: tuple[Phase, ...]
     control: "GainsResult | None" = None
+    band: float = NEUTRAL_BAND
+    # Per prompt, the sums each gain divides (lensdyn.resampling.ratio_parts), for attn, mlp, resid.
+    prompt_parts: Float[np.ndarray, "sublayer part prompt block"] | None = None
 
     @property
     def n_layers(self) -> int:
         return len(self.attn_gain)
 
-    def verdicts(self) -> list[Verdict]:
-        return judge(self, CLAIMS)
+    def resample(self, rng: np.random.Generator) -> "GainsResult | None":
+        """The gains on prompts drawn with replacement, pooled from ``prompt_parts`` (None without them)."""
+        if self.prompt_parts is None:
+            return None
+        counts = prompt_counts(rng, self.provenance.n_prompts)
+        attn, mlp, resid = (pooled_ratio(num, den, counts) for num, den in self.prompt_parts)
+        return dataclasses.replace(self, **gain_fields(attn, mlp, resid, self.band), prompt_parts=None)
+
 
     def summary(self) -> str:
         p, c, n = self.provenance, self.control, self.n_layers
@@ -199,7 +210,7 @@ CLAIMS = (
     Claim(PYTHIA, "MLP mostly contracts", "MLP gain < 1 in more than half the blocks",
           lambda r: (f"{r.mlp_contracting}/{r.n_layers} blocks", r.mlp_contracting > r.n_layers / 2)),
     Claim(PYTHIA, "last MLP expands", "last block's MLP gain > 1",
-          lambda r: (f"{r.last_mlp_gain:.2f}", r.last_mlp_gain > 1)),
+          lambda r: (f"{r.last_mlp_gain:.2f}x", finite(r.last_mlp_gain > 1, r.last_mlp_gain))),
     Claim(PYTHIA, "last MLP gain is the maximum", "argmax of the MLP gain is the last block",
           lambda r: (f"max at block {r.mlp_argmax} of {r.n_layers}", r.mlp_argmax == r.n_layers - 1)),
     Claim(PYTHIA, "net expansion only in the last block", "residual gain > 1 in the last block and in no other",
@@ -208,6 +219,7 @@ CLAIMS = (
     Claim(PYTHIA, "last-MLP gain scales with model size", "a fit over >= 3 model sizes (gains.scaling)",
           lambda r: ("one model", None)),
 )
+GainsResult.claims = CLAIMS
 
 
 def measure(
@@ -248,10 +260,12 @@ def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str
         attn_ref, mlp_ref = cap.tokens_of("attn_in", mask), cap.tokens_of("mlp_in", mask)
     else:
         attn_ref, mlp_ref = resid_tokens[:-1], cap.mlp_writes_into(mask)
-    attn = sublayer_gain(cap.tokens_of("attn_out", mask), attn_ref, aggregation)
-    mlp = sublayer_gain(cap.tokens_of("mlp_out", mask), mlp_ref, aggregation)
-    resid = sublayer_gain(resid_tokens[1:], resid_tokens[:-1], aggregation)
-    counts = {name: count_contracting(g) for name, g in (("attn", attn), ("mlp", mlp), ("resid", resid))}
+    owners = prompt_index(mask).numpy()
+    # Per-prompt sums first: the gains are their pooled ratio, and a bootstrap resample re-pools them.
+    parts = np.stack([ratio_parts(token_norms(out).numpy(), token_norms(ref).numpy(), owners, cap.n_prompts, aggregation)
+                      for out, ref in ((cap.tokens_of("attn_out", mask), attn_ref), (cap.tokens_of("mlp_out", mask), mlp_ref),
+                                       (resid_tokens[1:], resid_tokens[:-1]))])
+    attn, mlp, resid = (pooled_ratio(num, den, np.ones(cap.n_prompts, dtype=np.int64)) for num, den in parts)
     return GainsResult(
         conventions=Conventions(
             aggregation=f"{aggregation.replace('_', ' ')} over "
@@ -260,11 +274,22 @@ def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str
             layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
+        reference=reference,
+        tokens=tokens,
+        band=band,
+        prompt_parts=parts,
+        **gain_fields(attn, mlp, resid, band),
+    )
+
+
+def gain_fields(attn: Float[np.ndarray, " block"], mlp: Float[np.ndarray, " block"], resid: Float[np.ndarray, " block"],
+                band: float) -> dict:
+    """Every ``GainsResult`` field derived from the three gain curves (measure and resample share it)."""
+    counts = {name: count_contracting(g) for name, g in (("attn", attn), ("mlp", mlp), ("resid", resid))}
+    return dict(
         attn_gain=attn,
         mlp_gain=mlp,
         resid_gain=resid,
-        reference=reference,
-        tokens=tokens,
         attn_contracting=counts["attn"][0],
         attn_expanding=counts["attn"][1],
         mlp_contracting=counts["mlp"][0],

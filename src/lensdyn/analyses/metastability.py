@@ -41,6 +41,7 @@ and ``repeated`` (the ``repeated`` prompt set, a collapse diagnostic only).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,10 +56,11 @@ from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
+from lensdyn.resampling import prompt_counts
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.sphere import BETAS, cloud_grams, inner_product_histogram, interaction_energy, pair_values
 from lensdyn.sphere import BINS, sphere  # noqa: F401 - still metastability.BINS and .sphere, as before they moved
-from lensdyn.verdicts import Claim, Verdict, judge
+from lensdyn.verdicts import Claim, finite, judge
 
 STREAMS = ("resid",)
 MASS_THRESHOLD = 0.9
@@ -322,9 +324,17 @@ class MetastabilityResult(Result):
         """A per-prompt metric (``mass_near_one``, ``energy``, ...) averaged over this result's prompts."""
         return np.mean([getattr(p, name) for p in self.prompts], axis=0)
 
-    def verdicts(self) -> list[Verdict]:
-        """The write-up's claims, each judged on this model by the rules stated in ``CLAIMS``."""
-        return judge(self, CLAIMS)
+
+    def resample(self, rng: np.random.Generator) -> "MetastabilityResult":
+        """This result on prompts drawn with replacement: their clouds as measured, the collapse speed re-averaged."""
+        drawn = np.repeat(np.arange(len(self.prompts)), prompt_counts(rng, len(self.prompts)))
+        prompts = tuple(self.prompts[i] for i in drawn)
+        speed = collapse_speed(prompts)
+        return dataclasses.replace(
+            self, prompts=prompts, prompt_labels=tuple(self.prompt_labels[i] for i in drawn), repeated=None,
+            collapse_speed=speed, collapse_vs_v_spearman=_spearman(speed, self.v_radius),
+            collapse_vs_ov_spearman=_spearman(speed, self.ov_radius),
+        )
 
     def counts(self) -> dict[str, int]:
         """How many real prompts show each phenomenon, by the rules of ``CLAIMS``."""
@@ -347,7 +357,7 @@ class MetastabilityResult(Result):
         runs = [("model", self)] + [(name, r) for name, r in (("control", self.control), ("repeated", self.repeated)) if r]
         for name, r in runs:
             lines.append(f"[{name}: {r.provenance.model} ({r.provenance.weights}), prompts {r.provenance.prompt_set!r}]")
-            for v in judge(r, CLAIMS):
+            for v in judge([r], n_bootstrap=0):
                 lines.append(f"  {v.claim:58} {v.measured:30} {v.verdict}")
         lines.append(f"{'state':>5} {'mass>0.9':>9} {'eff.rank':>9} {'clusters':>9} {'noise':>7} {'CKA':>7}"
                      + "".join(f" {'E(b=' + format(b, 'g') + ')':>10}" for b in self.betas)
@@ -430,8 +440,9 @@ CLAIMS = (
           _share("energy_falls")),
     Claim(METASTABLE, "collapse speed follows rho(V)", "Spearman(collapse speed, rho(V)) over blocks >= 0.5",
           lambda r: (f"Spearman {r.collapse_vs_v_spearman:+.2f} (OV {r.collapse_vs_ov_spearman:+.2f})",
-                     None if not np.isfinite(r.collapse_vs_v_spearman) else bool(r.collapse_vs_v_spearman >= 0.5))),
+                     finite(r.collapse_vs_v_spearman >= 0.5, r.collapse_vs_v_spearman))),
 )
+MetastabilityResult.claims = CLAIMS
 
 
 def measure(
@@ -489,8 +500,7 @@ def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rt
             raise ArgumentError(f"prompt {cap.prompts.labels[p]!r} has fewer than 2 included tokens: nothing to cluster")
         per_prompt.append(cloud_metrics(cap.tokens_of("resid", prompt=p), betas, threshold, min_cluster_size, rtol))
     spectra = circuit_spectra(model)
-    mass = np.mean([m.mass_near_one for m in per_prompt], axis=0)
-    speed = np.diff(mass)
+    speed = collapse_speed(per_prompt)
     fiedler_values = mask_only = None
     if attention_graphs:
         fiedler_values, mask_only = _attention_fiedler(cap)
@@ -515,6 +525,11 @@ def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rt
         fiedler=fiedler_values,
         fiedler_mask_only=mask_only,
     )
+
+
+def collapse_speed(clouds: Sequence[CloudMetrics]) -> Float[np.ndarray, " block"]:
+    """The rise of the mean (over prompts) ``mass_near_one`` across each block."""
+    return np.diff(np.mean([c.mass_near_one for c in clouds], axis=0))
 
 
 def _spearman(a: np.ndarray, b: np.ndarray | None) -> float:

@@ -45,7 +45,7 @@ from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.ops import masked_tokens
 from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.verdicts import Claim, Verdict, judge
+from lensdyn.verdicts import Claim, finite
 
 STREAMS = ("resid", "mlp_out")
 BETAS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -178,8 +178,6 @@ class StabilityResult(Result):
                   for l in self.layers]
         return np.array([np.mean(v) if v else np.nan for v in values]), np.array([np.std(v) if v else np.nan for v in values])
 
-    def verdicts(self) -> list[Verdict]:
-        return judge(self, CLAIMS)
 
     def above_null(self, k: int = 8) -> float:
         """Fraction of blocks whose ``cos theta_K`` exceeds the null's 95th percentile at ``K = k``."""
@@ -249,13 +247,14 @@ def _layer2(r) -> tuple[str, bool | None]:
     if 2 not in r.layers:
         return "block 2 not profiled", None
     rho = float(r.radius("context", "live")[0][r.layers.index(2)])
-    return f"rho {rho:.2f}", rho > 1
+    return f"rho {rho:.2f}", finite(rho > 1, rho)
 
 
 def _temperature(r) -> tuple[str, bool | None]:
     if not np.isfinite(r.tau_c):
         return "no temperature sweep", None
-    return f"C {r.tau_c:.2f}, R^2 {r.tau_r2:.2f} ({r.attention_type})", bool(r.tau_c > 0 and r.tau_r2 >= 0.5)
+    # A flat tau gives an undefined R^2: not testable, never "does not hold".
+    return f"C {r.tau_c:.2f}, R^2 {r.tau_r2:.2f} ({r.attention_type})", finite(r.tau_c > 0 and r.tau_r2 >= 0.5, r.tau_r2)
 
 
 CLAIMS = (
@@ -267,6 +266,7 @@ CLAIMS = (
     Claim(STATELENS, "attention temperature modulates mixing (C > 0)", "tau = tau_min + C / beta fit with C > 0 and R^2 >= 0.5",
           _temperature),
 )
+StabilityResult.claims = CLAIMS
 
 
 def measure(

@@ -68,7 +68,7 @@ from lensdyn.models import text_token_ids
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
 from lensdyn.prompts import PromptSet
 from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.verdicts import Claim, Verdict, judge
+from lensdyn.verdicts import Claim
 
 STREAMS = ("resid",)
 CORRECTIONS = ("none", "redshift", "redshift_causal", "norm_match")
@@ -382,8 +382,6 @@ class SteeringResult(Result):
     def best_layer(self) -> int:
         return int(self.layers[int(np.nanargmax(self.efficacy))])
 
-    def verdicts(self) -> list[Verdict]:
-        return judge(self, CLAIMS)
 
     def summary(self) -> str:
         t = self.transfer
@@ -399,7 +397,7 @@ class SteeringResult(Result):
         for name in CORRECTIONS:
             interval = f"[{t.spread_low[name]:.3f}, {t.spread_high[name]:.3f}]"
             lines.append(f"  {name:<16} {t.spread[name]:>8.3f}               {interval}")
-        lines += [f"  {v.claim}: {v.measured} -> {v.verdict}" for v in self.verdicts()]
+        lines += [f"  {v.claim}: {v.measured} -> {v.verdict}" for v in self.verdicts(n_bootstrap=0)]
         if self.control is not None:
             c = self.control
             lines.append(f"  control (random weights): Spearman(efficacy, H) = {c.efficacy_h_spearman:+.3f}; spreads "
@@ -454,8 +452,7 @@ class SteeringResult(Result):
 def _low_h(r) -> tuple[str, bool | None]:
     if len(r.layers) < 4 or not np.isfinite(r.efficacy_h_spearman):
         return "fewer than 4 steered blocks", None
-    return (f"Spearman(efficacy, H) {r.efficacy_h_spearman:+.2f} (p {r.efficacy_h_p:.2g})",
-            r.efficacy_h_spearman < 0 and r.efficacy_h_p < 0.05)
+    return f"Spearman(efficacy, H) {r.efficacy_h_spearman:+.2f} (p {r.efficacy_h_p:.2g})", r.efficacy_h_spearman < 0
 
 
 def _redshift_beats(other: str):
@@ -470,12 +467,16 @@ def _redshift_beats(other: str):
 
 FLRW = "FLRW expansion note"
 CLAIMS = (
-    Claim(FLRW, "5: low-H layers steer better", "Spearman(efficacy per block, H(l)) < 0 with p < 0.05", _low_h),
+    # Cohen (1988): |r| = 0.1 is a small correlation; below it, negligible.
+    Claim(FLRW, "5: low-H layers steer better", "Spearman(efficacy per block, H(l)) < 0 with Holm p < 0.05, |rho| >= 0.1",
+          _low_h, p_value=lambda r: (r.efficacy_h_p, None), effect=lambda r: -r.efficacy_h_spearman, floor=0.1,
+          effect_units="-Spearman rho"),
     Claim(FLRW, "6: redshift predicts steering transfer (vs none)",
           "spread of log10 alpha* under a(t)/a(s) below no correction's in >= 95% of bootstrap draws", _redshift_beats("none")),
     Claim(FLRW, "6: redshift beats norm matching",
           "spread under a(t)/a(s) below norm matching's in >= 95% of bootstrap draws", _redshift_beats("norm_match")),
 )
+SteeringResult.claims = CLAIMS
 
 
 # --- measurement ---------------------------------------------------------------------------

@@ -28,7 +28,9 @@ import typing
 from pathlib import Path
 
 from lensdyn.analyses import registry
+from lensdyn.app.run import CONTROL_SEEDS
 from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
+from lensdyn.verdicts import N_BOOTSTRAP
 
 EPILOG = """examples:
   lensdyn models
@@ -217,7 +219,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     from lensdyn.models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, local checkpoint dir, or hub id")
-    p.add_argument("--prompts", default="diverse", help="built-in set name, .txt/.jsonl file, or directory of .txt")
+    p.add_argument("--prompts", nargs="+", default=["diverse"],
+                   help="built-in set name, .txt/.jsonl file, or directory of .txt; several: the first is the report's, "
+                   "and the verdict table shows whether the others agree")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
     p.add_argument(
@@ -229,7 +233,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-only", action="store_true", help="write the JSON files only, no HTML")
     p.add_argument("--static", nargs="*", default=[], metavar="FORMAT",
                    help="also export every figure as png and/or svg into OUT/figures (needs kaleido and a Chromium)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the nulls and of the verdicts' bootstrap")
+    p.add_argument("--control-seeds", nargs="+", type=int, default=list(CONTROL_SEEDS), metavar="SEED",
+                   help="one untrained control per seed (random weights); the first is drawn in the figures")
+    p.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP, metavar="N",
+                   help="bootstrap resamples of the prompts behind each verdict's robustness (0: none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--exclude", nargs="*", default=["first"], choices=("first", "bos", "special"),
@@ -273,7 +281,7 @@ def _set_threads(args) -> None:
 
 # The least value of each numeric option of the commands themselves (an analysis's options state their own
 # bounds: registry.option), checked before any model loads.
-AT_LEAST = {"batch_size": 1, "chunk": 1, "subsample": 0, "threads": 1, "seed": 0}
+AT_LEAST = {"batch_size": 1, "chunk": 1, "subsample": 0, "threads": 1, "seed": 0, "control_seeds": 0, "bootstrap": 0}
 
 
 def _check_options(args) -> None:
@@ -592,14 +600,13 @@ def _write_corpus(stats, record, out: Path) -> None:
 
 def _report(args) -> int:
     import json
-    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
+    from lensdyn.app import run
     from lensdyn.app.report import analysis_section, export_figures, write_html
     from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
-    from lensdyn.results import attach_control
     from lensdyn.verdicts import verdict_table
 
     names = [a.strip() for a in args.analyses.split(",") if a.strip()]
@@ -608,112 +615,118 @@ def _report(args) -> int:
     if unknown or not names:
         raise ArgumentError(f"unknown analysis {unknown or names}: choose from {', '.join(known)}")
     _check_options(args)
-    prompts = _prompts(args.prompts)
+    prompt_sets = [_prompts(spec) for spec in args.prompts]
     chosen = [(registry.get(name), _parameters(registry.get(name), args)) for name in names]
     for _, flag, spec in _options_marked(chosen, "contrast"):
         _contrast(flag, spec)  # a bad contrast set fails before any model loads
     _set_threads(args)
     streams = sorted({s for analysis, _ in chosen for s in analysis.streams})
-    runs = []
-    if args.compare:
-        runs.append(("reference", args.compare, "pretrained"))
-    elif args.control == "random" and args.weights != "random":
-        runs.append(("reference", args.model, "random"))
-    runs.append(("model", args.model, args.weights))
-    timings: dict[str, dict[str, float]] = {role: {} for role, _, _ in runs}
+    runs = run.reference_runs(args.model, args.weights, control=args.control, compare=args.compare,
+                              control_seeds=tuple(dict.fromkeys(args.control_seeds)))
+    timings: dict[str, dict[str, float]] = {r.role: {} for r in runs}
     models = {}
     started = time.perf_counter()
-    for role, name, weights in runs:  # one after the other: random weights are drawn from the global RNG
+    for r in runs:  # one after the other: random weights are drawn from the global RNG
         began = time.perf_counter()
-        models[role] = load_model(name, weights=weights, seed=args.seed, device=args.device)
-        timings[role]["load_s"] = round(time.perf_counter() - began, 3)
-        _check_for_model(models[role], prompts, args, chosen)
+        models[r.role] = load_model(r.model, weights=r.weights, seed=r.seed, device=args.device)
+        timings[r.role]["load_s"] = round(time.perf_counter() - began, 3)
+        for prompts in prompt_sets:
+            _check_for_model(models[r.role], prompts, args, chosen)
     loaded = time.perf_counter()
     truncation: dict[str, str | None] = {}
-    bar = tqdm(total=len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)
+    bar = tqdm(total=len(prompt_sets) * len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)
 
-    def measure_role(role: str) -> dict[str, object]:
-        """Capture once, then every chosen analysis, without the control (attached below)."""
-        model, steps, out = models[role], timings[role], {}
-        # The reference runs as each analysis's reference_keywords say (no diagnostics meant for the model only).
-        keywords = {analysis.name: analysis.keywords(parameters, model=model, control=None, seed=args.seed, progress=True,
-                                                     **({} if role == "model" else analysis.reference_keywords))
-                    for analysis, parameters in chosen}
-        needs = {k: v for analysis, _ in chosen for k, v in analysis.capture_options(keywords[analysis.name]).items()}
-        began = time.perf_counter()
-        cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
-                      truncate=args.truncate, **needs)
-        steps["capture_s"] = round(time.perf_counter() - began, 3)
-        truncation[role] = _truncation_line(cap.truncated, cap.n_prompts, model)
-        bar.update(1)
-        for analysis, _ in chosen:
+    def measure_on(prompts):
+        def measure_one(r: run.Run) -> dict[str, object]:
+            """Capture once, then every chosen analysis, without the control (attached by measure_runs)."""
+            model, steps, out = models[r.role], timings[r.role], {}
+            # A reference runs as each analysis's reference_keywords say (no diagnostics meant for the model only).
+            keywords = {analysis.name: analysis.keywords(parameters, model=model, control=None, seed=args.seed,
+                                                         progress=True,
+                                                         **({} if r.role == "model" else analysis.reference_keywords))
+                        for analysis, parameters in chosen}
+            needs = {k: v for analysis, _ in chosen for k, v in analysis.capture_options(keywords[analysis.name]).items()}
             began = time.perf_counter()
-            out[analysis.name] = analysis.measure(cap, **keywords[analysis.name])
-            steps[analysis.name] = round(time.perf_counter() - began, 3)
-            bar.set_postfix_str(f"{role} {analysis.name}")
+            cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
+                          truncate=args.truncate, **needs)
+            steps["capture_s"] = round(steps.get("capture_s", 0.0) + time.perf_counter() - began, 3)
+            truncation[r.role] = _truncation_line(cap.truncated, cap.n_prompts, model)
             bar.update(1)
-        return out
+            for analysis, _ in chosen:
+                began = time.perf_counter()
+                out[analysis.name] = analysis.measure(cap, **keywords[analysis.name])
+                steps[analysis.name] = round(steps.get(analysis.name, 0.0) + time.perf_counter() - began, 3)
+                bar.set_postfix_str(f"{r.role} {analysis.name}")
+                bar.update(1)
+            return out
 
-    roles = [role for role, _, _ in runs]
-    if len(roles) > 1 and not args.serial:
-        # The reference and the model share nothing until the end: measuring them side by side overlaps
-        # one's Python-bound steps (clustering, nulls, hooks) with the other's matrix work.
-        with ThreadPoolExecutor(max_workers=len(roles)) as pool:
-            by_role = dict(zip(roles, pool.map(measure_role, roles)))
-    else:
-        by_role = {role: measure_role(role) for role in roles}
+        return run.measure_runs(runs, measure_one, side_by_side=not args.serial,
+                                keeps_reference_apart=lambda name: registry.get(name).keeps_reference_apart)
+
+    measured = {prompts.name: measure_on(prompts) for prompts in prompt_sets}
     bar.close()
-    models.clear()  # free both models before writing
-    results: dict[str, dict[str, object]] = {}
-    for analysis, _ in chosen:
-        reference = by_role.get("reference", {}).get(analysis.name)
-        result = by_role["model"][analysis.name]
-        if reference is not None and not analysis.keeps_reference_apart:
-            result = attach_control(result, reference)
-        results[analysis.name] = {"model": result, **({"reference": reference} if reference is not None else {})}
-    measured = time.perf_counter()
-    print(f"loaded in {loaded - started:.1f} s, measured in {measured - loaded:.1f} s"
-          + (" (reference and model side by side)" if len(roles) > 1 and not args.serial else ""), file=sys.stderr)
+    models.clear()  # free the models before judging and writing
+    done = time.perf_counter()
+    verdicts_by_set = {}
+    for name, m in measured.items():
+        verdicts_by_set[name] = run.judge_measured(m, names, n_bootstrap=args.bootstrap, seed=args.seed)
+    judged = time.perf_counter()
+    primary = measured[prompt_sets[0].name]
+    verdicts = verdicts_by_set[prompt_sets[0].name]
+    print(f"loaded in {loaded - started:.1f} s, measured in {done - loaded:.1f} s"
+          + (" (two runs side by side)" if len(runs) > 1 and not args.serial else "")
+          + f", verdicts and their bootstrap in {judged - done:.1f} s", file=sys.stderr)
     for line in dict.fromkeys(line for line in truncation.values() if line):  # the control cuts what its model cuts
         print(line, file=sys.stderr)
 
     reference_label = _reference_label(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    written, sections, verdicts, files = [], [], [], {}
+    written, sections, files = [], [], {}
     for name in names:
-        result = results[name]["model"]
+        result = primary.results[name]
         path = result.to_json(args.out / f"{name}.json")
         written.append(path)
         files[name] = path.name
-        if registry.get(name).keeps_reference_apart and "reference" in results[name]:
-            written.append(results[name]["reference"].to_json(args.out / f"{name}_reference.json"))
+        reference = primary.references[name][0] if primary.references[name] else None
+        if registry.get(name).keeps_reference_apart and reference is not None:
+            written.append(reference.to_json(args.out / f"{name}_reference.json"))
             files[f"{name}_reference"] = written[-1].name
-        verdicts += result.verdicts()
         print(result.summary(), end="\n\n")
     if verdicts:
         print(verdict_table(verdicts, reference_label), end="\n\n")
+    others = {k: v for k, v in verdicts_by_set.items() if k != prompt_sets[0].name}
     if not args.json_only:
-        sections = [analysis_section(registry.get(name), **results[name]) for name in names]
+        sections = [analysis_section(registry.get(name), model=primary.results[name],
+                                     **({"reference": primary.references[name][0]} if primary.references[name] else {}))
+                    for name in names]
         page = "report.html" if len(names) > 1 else f"{names[0]}.html"
+        sets = ", ".join(f"{p.name!r} ({len(p)})" for p in prompt_sets)
         written.append(write_html(
             args.out / page,
             title=f"lensdyn: {', '.join(names)} of {args.model}",
-            subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights; "
+            subtitle=f"prompts {sets}, excluded positions {args.exclude}, raw weights; "
             f"reference: {reference_label} (grey)",
-            sections=sections, verdicts=verdicts, reference_label=reference_label,
+            sections=sections, verdicts=verdicts, reference_label=reference_label, other_sets=others,
         ))
         figures = {name: section.figure for name, section in zip(names, sections)}
         written += export_figures(figures, args.out / "figures", args.static)
-    # Per-role steps overlap when the roles run side by side; "wall" is what the whole report took.
-    timings["wall"] = {"load_s": round(loaded - started, 3), "measure_s": round(measured - loaded, 3),
-                       "write_s": round(time.perf_counter() - measured, 3)}
+    # Per-run steps overlap when runs go side by side; "wall" is what the whole report took.
+    timings["wall"] = {"load_s": round(loaded - started, 3), "measure_s": round(done - loaded, 3),
+                       "verdicts_s": round(judged - done, 3), "write_s": round(time.perf_counter() - judged, 3)}
     index = {
-        "model": args.model, "weights": args.weights, "reference": reference_label, "prompts": prompts.name,
-        "n_prompts": len(prompts), "excluded_positions": list(args.exclude), "analyses": names, "files": files,
-        "verdicts": [dataclasses.asdict(v) for v in verdicts], "timings_s": timings,
+        "model": args.model, "weights": args.weights, "reference": reference_label,
+        "prompts": prompt_sets[0].name, "n_prompts": len(prompt_sets[0]), "excluded_positions": list(args.exclude),
+        "analyses": names, "files": files,
+        "seeds": {"nulls_and_bootstrap": args.seed,
+                  "controls": [r.seed for r in runs if r.role != "model" and r.weights == "random"]},
+        "bootstrap_resamples": args.bootstrap,
+        "verdicts": [dataclasses.asdict(v) for v in verdicts],
+        **({"verdicts_by_prompt_set": {k: [dataclasses.asdict(v) for v in vs] for k, vs in verdicts_by_set.items()},
+            "agreement_across_prompt_sets": run.agreement(verdicts_by_set)} if others else {}),
+        "timings_s": timings,
     }
     report_json = args.out / ("report.json" if len(names) > 1 else f"{names[0]}_report.json")
-    report_json.write_text(json.dumps(index, indent=1), encoding="utf-8")
+    report_json.write_text(json.dumps(index, indent=1, allow_nan=False), encoding="utf-8")
     written.append(report_json)
     for path in written:
         print(f"wrote {path}")

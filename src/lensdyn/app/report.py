@@ -35,28 +35,66 @@ def analysis_section(analysis, model, reference=None) -> Section:
     return Section(heading, model.figure(control=reference), f"{model.summary()}\n\n{reference.summary()}")
 
 
-def verdict_html(verdicts: Sequence[Verdict], reference_label: str) -> str:
-    """The summary table: one row per claim, grouped by write-up, the verdict cell coloured."""
+def _verdict_css(verdict: str) -> str:
+    return "holds" if verdict == HOLDS else "untestable" if verdict == NOT_TESTABLE else "fails"
+
+
+def _evidence(v: Verdict) -> str:
+    """The hover text of a verdict: its rule, effect against its floor, raw and corrected p, and any note."""
+    parts = [f"rule: {v.rule}"]
+    if v.effect is not None:
+        parts.append(f"effect {v.effect:.3g} ({v.effect_units}; floor {v.effect_floor:g})")
+    if v.p_value is not None:
+        corrected = f", Holm-corrected {v.p_corrected:.3g}" if v.p_corrected is not None else ""
+        draws = f" from {v.null_draws} null draws" if v.null_draws is not None else ""
+        parts.append(f"p {v.p_value:.3g}{draws}{corrected}")
+    if v.note:
+        parts.append(v.note)
+    return "; ".join(parts)
+
+
+def _robustness(v: Verdict) -> str:
+    if v.bootstrap_share is None:
+        return v.robustness
+    return f"{v.robustness} (rule holds in {v.bootstrap_share:.0%} of {v.n_resamples})"
+
+
+def verdict_html(verdicts: Sequence[Verdict], reference_label: str,
+                 other_sets: dict[str, Sequence[Verdict]] | None = None) -> str:
+    """The summary table: one row per claim, the verdict cell coloured, its robustness beside it, and
+    (``other_sets``: prompt set -> its verdicts on the same claims) the verdict on each other set."""
+    other_sets = other_sets or {}
     rows = []
-    for v in verdicts:
-        css = "holds" if v.verdict == HOLDS else "untestable" if v.verdict == NOT_TESTABLE else "fails"
-        cells = (v.source, v.claim, v.measured, v.reference, v.verdict)
-        rows.append("<tr>" + "".join(
-            f'<td class="{css}" title="{html.escape(v.rule)}">{html.escape(c)}</td>' if i == 4 else f"<td>{html.escape(c)}</td>"
-            for i, c in enumerate(cells)) + "</tr>")
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in ("write-up", "claim", "measured", reference_label, "verdict"))
+    for i, v in enumerate(verdicts):
+        cells = [html.escape(c) for c in (v.source, v.claim, v.measured, v.reference)]
+        cells.append(f'<td class="{_verdict_css(v.verdict)}" title="{html.escape(_evidence(v))}">{html.escape(v.verdict)}</td>')
+        cells.append(f'<td class="robust-{v.robustness.replace(" ", "-")}">{html.escape(_robustness(v))}</td>')
+        for theirs in other_sets.values():
+            o = theirs[i]
+            cells.append(f'<td class="{_verdict_css(o.verdict)}" title="{html.escape(_evidence(o))}">'
+                         f"{html.escape(o.verdict)} ({html.escape(o.robustness)})</td>")
+        if other_sets:
+            agree = all(theirs[i].verdict == v.verdict for theirs in other_sets.values())
+            cells.append(f"<td>{'yes' if agree else 'no'}</td>")
+        rows.append("<tr>" + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells) + "</tr>")
+    heads = ["write-up", "claim", "measured", reference_label, "verdict", "robustness"]
+    heads += [f"on {name!r}" for name in other_sets] + (["sets agree"] if other_sets else [])
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in heads)
     return (f'<table class="verdicts" id="verdicts"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
-            '<p class="note">Each verdict is computed from the rule shown when hovering over it (see '
-            "<code>lensdyn.verdicts</code> and each analysis's <code>CLAIMS</code>); the reference column applies the same "
-            "measurement to the reference run.</p>")
+            '<p class="note">Each verdict is computed from its rule (hover over it for the rule, the effect against its '
+            "floor, and the raw and Holm-corrected p; see <code>lensdyn.verdicts</code> and each analysis's "
+            "<code>CLAIMS</code>). Robustness: the share of bootstrap resamples of the prompts in which the rule holds; "
+            "robust when at least 95% of them agree with the verdict. The reference column applies the same "
+            "measurement to each reference run (one value per untrained-control seed).</p>")
 
 
 def render_html(title: str, sections: list[Section], subtitle: str = "", verdicts: Sequence[Verdict] = (),
-                reference_label: str = "control") -> str:
+                reference_label: str = "control", other_sets: dict[str, Sequence[Verdict]] | None = None) -> str:
     """The report page as one HTML string with plotly.js inlined; the verdict table first when given."""
     from plotly.offline import get_plotlyjs
 
-    body = [f"<h2>Summary: the write-ups' claims on this model</h2>{verdict_html(verdicts, reference_label)}"] if verdicts else []
+    body = [f"<h2>Summary: the write-ups' claims on this model</h2>{verdict_html(verdicts, reference_label, other_sets)}"]
+    body = body if verdicts else []
     for i, section in enumerate(sections):
         body.append(f"<h2>{html.escape(section.heading)}</h2>")
         body.append(section.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}"))
@@ -73,6 +111,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; }}
 h1 {{ margin-bottom: 0.2em; }} .subtitle {{ color: #666; }} .note {{ color: #666; font-size: 12px; }}
 table.verdicts {{ border-collapse: collapse; font-size: 13px; width: 100%; }}
 table.verdicts th, table.verdicts td {{ border-bottom: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; }}
+td.robust-fragile {{ color: #a15c00; }} td.robust-not-testable {{ color: #777; }}
 td.holds {{ background: #d9f2d9; }} td.fails {{ background: #f8d7d7; }} td.untestable {{ background: #eeeeee; color: #555; }}
 </style>
 <script type="text/javascript">{get_plotlyjs()}</script>
@@ -87,10 +126,10 @@ td.holds {{ background: #d9f2d9; }} td.fails {{ background: #f8d7d7; }} td.untes
 
 
 def write_html(path: str | Path, title: str, sections: list[Section], subtitle: str = "", verdicts: Sequence[Verdict] = (),
-               reference_label: str = "control") -> Path:
+               reference_label: str = "control", other_sets: dict[str, Sequence[Verdict]] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(title, sections, subtitle, verdicts, reference_label), encoding="utf-8")
+    path.write_text(render_html(title, sections, subtitle, verdicts, reference_label, other_sets), encoding="utf-8")
     return path
 
 
