@@ -149,3 +149,9 @@ def test_varied_on_minilm_from_the_command_line_is_one_line_naming_truncate(mini
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("lensdyn: error: prompt 'prose-passage' has ") and "--truncate" in err
+
+
+def test_the_command_line_help_names_every_built_in_set():
+    from lensdyn.app.cli import EPILOG
+
+    assert f"built-in set ({', '.join(BUILTIN_PROMPT_SETS)})" in EPILOG

@@ -4,6 +4,11 @@ A ``PromptSet`` is a named, labelled tuple of texts. Built-in sets (``get_prompt
 
 - ``diverse``: English prose from ~20 to ~450 tokens, Python source, LaTeX, French and
   German prose, and a list. All text was written for lensdyn.
+- ``varied``: 21 prompts written for lensdyn apart from ``diverse`` (they share no 8-word run):
+  English prose from one sentence (12 SmolLM2 tokens) to a passage of 1,043, a chat transcript and
+  a play's lines, Python, JavaScript and Rust, a markdown and a CSV table, Spanish, Italian, Dutch
+  and Polish prose, a list, an email, numbers with units, a poem, a recipe and a log. The passage
+  is longer than a 512-token context (minilm-l6): there it is refused unless ``truncate=True``.
 - ``repeated``: one token repeated. A collapse control: report it apart, never average it
   with real prompts.
 
@@ -508,7 +513,7 @@ CONTRAST_SET_NAMES = ("sentiment", "formality")
 
 
 def get_prompts(name: str) -> PromptSet:
-    """A built-in prompt set by name (``"diverse"`` or ``"repeated"``)."""
+    """A built-in prompt set by name (``"diverse"``, ``"varied"`` or ``"repeated"``)."""
     try:
         return _BUILTIN[name]
     except KeyError:
