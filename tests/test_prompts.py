@@ -32,9 +32,9 @@ def test_repeated_prompts_are_one_token_repeated(smollm2):
 
 
 def test_unknown_set_names_the_built_in_sets():
-    with pytest.raises(PromptError, match="diverse, repeated"):
+    with pytest.raises(PromptError, match="diverse, varied, repeated"):
         get_prompts("nope")
-    cli_message = r"unknown prompt set 'divers' \(did you mean 'diverse'\?\): built-in sets are diverse, repeated"
+    cli_message = r"unknown prompt set 'divers' \(did you mean 'diverse'\?\): built-in sets are diverse, varied, repeated"
     with pytest.raises(PromptError, match=cli_message):
         resolve_prompts("divers", allow_literal=False)
     with pytest.raises(PromptError, match='did you mean "diverse"'):

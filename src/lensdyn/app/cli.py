@@ -41,8 +41,8 @@ EPILOG = """examples:
   lensdyn steering --model smollm2-135m --contrast sentiment --transfer-layers 0 6 12 18 24 29 --out reports/steering
   lensdyn norms --model minilm-l6 --prompts my_texts/ --exclude special --control none --out reports/bert
 
-Prompts are a built-in set (diverse, repeated), a .txt file (one prompt), a .jsonl file
-(one {"text": ...} per line) or a directory of .txt files. Models are the embedded names shown
+Prompts are a built-in set (diverse, varied, repeated), a .txt file (one prompt), a .jsonl
+file (one {"text": ...} per line) or a directory of .txt files. Models are the embedded names shown
 by `lensdyn models`, a local Hugging Face checkpoint directory, or a hub id (needs the hub).
 """
 
