@@ -15,7 +15,7 @@ analysis does. All in float64:
   components of that graph) share a representative, the group's lowest index; ``tied_fraction``
   is the share of tokens in a group of two or more. ``TIE_TOLERANCE = 1e-4`` sits between float32
   rounding (one token repeated through smollm2-135m's 30 blocks spreads to a chord of at most
-  ~1.4e-5) and geometry (float64 Gram rounding puts ~2e-8 of noise on a chord); it is meant for
+  ~1.4e-5) and geometry (float64 Gram rounding puts ~1e-8 of noise on a chord read off it); it is meant for
   float32 activations: bfloat16 rounding is coarser, raise it there.
 
 >>> grams = cloud_grams(torch.tensor([[[3., 4.], [4., -3.]]]))     # one state, two orthogonal tokens
@@ -103,6 +103,8 @@ def tie_representatives(gram: Float[Tensor, "n n"], tolerance: float = TIE_TOLER
     if not tolerance >= 0.0:
         raise ArgumentError(f"tie tolerance must be a chord distance >= 0, not {tolerance!r}")
     tied = ((2.0 - 2.0 * gram) <= tolerance * tolerance).numpy()
+    if tied.sum() <= len(tied):  # each point tied only to itself, the usual case: no graph to search
+        return np.arange(len(tied), dtype=np.int64)
     _, group = connected_components(csr_matrix(tied), directed=False)
     first = np.full(group.max() + 1, len(group), dtype=np.int64)
     np.minimum.at(first, group, np.arange(len(group)))

@@ -145,12 +145,17 @@ def clustering_convention(min_cluster_size: int = MIN_CLUSTER_SIZE, tie_toleranc
 
 
 def clusters(
-    gram: Float[Tensor, "n n"], min_cluster_size: int = MIN_CLUSTER_SIZE, tie_tolerance: float = TIE_TOLERANCE
+    gram: Float[Tensor, "n n"],
+    min_cluster_size: int = MIN_CLUSTER_SIZE,
+    tie_tolerance: float = TIE_TOLERANCE,
+    *,
+    representatives: Int[np.ndarray, " n"] | None = None,
 ) -> tuple[int, float, Int[np.ndarray, " n"]]:
     """HDBSCAN (``hdbscan_settings``) on cosine distances with ties collapsed: ``(n_clusters, noise_fraction, labels)``.
 
     ``d_ij = 1 - <x_r(i), x_r(j)>``, ``r`` the tie representative (``tie_representatives``), and 0
-    where ``r(i) = r(j)``; label -1 is noise. Tied tokens therefore share a label.
+    where ``r(i) = r(j)``; label -1 is noise. Tied tokens therefore share a label. ``representatives``:
+    ``tie_representatives(gram, tie_tolerance)`` where the caller has them already.
 
     >>> x = sphere(torch.eye(3, dtype=torch.float64).repeat_interleave(6, dim=0))  # 3 points, 6 copies each
     >>> clusters(x @ x.T)[:2]
@@ -161,8 +166,11 @@ def clusters(
     n = gram.shape[0]
     if n < max(min_cluster_size, 2):
         return 0, 1.0, np.full(n, -1, dtype=np.int64)
-    rep = torch.from_numpy(tie_representatives(gram, tie_tolerance))
-    distance = (1.0 - gram[rep][:, rep]).clamp(min=0.0).numpy().astype(np.float64)
+    if representatives is None:
+        representatives = tie_representatives(gram, tie_tolerance)
+    rep = torch.from_numpy(representatives)
+    untied = bool((rep == torch.arange(n)).all())
+    distance = (1.0 - (gram if untied else gram[rep][:, rep])).clamp(min=0.0).numpy().astype(np.float64)
     distance[(rep[:, None] == rep[None, :]).numpy()] = 0.0
     labels = hdbscan.HDBSCAN(**hdbscan_settings(min_cluster_size)).fit_predict(distance)
     return int(labels.max() + 1), float((labels < 0).mean()), labels.astype(np.int64)
@@ -327,7 +335,8 @@ def cloud_metrics(
     """All metrics of a trajectory ``states[t]`` of ``n`` tokens, each state projected to the sphere."""
     grams = cloud_grams(states)
     energy = np.array([[interaction_energy(g, b) for g in grams] for b in betas])
-    cluster_info = [clusters(g, min_cluster_size, tie_tolerance)[:2] for g in grams]
+    ties = [tie_representatives(g, tie_tolerance) for g in grams]
+    cluster_info = [clusters(g, min_cluster_size, representatives=r)[:2] for g, r in zip(grams, ties)]
     n_clusters = np.array([c for c, _ in cluster_info], dtype=np.int64)
     noise = np.array([f for _, f in cluster_info])
     cka = np.array([linear_cka(a, b) for a, b in zip(grams[:-1], grams[1:])])
@@ -350,7 +359,7 @@ def cloud_metrics(
         energy_violations=tuple(violations),
         plateaus=tuple(plateaus(cka, cka_threshold)),
         timescales=two_timescales(n_clusters, noise),
-        tied_fraction=np.array([tied_fraction(tie_representatives(g, tie_tolerance)) for g in grams]),
+        tied_fraction=np.array([tied_fraction(r) for r in ties]),
     )
 
 
