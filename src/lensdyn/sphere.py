@@ -100,8 +100,8 @@ def tie_representatives(gram: Float[Tensor, "n n"], tolerance: float = TIE_TOLER
     >>> tie_representatives(x @ x.T)
     array([0, 1, 0, 1])
     """
-    if not tolerance >= 0.0:
-        raise ArgumentError(f"tie tolerance must be a chord distance >= 0, not {tolerance!r}")
+    if not 0.0 <= tolerance < np.inf:
+        raise ArgumentError(f"tie tolerance must be a finite chord distance >= 0, not {tolerance!r}")
     tied = ((2.0 - 2.0 * gram) <= tolerance * tolerance).numpy()
     if tied.sum() <= len(tied):  # each point tied only to itself, the usual case: no graph to search
         return np.arange(len(tied), dtype=np.int64)

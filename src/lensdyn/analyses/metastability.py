@@ -539,8 +539,8 @@ def measure(
     """
     if attention_graphs:
         capture_kwargs["attention"] = True
-    if not tie_tolerance >= 0.0:
-        raise ArgumentError(f"tie_tolerance must be a chord distance >= 0, not {tie_tolerance!r}")
+    if not 0.0 <= tie_tolerance < np.inf:
+        raise ArgumentError(f"tie_tolerance must be a finite chord distance >= 0, not {tie_tolerance!r}")
     options = dict(betas=tuple(float(b) for b in betas), threshold=threshold, min_cluster_size=min_cluster_size, rtol=rtol,
                    tie_tolerance=float(tie_tolerance))
 
@@ -637,7 +637,7 @@ class MetastabilityParameters:
     min_cluster_size: int = option(MIN_CLUSTER_SIZE, "HDBSCAN min_cluster_size (min_samples equals it, the point "
                                    "itself not counted)", at_least=2)
     tie_tolerance: float = option(TIE_TOLERANCE, "chord distance on the sphere within which tokens are one point to "
-                                  "HDBSCAN (ties)", at_least=0.0)
+                                  "HDBSCAN (ties)", positive=True)
 
 
 ANALYSIS = Analysis(
