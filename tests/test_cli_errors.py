@@ -137,6 +137,7 @@ def test_unwritable_out_parent_is_refused(prompt_file, tmp_path, capsys, no_mode
     (["expansion", "--permutations", "0"], "--permutations must be at least 1"),
     (["curvature", "--null-draws", "0"], "--null-draws must be at least 1"),
     (["metastability", "--min-cluster-size", "1"], "--min-cluster-size must be at least 2"),
+    (["metastability", "--tie-tolerance", "nan"], "--tie-tolerance takes positive numbers, not nan"),
     (["stability", "--layers", "-1"], "--layers must be at least 0, not -1"),
     (["stability", "--context", "1"], "--context must be at least 2"),
     (["stability", "--betas", "1", "0"], "--betas takes positive numbers, not 0.0"),

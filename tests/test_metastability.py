@@ -135,3 +135,106 @@ def test_smollm2_iterate_supplies_rotary_positions(smollm2, smollm2_diverse):
     n = int(smollm2_diverse.token_mask[0].sum())
     states = iterate(smollm2, smollm2_diverse.resid[5, 0, :n], block=5, steps=2)
     torch.testing.assert_close(states[1], smollm2_diverse.resid[6, 0, :n], atol=1e-3, rtol=1e-4)
+
+
+# --- the clustering's library, its settings, and ties ----------------------------------------
+
+
+def cosine_distances(x):
+    d = np.clip(1.0 - (x @ x.T).numpy(), 0.0, None)
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def test_cluster_labels_are_a_direct_call_of_the_recorded_library_and_settings_in_either_library():
+    """No ties: lensdyn's labels are hdbscan's with hdbscan_settings, which is the call made before the tie rule
+    (library defaults), and sklearn's with min_samples one higher (it counts the point itself)."""
+    import hdbscan
+    from sklearn.cluster import HDBSCAN
+
+    g = torch.Generator().manual_seed(7)
+    x = ms.sphere(torch.cat([planted_clusters(k=3, per_cluster=12, spread=0.2, seed=2),
+                             torch.randn(8, 16, generator=g, dtype=torch.float64)]))
+    assert ms.tied_fraction(ms.tie_representatives(x @ x.T)) == 0.0
+    labels = ms.clusters(x @ x.T)[2]
+    d = cosine_distances(x)
+    np.testing.assert_array_equal(labels, hdbscan.HDBSCAN(**ms.hdbscan_settings()).fit_predict(d))
+    np.testing.assert_array_equal(labels, hdbscan.HDBSCAN(metric="precomputed", min_cluster_size=5).fit_predict(d))
+    np.testing.assert_array_equal(labels, HDBSCAN(**ms.sklearn_settings(), copy=True).fit_predict(d))
+    assert labels.max() >= 1 and (labels < 0).any()  # a cloud with clusters and noise, not a trivial agreement
+
+
+def test_the_result_records_the_library_its_settings_and_the_tie_rule(tiny_model):
+    import importlib.metadata
+
+    cap = ld.capture(tiny_model, torch.randint(0, 50, (2, 16)), streams=("resid",))
+    result = ms.measure(cap, model=tiny_model, control=None, repeated=False, min_cluster_size=4, tie_tolerance=1e-3)
+    recorded = result.conventions.clustering
+    assert f"hdbscan {importlib.metadata.version('hdbscan')}" in recorded
+    assert "min_cluster_size=4" in recorded and "min_samples=4)" in recorded
+    assert "sklearn.cluster.HDBSCAN min_samples=5" in recorded and "chord distance 0.001" in recorded
+    assert result.tie_tolerance == 1e-3 and result.prompts[0].tied_fraction.shape == (result.n_layers + 1,)
+    with pytest.raises(ArgumentError, match="tie_tolerance"):
+        ms.measure(cap, model=tiny_model, control=None, repeated=False, tie_tolerance=-1.0)
+
+
+def test_tie_groups_chain_within_the_tolerance_and_stop_beyond_it():
+    angles = torch.tensor([0.0, 0.6e-4, 1.2e-4, 1.0, 1.0 + 1.5e-4], dtype=torch.float64)  # chords ~ angle differences
+    x = torch.stack([angles.cos(), angles.sin()], dim=1)
+    np.testing.assert_array_equal(ms.tie_representatives(x @ x.T, 1e-4), [0, 0, 0, 3, 4])  # 0-1-2 chained, 3-4 not
+    np.testing.assert_array_equal(ms.tie_representatives(x @ x.T, 0.0), [0, 1, 2, 3, 4])
+    assert ms.tied_fraction(ms.tie_representatives(x @ x.T, 1e-4)) == pytest.approx(0.6)
+    with pytest.raises(ArgumentError, match="chord distance"):
+        ms.tie_representatives(x @ x.T, float("nan"))
+
+
+def duplicate_clusters(k, copies=8, d=16, seed=0):
+    """k orthonormal directions, each repeated ``copies`` times exactly, and one outlier far from all (last)."""
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return torch.cat([q[:k].repeat_interleave(copies, dim=0), -q[:k].sum(0, keepdim=True)]), copies
+
+
+def assert_same_partition(a, b):
+    """Equal up to the numbering of clusters (HDBSCAN's is arbitrary): the same noise, the same pairs together."""
+    np.testing.assert_array_equal(a < 0, b < 0)
+    np.testing.assert_array_equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_clusters_of_exact_duplicates_and_an_outlier_give_k_clusters_unchanged_by_jitter(k):
+    x, copies = duplicate_clusters(k)
+    planted = np.r_[np.repeat(np.arange(k), copies), -1]
+    n_clusters, noise, labels = ms.clusters(x @ x.T)
+    assert n_clusters == k and noise == pytest.approx(1 / len(x))
+    assert_same_partition(labels, planted)
+    for seed in range(5):
+        jittered = ms.sphere(x + 1e-9 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        assert_same_partition(ms.clusters(jittered @ jittered.T)[2], labels)
+
+
+def test_one_point_repeated_up_to_rounding_is_one_tie_group_with_no_cluster_count_to_jitter():
+    """Every token the same point up to float32-sized rounding, its cosine distances jittered by up to 1e-9:
+    one tie group, so 0 clusters (HDBSCAN reports no single cluster) whatever the noise."""
+    base = ms.sphere(torch.randn(1, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        x = ms.sphere(base + 1e-7 * torch.randn(60, 64, generator=g, dtype=torch.float64))
+        jitter = 1e-9 * torch.rand(60, 60, generator=g, dtype=torch.float64).triu(diagonal=1)
+        gram = x @ x.T - jitter - jitter.T
+        assert ms.tied_fraction(ms.tie_representatives(gram)) == 1.0
+        assert ms.clusters(gram)[:2] == (0, 1.0)
+
+
+@pytest.mark.slow
+def test_smollm2_repeated_tokens_are_one_point_at_every_state_and_their_counts_ignore_jitter(smollm2):
+    """A repeated token's causal attention averages identical values, so every state is one point in exact
+    arithmetic: float32 rounding must stay within the tie tolerance, and a 1e-9 jitter must not change a count."""
+    cap = ld.capture(smollm2, "repeated", streams=("resid",))
+    result = ms.measure(cap, model=smollm2, control=None, repeated=False)
+    for p, metrics in enumerate(result.prompts):
+        np.testing.assert_array_equal(metrics.tied_fraction, 1.0)
+        states = cap.tokens_of("resid", prompt=p).double()
+        jittered = ms.sphere(states) + 1e-9 * torch.randn(states.shape, generator=torch.Generator().manual_seed(p),
+                                                           dtype=torch.float64)
+        counts = [ms.clusters(g)[0] for g in ms.cloud_grams(jittered)]
+        np.testing.assert_array_equal(counts, metrics.n_clusters)

@@ -45,6 +45,7 @@ class Conventions:
     weights: str = "raw (no fold_ln, no centering)"
     dtype: str = "float64 statistics"
     layout: str = "unrecorded"  # the block layout the streams were read under (lensdyn.layouts)
+    clustering: str = "none"  # a result that clusters: the library, its settings and the tie rule, to rerun it
 
 
 @dataclass(frozen=True)

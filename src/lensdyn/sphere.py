@@ -10,6 +10,13 @@ analysis does. All in float64:
   ``BINS`` (40 equal bins on [-1, 1]).
 - ``interaction_energy``: ``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``, for the
   inverse temperatures ``BETAS``.
+- ``tie_representatives``: tokens that are one point on the sphere up to rounding (chord distance
+  ``||x_i - x_j|| = sqrt(2 - 2 <x_i, x_j>)`` at most ``TIE_TOLERANCE``, chained: the connected
+  components of that graph) share a representative, the group's lowest index; ``tied_fraction``
+  is the share of tokens in a group of two or more. ``TIE_TOLERANCE = 1e-4`` sits between float32
+  rounding (one token repeated through smollm2-135m's 30 blocks spreads to a chord of at most
+  ~1.4e-5) and geometry (float64 Gram rounding puts ~1e-8 of noise on a chord read off it); it is meant for
+  float32 activations: bfloat16 rounding is coarser, raise it there.
 
 >>> grams = cloud_grams(torch.tensor([[[3., 4.], [4., -3.]]]))     # one state, two orthogonal tokens
 >>> inner_product_histogram(grams[0], np.array([-1.0, -0.5, 0.5, 1.0]))
@@ -19,11 +26,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import Tensor
+
+from lensdyn.errors import ArgumentError
 
 BINS = np.linspace(-1.0, 1.0, 41)
 BETAS = (0.1, 1.0, 2.0, 5.0)
+TIE_TOLERANCE = 1e-4
 
 
 def sphere(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
@@ -75,3 +87,35 @@ def interaction_energy(gram: Float[Tensor, "n n"], beta: float) -> float:
     """
     n = gram.shape[0]
     return float(torch.exp(beta * gram).sum() / (2.0 * beta * n * n))
+
+
+def tie_representatives(gram: Float[Tensor, "n n"], tolerance: float = TIE_TOLERANCE) -> Int[np.ndarray, " n"]:
+    """Each point's representative: the lowest index of its tie group, the connected components of
+    the graph joining points ``i, j`` with chord distance ``sqrt(2 - 2 <x_i, x_j>) <= tolerance``.
+
+    Read off the Gram (as ``2 - 2 <x_i, x_j> <= tolerance^2``): its float64 rounding (~1e-16) is far
+    below ``tolerance^2`` for any tolerance above ~1e-7, so rounding never decides a tie.
+
+    >>> x = sphere(torch.tensor([[1., 0.], [0., 1.], [1., 1e-6], [0., 1.]]))
+    >>> tie_representatives(x @ x.T)
+    array([0, 1, 0, 1])
+    """
+    if not 0.0 <= tolerance < np.inf:
+        raise ArgumentError(f"tie tolerance must be a finite chord distance >= 0, not {tolerance!r}")
+    tied = ((2.0 - 2.0 * gram) <= tolerance * tolerance).numpy()
+    if tied.sum() <= len(tied):  # each point tied only to itself, the usual case: no graph to search
+        return np.arange(len(tied), dtype=np.int64)
+    _, group = connected_components(csr_matrix(tied), directed=False)
+    first = np.full(group.max() + 1, len(group), dtype=np.int64)
+    np.minimum.at(first, group, np.arange(len(group)))
+    return first[group]
+
+
+def tied_fraction(representatives: Int[np.ndarray, " n"]) -> float:
+    """Share of points whose tie group (``tie_representatives``) has two or more members.
+
+    >>> tied_fraction(np.array([0, 1, 0, 3]))
+    0.5
+    """
+    sizes = np.bincount(representatives, minlength=len(representatives))
+    return float((sizes[representatives] > 1).mean())

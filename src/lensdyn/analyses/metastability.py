@@ -11,8 +11,22 @@ capture's included tokens of that prompt:
   (40 equal bins on [-1, 1]); ``mass_near_one``: fraction of pairs above ``threshold`` (0.9).
 - ``effective_rank``: ``exp(H(p))``, ``p_k = s_k^2 / sum s^2`` from the singular values of the
   token matrix (uncentred): ``d`` for an isotropic cloud with many tokens, at most ``k`` for rank k.
-- ``clusters``: HDBSCAN on the precomputed cosine distances ``1 - <x_i, x_j>`` (float64,
-  ``min_cluster_size`` 5 by default): number of clusters and fraction of tokens left as noise.
+- ``clusters``: HDBSCAN on the precomputed cosine distances ``1 - <x_i, x_j>`` (float64): number
+  of clusters and fraction of tokens left as noise. The library is the ``hdbscan`` package
+  (scikit-learn-contrib), called with ``hdbscan_settings(min_cluster_size)``: ``min_cluster_size``
+  5 by default and ``min_samples`` equal to it, which that package counts *without* the point
+  itself (a core point has 5 other tokens within its core distance); ``sklearn.cluster.HDBSCAN``
+  counts the point, so the same clustering there is ``min_samples = min_cluster_size + 1``
+  (``sklearn_settings``). Every result records both in ``Conventions.clustering``.
+- ties: tokens that are one point up to rounding (``lensdyn.sphere.tie_representatives``: chord
+  distance at most ``tie_tolerance``, 1e-4 by default) leave HDBSCAN nothing to rank, and its
+  count then follows rounding noise (repeated tokens, or equal embeddings at state 0). So each
+  token's distances are read from its tie group's representative and tied tokens are at distance
+  exactly 0: HDBSCAN sees each group as one point of its multiplicity, deterministically; a group
+  of more than ``min_samples`` tokens is dense by itself, and a cloud that is a single group (the
+  ``repeated`` set) has 0 clusters and all noise, as any single blob does (HDBSCAN reports no
+  one-cluster answer). A cloud without ties is clustered exactly as before the rule. Per state,
+  ``tied_fraction`` is the share of tokens in a group of two or more.
 - ``nearest_neighbour_stability``: fraction of tokens whose nearest neighbour (by inner
   product, itself excluded) is the same at state ``l`` and ``l + 1``.
 - ``linear_cka`` between consecutive states (centred Gram matrices); ``plateaus``: runs of at least
@@ -58,7 +72,8 @@ from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.resampling import prompt_counts
 from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.sphere import BETAS, cloud_grams, inner_product_histogram, interaction_energy, pair_values
+from lensdyn.sphere import (BETAS, TIE_TOLERANCE, cloud_grams, inner_product_histogram, interaction_energy, pair_values,
+                            tie_representatives, tied_fraction)
 from lensdyn.sphere import BINS, sphere  # noqa: F401 - still metastability.BINS and .sphere, as before they moved
 from lensdyn.verdicts import Claim, finite, judge
 
@@ -96,16 +111,70 @@ def effective_rank(gram: Float[Tensor, "n n"]) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def clusters(gram: Float[Tensor, "n n"], min_cluster_size: int = MIN_CLUSTER_SIZE) -> tuple[int, float, Int[np.ndarray, " n"]]:
-    """HDBSCAN on cosine distances: ``(n_clusters, noise_fraction, labels)`` (label -1 is noise)."""
+def hdbscan_settings(min_cluster_size: int = MIN_CLUSTER_SIZE) -> dict[str, object]:
+    """The keywords of ``hdbscan.HDBSCAN`` (the scikit-learn-contrib package) that ``clusters`` uses.
+
+    ``min_samples`` as that package counts it: neighbours of a point, the point itself not counted.
+
+    >>> hdbscan_settings(5)["min_samples"]
+    5
+    """
+    return dict(metric="precomputed", min_cluster_size=min_cluster_size, min_samples=min_cluster_size, alpha=1.0,
+                cluster_selection_method="eom", cluster_selection_epsilon=0.0, allow_single_cluster=False)
+
+
+def sklearn_settings(min_cluster_size: int = MIN_CLUSTER_SIZE) -> dict[str, object]:
+    """``hdbscan_settings`` for ``sklearn.cluster.HDBSCAN``, whose ``min_samples`` counts the point itself (+1).
+
+    >>> sklearn_settings(5)["min_samples"]
+    6
+    """
+    settings = hdbscan_settings(min_cluster_size)
+    return {**settings, "min_samples": settings["min_samples"] + 1}
+
+
+def clustering_convention(min_cluster_size: int = MIN_CLUSTER_SIZE, tie_tolerance: float = TIE_TOLERANCE) -> str:
+    """How ``clusters`` clusters, in words a reader can rerun with either library (``Conventions.clustering``)."""
+    import importlib.metadata
+
+    settings = hdbscan_settings(min_cluster_size)
+    keywords = ", ".join(f"{k}={v!r}" for k, v in settings.items() if k != "min_samples")
+    return (f"hdbscan {importlib.metadata.version('hdbscan')} (scikit-learn-contrib) HDBSCAN({keywords}, "
+            f"min_samples={settings['min_samples']}) on float64 cosine distances 1 - <x_i, x_j>; min_samples counts "
+            f"neighbours without the point itself: sklearn.cluster.HDBSCAN min_samples={settings['min_samples'] + 1}; "
+            f"ties: tokens within chord distance {tie_tolerance:g} (chained) take their group's lowest-index token's "
+            "distances, 0 among themselves")
+
+
+def clusters(
+    gram: Float[Tensor, "n n"],
+    min_cluster_size: int = MIN_CLUSTER_SIZE,
+    tie_tolerance: float = TIE_TOLERANCE,
+    *,
+    representatives: Int[np.ndarray, " n"] | None = None,
+) -> tuple[int, float, Int[np.ndarray, " n"]]:
+    """HDBSCAN (``hdbscan_settings``) on cosine distances with ties collapsed: ``(n_clusters, noise_fraction, labels)``.
+
+    ``d_ij = 1 - <x_r(i), x_r(j)>``, ``r`` the tie representative (``tie_representatives``), and 0
+    where ``r(i) = r(j)``; label -1 is noise. Tied tokens therefore share a label. ``representatives``:
+    ``tie_representatives(gram, tie_tolerance)`` where the caller has them already.
+
+    >>> x = sphere(torch.eye(3, dtype=torch.float64).repeat_interleave(6, dim=0))  # 3 points, 6 copies each
+    >>> clusters(x @ x.T)[:2]
+    (3, 0.0)
+    """
     import hdbscan
 
     n = gram.shape[0]
     if n < max(min_cluster_size, 2):
         return 0, 1.0, np.full(n, -1, dtype=np.int64)
-    distance = (1.0 - gram).clamp(min=0.0).numpy().astype(np.float64)
-    np.fill_diagonal(distance, 0.0)
-    labels = hdbscan.HDBSCAN(metric="precomputed", min_cluster_size=min_cluster_size).fit_predict(distance)
+    if representatives is None:
+        representatives = tie_representatives(gram, tie_tolerance)
+    rep = torch.from_numpy(representatives)
+    untied = bool((rep == torch.arange(n)).all())
+    distance = (1.0 - (gram if untied else gram[rep][:, rep])).clamp(min=0.0).numpy().astype(np.float64)
+    distance[(rep[:, None] == rep[None, :]).numpy()] = 0.0
+    labels = hdbscan.HDBSCAN(**hdbscan_settings(min_cluster_size)).fit_predict(distance)
     return int(labels.max() + 1), float((labels < 0).mean()), labels.astype(np.int64)
 
 
@@ -253,6 +322,7 @@ class CloudMetrics:
     energy_violations: tuple[EnergyViolation, ...]
     plateaus: tuple[tuple[int, int], ...]
     timescales: Timescales
+    tied_fraction: Float[np.ndarray, " state"] | None = None  # None: written before ties were collapsed
 
 
 def cloud_metrics(
@@ -262,11 +332,13 @@ def cloud_metrics(
     min_cluster_size: int = MIN_CLUSTER_SIZE,
     rtol: float = 1e-6,
     cka_threshold: float = CKA_PLATEAU,
+    tie_tolerance: float = TIE_TOLERANCE,
 ) -> CloudMetrics:
     """All metrics of a trajectory ``states[t]`` of ``n`` tokens, each state projected to the sphere."""
     grams = cloud_grams(states)
     energy = np.array([[interaction_energy(g, b) for g in grams] for b in betas])
-    cluster_info = [clusters(g, min_cluster_size)[:2] for g in grams]
+    ties = [tie_representatives(g, tie_tolerance) for g in grams]
+    cluster_info = [clusters(g, min_cluster_size, representatives=r)[:2] for g, r in zip(grams, ties)]
     n_clusters = np.array([c for c, _ in cluster_info], dtype=np.int64)
     noise = np.array([f for _, f in cluster_info])
     cka = np.array([linear_cka(a, b) for a, b in zip(grams[:-1], grams[1:])])
@@ -289,6 +361,7 @@ def cloud_metrics(
         energy_violations=tuple(violations),
         plateaus=tuple(plateaus(cka, cka_threshold)),
         timescales=two_timescales(n_clusters, noise),
+        tied_fraction=np.array([tied_fraction(r) for r in ties]),
     )
 
 
@@ -315,6 +388,7 @@ class MetastabilityResult(Result):
     fiedler_mask_only: float | None = None  # mean over prompts of the mask-only graph's value
     control: "MetastabilityResult | None" = None
     repeated: "MetastabilityResult | None" = None
+    tie_tolerance: float | None = None  # chord distance of the tie rule; None: written before the rule
 
     @property
     def n_layers(self) -> int:
@@ -372,6 +446,11 @@ class MetastabilityResult(Result):
                 f"{cka[l] if l < len(cka) else float('nan'):>7.3f}"
                 + "".join(f" {energy[b, l]:>10.4g}" for b in range(len(self.betas))) + ctrl
             )
+        for name, r in runs:
+            if r.tie_tolerance is not None:
+                tied = np.array([m.tied_fraction for m in r.prompts])
+                lines.append(f"ties ({name}): tokens within chord {r.tie_tolerance:g} are one point to HDBSCAN; tied tokens "
+                             f"per state: mean {tied.mean():.1%}, at state 0 {tied[:, 0].mean():.1%}, max {tied.max():.1%}")
         v = "-" if self.v_radius is None else f"{self.v_radius.min():.2f}..{self.v_radius.max():.2f}"
         lines.append(f"rho(V) {v}; rho(OV) {self.ov_radius.min():.2f}..{self.ov_radius.max():.2f}; "
                      f"complex OV eigenvalues {self.ov_complex_fraction.mean():.1%}")
@@ -457,6 +536,7 @@ def measure(
     threshold: float = MASS_THRESHOLD,
     min_cluster_size: int = MIN_CLUSTER_SIZE,
     rtol: float = 1e-6,
+    tie_tolerance: float = TIE_TOLERANCE,
     **capture_kwargs,
 ) -> MetastabilityResult:
     """Metastability of a model on ``prompts`` (or of a ``Capture``, with ``model=`` for the spectra).
@@ -466,10 +546,14 @@ def measure(
         repeated: also measure the ``repeated`` prompt set, kept apart as ``result.repeated``.
         attention_graphs: Fiedler values of every head (captures attention patterns; slower).
         betas: inverse temperatures of ``E_beta``; ``rtol``: relative fall counted as a violation.
+        tie_tolerance: chord distance on the sphere within which tokens are one point to HDBSCAN.
     """
     if attention_graphs:
         capture_kwargs["attention"] = True
-    options = dict(betas=tuple(float(b) for b in betas), threshold=threshold, min_cluster_size=min_cluster_size, rtol=rtol)
+    if not 0.0 <= tie_tolerance < np.inf:
+        raise ArgumentError(f"tie_tolerance must be a finite chord distance >= 0, not {tie_tolerance!r}")
+    options = dict(betas=tuple(float(b) for b in betas), threshold=threshold, min_cluster_size=min_cluster_size, rtol=rtol,
+                   tie_tolerance=float(tie_tolerance))
 
     def measure_one(cap: Capture, model) -> MetastabilityResult:
         if attention_graphs and cap.attention is None:
@@ -489,7 +573,8 @@ def measure(
                                 measure_control=measure_control, **capture_kwargs)
 
 
-def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rtol, attention_graphs) -> MetastabilityResult:
+def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rtol, tie_tolerance,
+                     attention_graphs) -> MetastabilityResult:
     cap.require_streams(STREAMS)
     if not bool(cap.mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
@@ -498,7 +583,8 @@ def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rt
         keep = cap.mask[p]
         if int(keep.sum()) < 2:
             raise ArgumentError(f"prompt {cap.prompts.labels[p]!r} has fewer than 2 included tokens: nothing to cluster")
-        per_prompt.append(cloud_metrics(cap.tokens_of("resid", prompt=p), betas, threshold, min_cluster_size, rtol))
+        per_prompt.append(cloud_metrics(cap.tokens_of("resid", prompt=p), betas, threshold, min_cluster_size, rtol,
+                                        tie_tolerance=tie_tolerance))
     spectra = circuit_spectra(model)
     speed = collapse_speed(per_prompt)
     fiedler_values = mask_only = None
@@ -509,6 +595,7 @@ def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rt
             aggregation="per prompt over its included tokens (sphere-projected residual); summaries average prompts",
             excluded_positions=cap.exclude,
             layout=cap.model_info.layout,
+            clustering=clustering_convention(min_cluster_size, tie_tolerance),
         ),
         provenance=Provenance.from_capture(cap),
         prompt_labels=cap.prompts.labels,
@@ -524,6 +611,7 @@ def _measure_capture(cap: Capture, model, betas, threshold, min_cluster_size, rt
         collapse_vs_ov_spearman=_spearman(speed, spectra.ov_radius),
         fiedler=fiedler_values,
         fiedler_mask_only=mask_only,
+        tie_tolerance=tie_tolerance,
     )
 
 
@@ -561,7 +649,10 @@ class MetastabilityParameters:
     """The options of ``measure()`` (its defaults) as the command line offers them."""
 
     attention_graphs: bool = option(False, "Fiedler value of every head's attention graph (slow)", capture="attention")
-    min_cluster_size: int = option(MIN_CLUSTER_SIZE, "HDBSCAN min_cluster_size", at_least=2)
+    min_cluster_size: int = option(MIN_CLUSTER_SIZE, "HDBSCAN min_cluster_size (min_samples equals it, the point "
+                                   "itself not counted)", at_least=2)
+    tie_tolerance: float = option(TIE_TOLERANCE, "chord distance on the sphere within which tokens are one point to "
+                                  "HDBSCAN (ties)", positive=True)
 
 
 ANALYSIS = Analysis(
