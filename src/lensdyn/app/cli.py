@@ -28,6 +28,7 @@ import typing
 from pathlib import Path
 
 from lensdyn.analyses import registry
+from lensdyn.hooks.capture import EXCLUDE_RULES
 from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
 
 EPILOG = """examples:
@@ -143,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="forward-pass dtype (statistics are float64 whatever it is)")
     corpus.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
-    corpus.add_argument("--exclude", nargs="*", default=["first"], choices=("first", "bos", "special"))
+    corpus.add_argument("--exclude", nargs="*", default=["first"], choices=EXCLUDE_RULES)
     corpus.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
     corpus.add_argument("--restart", action="store_true", help="ignore this shard's saved progress and start again")
     corpus.add_argument("--subsample", type=int, default=32,
@@ -232,7 +233,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random weights")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
-        "--exclude", nargs="*", default=["first"], choices=("first", "bos", "special"),
+        "--exclude", nargs="*", default=["first"], choices=EXCLUDE_RULES,
         help="positions left out of aggregates (none: pass --exclude with no value)",
     )
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
@@ -592,7 +593,7 @@ def _write_corpus(stats, record, out: Path) -> None:
 
 def _report(args) -> int:
     import json
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
@@ -632,6 +633,10 @@ def _report(args) -> int:
     truncation: dict[str, str | None] = {}
     bar = tqdm(total=len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)
 
+    # The untrained control leaves out the model's massive positions, not its own: token for token (a --compare
+    # model, another tokenizer, finds its own). The model's capture hands them over once it has them.
+    massive_from = Future() if "massive" in args.exclude and not args.compare and len(runs) > 1 else None
+
     def measure_role(role: str) -> dict[str, object]:
         """Capture once, then every chosen analysis, without the control (attached below)."""
         model, steps, out = models[role], timings[role], {}
@@ -640,9 +645,18 @@ def _report(args) -> int:
                                                      **({} if role == "model" else analysis.reference_keywords))
                     for analysis, parameters in chosen}
         needs = {k: v for analysis, _ in chosen for k, v in analysis.capture_options(keywords[analysis.name]).items()}
+        if massive_from is not None and role == "reference":
+            needs["massive_from"] = massive_from.result()
         began = time.perf_counter()
-        cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
-                      truncate=args.truncate, **needs)
+        try:
+            cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
+                          truncate=args.truncate, **needs)
+        except BaseException as err:
+            if massive_from is not None and role == "model":
+                massive_from.set_exception(err)  # the reference waits for this capture: it fails too, not hangs
+            raise
+        if massive_from is not None and role == "model":
+            massive_from.set_result(cap)
         steps["capture_s"] = round(time.perf_counter() - began, 3)
         truncation[role] = _truncation_line(cap.truncated, cap.n_prompts, model)
         bar.update(1)
@@ -655,6 +669,8 @@ def _report(args) -> int:
         return out
 
     roles = [role for role, _, _ in runs]
+    if massive_from is not None and args.serial:
+        roles.reverse()  # the model's capture first: the reference waits for its massive positions
     if len(roles) > 1 and not args.serial:
         # The reference and the model share nothing until the end: measuring them side by side overlaps
         # one's Python-bound steps (clustering, nulls, hooks) with the other's matrix work.
