@@ -146,3 +146,20 @@ def test_the_command_line_offers_every_exclusion_rule():
     for command in ("report", "norms", "corpus"):
         args = parser.parse_args([command, "--out", "x", "--prompts", "diverse", "--exclude", *EXCLUDE_RULES])
         assert args.exclude == list(EXCLUDE_RULES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", [[], ["--serial"]], ids=["side-by-side", "serial"])
+def test_report_excludes_massive_positions_and_its_control_the_models(tmp_path, order):
+    from lensdyn.app.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The lighthouse keeper counted the ships at dawn.\n\nThen he wrote their names down.")
+    out = tmp_path / "report"
+    assert main(["report", "--analyses", "norms,massive", "--exclude", "first", "massive", "--json-only",
+                 "--prompts", str(prompts), "--out", str(out), *order]) == 0
+    result = ld.load_result(out / "massive.json")
+    assert result.conventions.excluded_positions == ("first", "massive")
+    assert result.provenance.massive_source == result.control.provenance.massive_source == "smollm2-135m (pretrained)"
+    assert result.control.provenance.massive_positions == result.provenance.massive_positions
+    assert ld.load_result(out / "norms.json").provenance.massive_positions == result.provenance.massive_positions
