@@ -126,6 +126,9 @@ def test_massive_from_must_hold_the_same_tokens(tiny_model):
         ld.capture(tiny_model, IDS[:2], exclude=("massive",), streams=("resid",), massive_from=cap)
     with pytest.raises(ArgumentError, match="must name 'massive'"):
         ld.capture(tiny_model, IDS, streams=("resid",), massive_from=cap)
+    without_rule = ld.capture(tiny_model, IDS, streams=("resid",))
+    with pytest.raises(ArgumentError, match="found none"):
+        ld.capture(tiny_model, IDS, exclude=("massive",), streams=("resid",), massive_from=without_rule)
 
 
 @pytest.mark.slow

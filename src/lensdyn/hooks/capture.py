@@ -299,8 +299,9 @@ def capture(
     bad_rules = set(exclude) - set(EXCLUDE_RULES)
     if bad_rules:
         raise ArgumentError(f"unknown exclude rule(s) {sorted(bad_rules)}: choose from {', '.join(EXCLUDE_RULES)}")
-    if massive_from is not None and "massive" not in exclude:
-        raise ArgumentError("massive_from= leaves out another capture's massive positions: exclude must name 'massive'")
+    if massive_from is not None and not ("massive" in exclude and "massive" in massive_from.exclude):
+        raise ArgumentError("massive_from= leaves out another capture's massive positions: exclude must name 'massive', "
+                            "and so must that capture's (else it found none)")
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be at least 1, not {batch_size}")
     if model.training:
