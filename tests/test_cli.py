@@ -71,7 +71,7 @@ def test_report_runs_every_analysis_from_one_capture_per_model(minilm_report):
     assert expansion.control.provenance.weights == "random" and gains.control.provenance.weights == "random"
     assert expansion.provenance.n_tokens == gains.provenance.n_tokens == load_result(out / "norms.json").provenance.n_tokens
     html = (out / "report.html").read_text()
-    assert html.count("Plotly.newPlot") == 5  # norms, expansion, gains, metastability, curvature
+    assert html.count("Plotly.newPlot") == 6  # norms, massive, expansion, gains, metastability, curvature
     assert load_result(out / "metastability.json").repeated.provenance.prompt_set == "repeated"
     index = json.loads((out / "report.json").read_text())
     assert index["reference"] == "untrained control" and set(index["files"]) >= {"norms", "expansion", "curvature"}

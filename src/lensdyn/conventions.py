@@ -23,7 +23,7 @@ parameters (``layer=``, ``--layers``), which take block indices.
    Recorded in every result (``Conventions.weights``, ``Provenance.weights``).
 3. **Positions** (implemented). Position 0 (BOS, attention sinks) carries norms up to 100,000x the
    rest, so aggregates leave it out by default (``exclude=("first",)``; the rules ``"first"``,
-   ``"bos"``, ``"special"`` are configurable) and record what was left out
+   ``"bos"``, ``"special"`` and 9's ``"massive"`` are configurable) and record what was left out
    (``Conventions.excluded_positions``). Norms report position 0 on its own line.
 4. **Aggregation is named** (implemented). Ratio of means vs mean of ratios
    (``lensdyn.ops.AGGREGATIONS``), fits in log vs linear space (``lensdyn.fits``), all tokens vs the
@@ -47,9 +47,16 @@ parameters (``layer=``, ``--layers``), which take block indices.
    ``l^T Cov(gamma) l``. lensdyn offers ``Cov(gamma)^-1`` (``lensdyn.metric``), applied to residual
    states as the expansion write-up did, and records that this is a choice, not a derivation. The
    dual metric, offered by name beside it with the choice recorded, is planned.
-9. **Massive activations** (planned). Activations of magnitude > 100 and ~1000x the median (Sun et
-   al. 2024) sit on the first token and on early delimiter tokens, not only position 0; they are
-   to be found and reported, and excludable by rule. Today only the position rules of 3 exist.
+9. **Massive activations** (implemented). Activations of magnitude > 100 and ~1000x the median (Sun et
+   al. 2024) sit on the first token and on early delimiter tokens, not only position 0. The rule is
+   ``lensdyn.ops.massive_mask``: ``|x_{l,t,i}| > 100`` and ``>= 1000 x median_j |x_{l,t,j}|`` (both
+   hard bounds). ``lensdyn.analyses.massive`` reports which tokens, dimensions and states carry
+   them, with the largest magnitude and its ratio where none passes. The exclusion rule
+   ``"massive"`` (beside 3's) leaves out every position that holds one at any state, found during
+   the capture; the positions are recorded in ``Capture.massive_positions`` and every result's
+   ``Provenance.massive_positions`` (with ``massive_source``, the model they were found in), the
+   rule in ``Conventions.excluded_positions``. The untrained control leaves out the trained
+   model's positions, not its own, so the two are compared token for token.
 10. **Verdicts carry uncertainty** (implemented in part). Claims are judged by rules written in
     code (``lensdyn.verdicts``), and some rules already compare with a null or a bootstrap
     (steering's share of bootstrap draws, K-theta's 95th percentile of the random-subspace null).

@@ -98,3 +98,53 @@ def last_token_mask(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batc
     out = torch.zeros_like(token_mask)
     out[torch.arange(token_mask.shape[0]), last.clamp(min=0)] = True
     return out & token_mask
+
+
+# Sun, Chen, Kolter and Liu 2024 ("Massive Activations in Large Language Models"): magnitude above
+# 100 and about 1,000 times the median magnitude of its hidden state (lensdyn.conventions, 9).
+MASSIVE_THRESHOLD = 100.0
+MASSIVE_RATIO = 1000.0
+
+
+def median_magnitude(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead"]:
+    """``median_i |x_i|`` of each vector, in float64; for an even ``d_model`` the mean of the two middle values.
+
+    >>> median_magnitude(torch.tensor([[1., -4., 2., 3.], [0., 5., -5., 7.]]))
+    tensor([2.5000, 5.0000], dtype=torch.float64)
+    """
+    ordered = x.abs().sort(dim=-1).values.to(torch.float64)
+    d = x.shape[-1]
+    return (ordered[..., (d - 1) // 2] + ordered[..., d // 2]) / 2
+
+
+def massive_mask(
+    states: Float[Tensor, "*lead d_model"], threshold: float = MASSIVE_THRESHOLD, ratio: float = MASSIVE_RATIO
+) -> Bool[Tensor, "*lead d_model"]:
+    """Which coordinates are massive activations: ``|x_i| > threshold`` and ``|x_i| >= ratio * median_j |x_j|``,
+    the median taken over the same vector's ``d_model`` coordinates (``median_magnitude``).
+
+    Sun et al. state both conditions ("exceed 100", "about 1,000 times the median"); lensdyn takes
+    them as hard bounds, so a coordinate of 20,000 in a vector whose median is 40 (ratio 500) is not
+    massive. Sorting every vector for its median would cost seconds on a capture, so exact medians
+    are computed only for the vectors that can hold one: a coordinate above ``threshold``, and a
+    lower middle value (which the median is at least) at most ``max_i |x_i| / ratio``.
+
+    >>> x = torch.ones(2, 8)
+    >>> x[0, 3], x[1, 5] = 5000., 500.     # 5000 >= 1000 x median 1; 500 is under 1000 x 1
+    >>> massive_mask(x).nonzero().tolist()
+    [[0, 3]]
+    """
+    if not threshold >= 0 or not ratio >= 0:
+        raise ArgumentError(f"massive activations need threshold >= 0 and ratio >= 0, not {threshold} and {ratio}")
+    magnitude = states.abs()
+    top = magnitude.max(dim=-1).values
+    candidates = top > threshold
+    # Rounded up (nextafter), so that the bound never drops a vector the exact float64 test below would keep.
+    bound = top[candidates].to(torch.float64) / ratio
+    bound = torch.nextafter(bound.to(magnitude.dtype), torch.tensor(float("inf"), dtype=magnitude.dtype))
+    lower_middle_below = (magnitude[candidates] <= bound[:, None]).sum(dim=-1) > (states.shape[-1] - 1) // 2
+    candidates[candidates.clone()] = lower_middle_below
+    rows = magnitude[candidates]
+    out = torch.zeros(magnitude.shape, dtype=torch.bool, device=magnitude.device)
+    out[candidates] = (rows > threshold) & (rows.to(torch.float64) >= ratio * median_magnitude(rows)[:, None])
+    return out

@@ -65,6 +65,10 @@ class Provenance:
     # torch, transformers, transformer-lens, ...: the releases a number was measured with.
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     truncated: tuple[int, ...] = ()  # prompts cut to the model's context (their indices)
+    # What the "massive" exclusion rule left out (lensdyn.conventions, 9): (prompt, position) pairs, and the
+    # model whose residual stream they were found in (the trained model's for an untrained control).
+    massive_positions: tuple[tuple[int, int], ...] = ()
+    massive_source: str = ""
 
     @classmethod
     def from_capture(cls, capture) -> "Provenance":
@@ -83,6 +87,8 @@ class Provenance:
             n_params=capture.model_info.n_params,
             versions=library_versions(),
             truncated=tuple(capture.truncated),
+            massive_positions=tuple(capture.massive_positions),
+            massive_source=capture.massive_source,
         )
 
 

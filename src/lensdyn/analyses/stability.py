@@ -360,8 +360,10 @@ def _measure(cap: Capture, model, layers, profile_prompts, context, k, betas, k_
 
 def _mean_cosines(model, cap: Capture, beta: float) -> np.ndarray:
     """Mean pairwise cosine per state under temperature ``beta``, averaged over prompts."""
+    # Under "massive", every temperature is measured on the tokens of beta = 1 (the same positions left out).
     hot = cap if beta == 1.0 else capture(model, cap.same_prompts(), streams=("resid",), exclude=cap.exclude,
-                                          truncate=bool(cap.truncated), fwd_hooks=temperature_hooks(model, beta))
+                                          truncate=bool(cap.truncated), fwd_hooks=temperature_hooks(model, beta),
+                                          massive_from=cap if "massive" in cap.exclude else None)
     if hot is not cap and torch.equal(hot.resid, cap.resid):
         from lensdyn.errors import UnsupportedArchitectureError
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from lensdyn.analyses import registry
 from lensdyn.app.run import CONTROL_SEEDS
 from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
+from lensdyn.hooks.capture import EXCLUDE_RULES
 from lensdyn.verdicts import N_BOOTSTRAP
 
 EPILOG = """examples:
@@ -145,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="forward-pass dtype (statistics are float64 whatever it is)")
     corpus.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
-    corpus.add_argument("--exclude", nargs="*", default=["first"], choices=("first", "bos", "special"))
+    corpus.add_argument("--exclude", nargs="*", default=["first"], choices=EXCLUDE_RULES)
     corpus.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
     corpus.add_argument("--restart", action="store_true", help="ignore this shard's saved progress and start again")
     corpus.add_argument("--subsample", type=int, default=32,
@@ -240,7 +241,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="bootstrap resamples of the prompts behind each verdict's robustness (0: none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
-        "--exclude", nargs="*", default=["first"], choices=("first", "bos", "special"),
+        "--exclude", nargs="*", default=["first"], choices=EXCLUDE_RULES,
         help="positions left out of aggregates (none: pass --exclude with no value)",
     )
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
@@ -600,6 +601,7 @@ def _write_corpus(stats, record, out: Path) -> None:
 
 def _report(args) -> int:
     import json
+    from concurrent.futures import Future
 
     from tqdm.auto import tqdm
 
@@ -637,6 +639,10 @@ def _report(args) -> int:
     bar = tqdm(total=len(prompt_sets) * len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)
 
     def measure_on(prompts):
+        # The untrained controls leave out the model's massive positions, not their own: token for token (a --compare
+        # model, another tokenizer, finds its own). The model's capture hands them over once it has them.
+        massive_from = Future() if "massive" in args.exclude and not args.compare and len(runs) > 1 else None
+
         def measure_one(r: run.Run) -> dict[str, object]:
             """Capture once, then every chosen analysis, without the control (attached by measure_runs)."""
             model, steps, out = models[r.role], timings[r.role], {}
@@ -646,9 +652,18 @@ def _report(args) -> int:
                                                          **({} if r.role == "model" else analysis.reference_keywords))
                         for analysis, parameters in chosen}
             needs = {k: v for analysis, _ in chosen for k, v in analysis.capture_options(keywords[analysis.name]).items()}
+            if massive_from is not None and r.role != "model":
+                needs["massive_from"] = massive_from.result()
             began = time.perf_counter()
-            cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
-                          truncate=args.truncate, **needs)
+            try:
+                cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
+                              truncate=args.truncate, **needs)
+            except BaseException as err:
+                if massive_from is not None and r.role == "model":
+                    massive_from.set_exception(err)  # the references wait for this capture: they fail too, not hang
+                raise
+            if massive_from is not None and r.role == "model":
+                massive_from.set_result(cap)
             steps["capture_s"] = round(steps.get("capture_s", 0.0) + time.perf_counter() - began, 3)
             truncation[r.role] = _truncation_line(cap.truncated, cap.n_prompts, model)
             bar.update(1)

@@ -72,11 +72,13 @@ def measure_runs(
     (clustering, nulls, hooks) with the other's matrix work. More than two would only contend on
     a few cores.
     """
+    # The model first: a reference may wait for something of the model's capture (its massive positions).
+    order = sorted(runs, key=lambda r: r.role != "model")
     if side_by_side and len(runs) > 1:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            by_role = dict(zip((r.role for r in runs), pool.map(measure_one, runs)))
+            by_role = dict(zip((r.role for r in order), pool.map(measure_one, order)))
     else:
-        by_role = {r.role: measure_one(r) for r in runs}
+        by_role = {r.role: measure_one(r) for r in order}
     model = by_role["model"]
     references = {name: [by_role[r.role][name] for r in runs if r.role != "model"] for name in model}
     results = {}

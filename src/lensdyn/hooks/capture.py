@@ -31,6 +31,13 @@ first use and kept, for notebooks and per-position work.
 its learned gain (``ln{1,2}.hook_out``), on post-norm models the residual itself (``resid_pre``,
 and ``LN1``'s output for the MLP). ``ln{1,2}_normalized`` is the norm's output before its learned
 gain (``ln.hook_normalized``); ``ln{1,2}_scale`` the divisor the norm applied.
+
+The exclusion rules ``"first"``, ``"bos"`` and ``"special"`` read the token ids; ``"massive"``
+(``lensdyn.conventions``, convention 9) reads the activations: a position leaves ``mask`` when its
+residual state carries a massive activation (``lensdyn.ops.massive_mask``) at any state, found by
+the residual hooks during the pass (whether or not ``resid`` is stored) and recorded in
+``Capture.massive_positions``. The untrained control leaves out the model's massive positions,
+not its own (``control_capture``), so the two are measured token for token.
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ from lensdyn.errors import (
 )
 from lensdyn.layouts import BlockLayout
 from lensdyn.models import ModelInfo, block_layout, model_info
+from lensdyn.ops import massive_mask
 from lensdyn.hooks.selftest import ensure_self_tested
 from lensdyn.prompts import PromptSet, resolve_prompts
 
@@ -68,7 +76,7 @@ STREAMS = (
     "ln1_scale",
     "ln2_scale",
 )
-EXCLUDE_RULES = ("first", "bos", "special")
+EXCLUDE_RULES = ("first", "bos", "special", "massive")
 
 
 @dataclass(frozen=True, repr=False)
@@ -92,6 +100,10 @@ class Capture:
     packed: dict[str, Tensor] = field(default_factory=dict)  # stream -> [state or block, token, (d_model)]
     attention: Float[Tensor, "block batch head query key"] | None = None
     absent: tuple[str, ...] = ()  # streams asked for that this block layout does not have (lensdyn.layouts)
+    # The "massive" rule's (prompt, position) pairs, out of ``mask``, and the model whose residual stream
+    # they were found in ("name (weights)"; the trained model's for its control). Empty without the rule.
+    massive_positions: tuple[tuple[int, int], ...] = ()
+    massive_source: str = ""
     _padded: dict[str, Tensor] = field(default_factory=dict, init=False, compare=False)  # padded views, built on use
 
     def __post_init__(self):
@@ -205,7 +217,8 @@ class Capture:
         return (
             f"Capture(model={self.model_info.name!r} ({self.model_info.weights}), prompts={self.prompts.name!r} "
             f"x{self.n_prompts}, tokens={self.n_tokens} of {int(self.token_mask.sum())}, "
-            f"exclude={self.exclude}, packed {held})"
+            f"exclude={self.exclude}{f', massive={len(self.massive_positions)}' if 'massive' in self.exclude else ''}, "
+            f"packed {held})"
         )
 
     @property
@@ -239,6 +252,7 @@ def capture(
     progress: bool = False,
     store_device: str | torch.device = "cpu",
     fwd_hooks: Sequence[tuple[str, Callable]] = (),
+    massive_from: Capture | None = None,
 ) -> Capture:
     """Run ``prompts`` through ``model`` once, batch by batch, and return the activations.
 
@@ -248,8 +262,9 @@ def capture(
             pre-tokenised ids (a list of int lists or an int tensor ``[batch, pos]``).
         exclude: positions left out of ``mask``: ``"first"`` (position 0, where BOS and
             attention sinks carry norms up to 10^5 times the rest), ``"bos"`` (wherever the BOS
-            id appears), ``"special"`` (all tokenizer special tokens, e.g. BERT's [CLS]/[SEP]).
-            Use ``()`` to keep every position.
+            id appears), ``"special"`` (all tokenizer special tokens, e.g. BERT's [CLS]/[SEP]),
+            ``"massive"`` (every position whose residual state holds a massive activation at some
+            state: module docstring). Use ``()`` to keep every position.
         batch_size: at most this many prompts per forward pass. Prompts are batched by length
             (right padding, with the attention mask) and written back in their original order; a
             batch only takes prompts at least ``MIN_FILL`` (80%) as long as its longest, because
@@ -266,6 +281,9 @@ def capture(
         store_device: where captured tensors live (CPU by default, so GPU memory stays free).
         fwd_hooks: extra ``(hook name, fn)`` pairs active during the pass, for interventions
             (e.g. ``lensdyn.hooks.temperature.temperature_hooks``); they run before the capture's own.
+        massive_from: with ``exclude`` naming ``"massive"``, leave out that capture's massive
+            positions instead of finding this model's own (it must hold the same tokens):
+            ``control_capture`` passes the trained model's capture.
 
     Example:
         >>> model = ld.load_model("smollm2-135m")                          # doctest: +SKIP
@@ -281,6 +299,9 @@ def capture(
     bad_rules = set(exclude) - set(EXCLUDE_RULES)
     if bad_rules:
         raise ArgumentError(f"unknown exclude rule(s) {sorted(bad_rules)}: choose from {', '.join(EXCLUDE_RULES)}")
+    if massive_from is not None and not ("massive" in exclude and "massive" in massive_from.exclude):
+        raise ArgumentError("massive_from= leaves out another capture's massive positions: exclude must name 'massive', "
+                            "and so must that capture's (else it found none)")
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be at least 1, not {batch_size}")
     if model.training:
@@ -298,6 +319,9 @@ def capture(
     for i, ids in enumerate(token_lists):
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         token_mask[i, : len(ids)] = True
+    if massive_from is not None and not torch.equal(massive_from.tokens, tokens):
+        raise ArgumentError(f"massive_from= holds other tokens ({massive_from.prompts.name!r}, shape "
+                            f"{tuple(massive_from.tokens.shape)}): its massive positions would not be these prompts'")
 
     mask = token_mask & ~_excluded(model, tokens, token_mask, exclude)
     if not bool(mask.any()):
@@ -309,8 +333,9 @@ def capture(
     layout = block_layout(model)
     # A stream the layout lacks (resid_mid on a parallel block) is not captured, and says so when read.
     absent = tuple(s for s in streams if s not in layout.stream_hooks(0) and s != "resid")
+    find_massive = "massive" in exclude and massive_from is None
     buffers = _Buffers(model, layout, [s for s in streams if s not in absent], attention, token_mask, store_device,
-                       extra_hooks=list(fwd_hooks))
+                       extra_hooks=list(fwd_hooks), find_massive=find_massive)
     ensure_self_tested(model, token_lists[0])  # once per model: hooks hold what their names say
     device = next(model.parameters()).device
     batches = _length_batches([len(t) for t in token_lists], batch_size)
@@ -321,6 +346,18 @@ def capture(
             batch_tokens = tokens[row_index, :length].to(device)
             batch_mask = token_mask[row_index, :length]
             buffers.run(batch_tokens, batch_mask, row_index)
+
+    massive_positions, massive_source = (), ""
+    if find_massive:
+        massive_positions = tuple(map(tuple, token_mask.nonzero()[buffers.massive].tolist()))
+        massive_source = f"{info.name} ({info.weights})"
+    elif massive_from is not None:
+        massive_positions, massive_source = massive_from.massive_positions, massive_from.massive_source
+    for prompt, position in massive_positions:
+        mask[prompt, position] = False
+    if massive_positions and not bool(mask.any()):
+        raise PromptError(f"no token left to measure: exclude={tuple(exclude)} leaves out every token, "
+                          f"{len(massive_positions)} of them for massive activations; drop 'massive' from exclude")
 
     str_tokens = _str_tokens(model, token_lists)
     return Capture(
@@ -336,6 +373,8 @@ def capture(
         packed=buffers.packed,
         attention=buffers.attention,
         absent=absent,
+        massive_positions=massive_positions,
+        massive_source=massive_source,
     )
 
 
@@ -347,6 +386,8 @@ def included_counts(
     The capture's own tokenisation (``prepend_bos`` as in ``capture``), truncation and ``exclude``
     rules, one prompt at a time (a padded tensor of a whole corpus would be its full size). A prompt
     longer than the context raises ``PromptTooLongError`` here already unless ``truncate``.
+    The ``"massive"`` rule reads activations, so it removes nothing here: with it, these counts are
+    upper bounds (the capture then says if nothing is left).
 
     >>> included_counts(model, ["One short prompt.", "Two."])          # doctest: +SKIP
     [3, 1]
@@ -372,11 +413,13 @@ def capture_for(capture_or_model, prompts, streams: Sequence[str], **capture_kwa
 
 def control_capture(model, like: Capture, streams: Sequence[str]) -> tuple[Capture, object]:
     """The untrained twin of ``model`` run on the prompts of ``like``, with its exclusion and
-    truncation: ``(capture, random_model)``."""
+    truncation: ``(capture, random_model)``. Under ``"massive"`` it leaves out ``like``'s massive
+    positions, not its own: the control is measured on the model's tokens, one for one."""
     from lensdyn.models import random_control
 
     random_model = random_control(model)
-    cap = capture(random_model, like.same_prompts(), streams=streams, exclude=like.exclude, truncate=bool(like.truncated))
+    cap = capture(random_model, like.same_prompts(), streams=streams, exclude=like.exclude, truncate=bool(like.truncated),
+                  massive_from=like if "massive" in like.exclude else None)
     return cap, random_model
 
 
@@ -414,14 +457,17 @@ class _Buffers:
     token_mask: Tensor
     store_device: str | torch.device
     extra_hooks: list = field(default_factory=list)
+    find_massive: bool = False  # flag each real token whose residual state holds a massive activation
     packed: dict[str, Tensor] = field(default_factory=dict)
     attention: Tensor | None = None
     plan: list[tuple[str, str | None, int]] = field(default_factory=list)
     starts: Tensor | None = None  # where each prompt's first token goes in the packed streams
+    massive: Tensor | None = None  # [token] (packed order), with find_massive
 
     def __post_init__(self):
         cfg = self.model.cfg
-        wanted = set(self.streams) | ({"attention"} if self.want_attention else set())
+        wanted = set(self.streams) | ({"attention"} if self.want_attention else set()) | (
+            {"massive"} if self.find_massive else set())
         # Checked before anything is allocated or run: a bridge without these hooks fails at once.
         self.plan = _check_hooks_exist(self.model, _hook_plan(cfg.n_layers, self.layout, wanted))
         dtype = next(self.model.parameters()).dtype
@@ -435,6 +481,8 @@ class _Buffers:
             n_prompts, max_len = self.token_mask.shape
             self.attention = torch.zeros(n, n_prompts, cfg.n_heads, max_len, max_len, dtype=dtype, device=self.store_device)
         self.starts = torch.cumsum(self.token_mask.sum(1), 0) - self.token_mask.sum(1)
+        if self.find_massive:
+            self.massive = torch.zeros(n_real, dtype=torch.bool)
 
     def run(self, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor) -> None:
         fired: set[str] = set()
@@ -482,9 +530,17 @@ class _Buffers:
             real = real.to(self.store_device, target.dtype)
             target.index_copy_(0, destination.to(target.device), real)
 
+        def flag_massive(x: Tensor) -> None:
+            real = x.flatten(0, 1) if unpadded else x[batch_mask.to(x.device)]
+            self.massive[destination] |= massive_mask(real).any(dim=-1).cpu()
+
         def make(name: str, stream: str | None, index: int) -> Callable:
+            is_state = name.endswith("hook_resid_pre") or name == last_hook
+
             def hook_fn(x: Tensor, hook) -> Tensor:
                 fired.add(name)
+                if self.find_massive and is_state:
+                    flag_massive(x)
                 if name.endswith("hook_resid_pre"):
                     resid_pre[index] = x
                 if stream is not None:
@@ -506,11 +562,12 @@ def _hook_plan(n_layers: int, layout: BlockLayout, wanted: set[str]) -> list[tup
 
     Where each stream is read from is the layout's (``BlockLayout.stream_hooks``); one hook point
     may fill two streams. The last entry is always the last block's ``hook_resid_post``: the pass stops there.
+    ``"massive"`` in ``wanted`` asks for every state's hook point, stored or not (the rule reads each state).
     """
     post_norm = layout.name == "post-norm"
     plan: list[tuple[str, str | None, int]] = []
     for layer in range(n_layers):
-        if "resid" in wanted or (post_norm and "attn_out" in wanted):
+        if "resid" in wanted or "massive" in wanted or (post_norm and "attn_out" in wanted):
             plan.append((f"blocks.{layer}.hook_resid_pre", "resid" if "resid" in wanted else None, layer))
         plan += [(hook, stream, layer) for stream, hook in layout.stream_hooks(layer).items() if stream in wanted]
     plan.append((f"blocks.{n_layers - 1}.hook_resid_post", "resid" if "resid" in wanted else None, n_layers))
