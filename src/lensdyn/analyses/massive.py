@@ -25,6 +25,7 @@ largest magnitude. The untrained control is measured beside it on the same promp
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,8 @@ from lensdyn.analyses.registry import Analysis, option
 from lensdyn.hooks.capture import Capture
 from lensdyn.ops import MASSIVE_RATIO, MASSIVE_THRESHOLD, massive_mask, median_magnitude
 from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.verdicts import Claim, Verdict, judge
+from lensdyn.resampling import prompt_counts
+from lensdyn.verdicts import Claim
 
 STREAMS = ("resid",)
 FEW_DIMENSIONS = 0.01  # "very few fixed dimensions", as a share of d_model (the claim's rule)
@@ -139,6 +141,16 @@ class MassiveResult(Result):
     carriers: tuple[Carrier, ...]
     prompt_labels: tuple[str, ...]
     control: "MassiveResult | None" = None
+    count_by_prompt: Int[np.ndarray, "prompt state"] | None = None  # ``count`` per prompt, for the bootstrap
+
+    def resample(self, rng: np.random.Generator) -> "MassiveResult | None":
+        """The census on prompts drawn with replacement: their counts and carriers as found (None without
+        ``count_by_prompt``, as in a result read back from JSON)."""
+        if self.count_by_prompt is None:
+            return None
+        counts = prompt_counts(rng, len(self.prompt_labels))
+        return dataclasses.replace(self, count=counts @ self.count_by_prompt, count_by_prompt=None,
+                                   carriers=tuple(c for c in self.carriers for _ in range(counts[c.prompt])))
 
     @property
     def n_layers(self) -> int:
@@ -154,9 +166,6 @@ class MassiveResult(Result):
     def states_with(self) -> tuple[int, ...]:
         """The states holding at least one massive activation."""
         return tuple(int(l) for l in np.flatnonzero(self.count))
-
-    def verdicts(self) -> list[Verdict]:
-        return judge(self, CLAIMS)
 
     def summary(self) -> str:
         p, c = self.provenance, self.control
@@ -244,6 +253,7 @@ CLAIMS = (
     Claim(SUN, "they appear at an early layer and stay",
           "the states holding them are one run, starting in the first half of the states", _run_starts_early),
 )
+MassiveResult.claims = CLAIMS
 
 
 def measure(
@@ -276,6 +286,8 @@ def census(cap: Capture, threshold: float = MASSIVE_THRESHOLD, ratio: float = MA
     tokens_per_state = torch.zeros(len(states), dtype=torch.long).index_add_(
         0, state_token[:, 0], torch.ones_like(state_token[:, 0]))
     where = cap.token_mask.nonzero()  # packed token -> (prompt, position)
+    by_prompt = torch.zeros(cap.n_prompts, len(states), dtype=torch.long)
+    by_prompt.index_put_((where[entries[:, 1], 0], entries[:, 0]), torch.ones_like(entries[:, 0]), accumulate=True)
     kept = cap.mask[cap.token_mask]
     carriers = []
     for token, dim, first, n_states in carriers_of(entries).tolist():
@@ -310,6 +322,7 @@ def census(cap: Capture, threshold: float = MASSIVE_THRESHOLD, ratio: float = MA
         top_token=tuple(cap.str_tokens[p][q] for p, q in top_where.tolist()),
         carriers=tuple(carriers),
         prompt_labels=cap.prompts.labels,
+        count_by_prompt=by_prompt.numpy(),
     )
 
 

@@ -601,13 +601,11 @@ def _write_corpus(stats, record, out: Path) -> None:
 
 def _report(args) -> int:
     import json
-    from concurrent.futures import Future
 
     from tqdm.auto import tqdm
 
     from lensdyn.app import run
     from lensdyn.app.report import analysis_section, export_figures, write_html
-    from lensdyn.hooks.capture import capture
     from lensdyn.models import load_model
     from lensdyn.verdicts import verdict_table
 
@@ -638,47 +636,15 @@ def _report(args) -> int:
     truncation: dict[str, str | None] = {}
     bar = tqdm(total=len(prompt_sets) * len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)
 
-    def measure_on(prompts):
-        # The untrained controls leave out the model's massive positions, not their own: token for token (a --compare
-        # model, another tokenizer, finds its own). The model's capture hands them over once it has them.
-        massive_from = Future() if "massive" in args.exclude and not args.compare and len(runs) > 1 else None
+    def step(role: str, analysis: str) -> None:
+        bar.set_postfix_str(f"{role} {analysis}")
+        bar.update(1)
 
-        def measure_one(r: run.Run) -> dict[str, object]:
-            """Capture once, then every chosen analysis, without the control (attached by measure_runs)."""
-            model, steps, out = models[r.role], timings[r.role], {}
-            # A reference runs as each analysis's reference_keywords say (no diagnostics meant for the model only).
-            keywords = {analysis.name: analysis.keywords(parameters, model=model, control=None, seed=args.seed,
-                                                         progress=True,
-                                                         **({} if r.role == "model" else analysis.reference_keywords))
-                        for analysis, parameters in chosen}
-            needs = {k: v for analysis, _ in chosen for k, v in analysis.capture_options(keywords[analysis.name]).items()}
-            if massive_from is not None and r.role != "model":
-                needs["massive_from"] = massive_from.result()
-            began = time.perf_counter()
-            try:
-                cap = capture(model, prompts, exclude=tuple(args.exclude), batch_size=args.batch_size, streams=streams,
-                              truncate=args.truncate, **needs)
-            except BaseException as err:
-                if massive_from is not None and r.role == "model":
-                    massive_from.set_exception(err)  # the references wait for this capture: they fail too, not hang
-                raise
-            if massive_from is not None and r.role == "model":
-                massive_from.set_result(cap)
-            steps["capture_s"] = round(steps.get("capture_s", 0.0) + time.perf_counter() - began, 3)
-            truncation[r.role] = _truncation_line(cap.truncated, cap.n_prompts, model)
-            bar.update(1)
-            for analysis, _ in chosen:
-                began = time.perf_counter()
-                out[analysis.name] = analysis.measure(cap, **keywords[analysis.name])
-                steps[analysis.name] = round(steps.get(analysis.name, 0.0) + time.perf_counter() - began, 3)
-                bar.set_postfix_str(f"{r.role} {analysis.name}")
-                bar.update(1)
-            return out
-
-        return run.measure_runs(runs, measure_one, side_by_side=not args.serial,
-                                keeps_reference_apart=lambda name: registry.get(name).keeps_reference_apart)
-
-    measured = {prompts.name: measure_on(prompts) for prompts in prompt_sets}
+    measured = {prompts.name: run.measure_prompt_set(
+        runs, models, prompts, chosen, exclude=tuple(args.exclude), batch_size=args.batch_size, truncate=args.truncate,
+        seed=args.seed, side_by_side=not args.serial, timings=timings, on_step=step) for prompts in prompt_sets}
+    for m in measured.values():
+        truncation.update({role: _truncation_line(cut, n, models[role]) for role, (cut, n) in m.truncated.items()})
     bar.close()
     models.clear()  # free the models before judging and writing
     done = time.perf_counter()

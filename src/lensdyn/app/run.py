@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lensdyn.results import Result, attach_control
@@ -57,6 +57,73 @@ class Measured:
     results: dict[str, Result]  # analysis -> the model's result
     references: dict[str, list[Result]]  # analysis -> one result per reference run (first: the attached control)
     timings: dict[str, dict[str, float]]
+    truncated: dict[str, tuple[tuple[int, ...], int]] = dataclasses.field(default_factory=dict)  # role -> (cut, of n)
+
+
+def measure_prompt_set(
+    runs: Sequence[Run],
+    models: dict[str, object],
+    prompts,
+    chosen: Sequence[tuple[object, object]],
+    *,
+    exclude: tuple[str, ...],
+    batch_size: int,
+    truncate: bool,
+    seed: int,
+    side_by_side: bool = True,
+    timings: dict[str, dict[str, float]] | None = None,
+    on_step: Callable[[str, str], None] | None = None,
+) -> Measured:
+    """One capture per run of ``prompts`` (``models``: role -> loaded model), then every chosen analysis
+    (``(registry.Analysis, parameters)`` pairs) on it; ``on_step(role, step)`` after each step.
+
+    The untrained controls leave out the model's massive positions, not their own (``exclude``
+    holding ``"massive"``): token for token. The model's capture hands them over once it has them.
+    A ``--compare`` model (pretrained reference) finds its own: another tokenizer.
+    """
+    from lensdyn.hooks.capture import capture
+
+    timings = {r.role: {} for r in runs} if timings is None else timings
+    controls = [r for r in runs if r.role != "model" and r.weights == "random" and r.model == runs[-1].model]
+    massive_from = Future() if "massive" in exclude and controls else None
+    truncated: dict[str, tuple[tuple[int, ...], int]] = {}
+    streams = sorted({s for analysis, _ in chosen for s in analysis.streams})
+
+    def measure_one(r: Run) -> dict[str, Result]:
+        model, steps, out = models[r.role], timings.setdefault(r.role, {}), {}
+        # A reference runs as each analysis's reference_keywords say (no diagnostics meant for the model only).
+        keywords = {analysis.name: analysis.keywords(parameters, model=model, control=None, seed=seed, progress=True,
+                                                     **({} if r.role == "model" else analysis.reference_keywords))
+                    for analysis, parameters in chosen}
+        needs = {k: v for analysis, _ in chosen for k, v in analysis.capture_options(keywords[analysis.name]).items()}
+        if massive_from is not None and r in controls:
+            needs["massive_from"] = massive_from.result()
+        began = time.perf_counter()
+        try:
+            cap = capture(model, prompts, exclude=exclude, batch_size=batch_size, streams=streams, truncate=truncate,
+                          **needs)
+        except BaseException as err:
+            if massive_from is not None and r.role == "model":
+                massive_from.set_exception(err)  # the controls wait for this capture: they fail too, not hang
+            raise
+        if massive_from is not None and r.role == "model":
+            massive_from.set_result(cap)
+        steps["capture_s"] = round(steps.get("capture_s", 0.0) + time.perf_counter() - began, 3)
+        truncated[r.role] = (tuple(cap.truncated), cap.n_prompts)
+        if on_step:
+            on_step(r.role, "capture")
+        for analysis, _ in chosen:
+            began = time.perf_counter()
+            out[analysis.name] = analysis.measure(cap, **keywords[analysis.name])
+            steps[analysis.name] = round(steps.get(analysis.name, 0.0) + time.perf_counter() - began, 3)
+            if on_step:
+                on_step(r.role, analysis.name)
+        return out
+
+    measured = measure_runs(runs, measure_one, side_by_side=side_by_side,
+                            keeps_reference_apart=lambda name: next(a for a, _ in chosen if a.name == name).keeps_reference_apart)
+    measured.timings, measured.truncated = timings, truncated
+    return measured
 
 
 def measure_runs(
