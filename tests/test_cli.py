@@ -78,6 +78,10 @@ def test_report_runs_every_analysis_from_one_capture_per_model(minilm_report):
     verdicts = index["verdicts"]
     assert {v["verdict"] for v in verdicts} <= {"holds", "does not hold", "not testable here"}
     assert {v["source"] for v in verdicts} >= {"FLRW expansion note", "Pythia FFN expansion note"}
+    # Three untrained controls by default, each in the reference column; two prompts are too few to resample.
+    assert index["seeds"] == {"nulls_and_bootstrap": 0, "controls": [0, 1, 2]}
+    assert all(v["reference"].count(" | ") == 2 for v in verdicts)
+    assert all(v["robustness"] == "not testable" and "fewer than 5" in v["note"] for v in verdicts)
     assert 'id="verdicts"' in html and html.index('id="verdicts"') < html.index("Plotly.newPlot")
 
 
@@ -104,7 +108,8 @@ def test_side_by_side_and_serial_reports_are_identical(tmp_path):
     for mode, out in outs.items():
         flags = ["--serial"] if mode == "serial" else []
         assert main(["report", "--analyses", "norms,expansion,gains,metastability", "--model", "minilm-l6",
-                     "--prompts", str(prompts), "--exclude", "special", "--json-only", "--out", str(out), *flags]) == 0
+                     "--prompts", str(prompts), "--exclude", "special", "--control-seeds", "0", "--json-only",
+                     "--out", str(out), *flags]) == 0
     def undated(text: str) -> str:  # the creation time is the only field allowed to differ
         return re.sub(r'"created": "[^"]*"', "", text)
 
@@ -113,6 +118,30 @@ def test_side_by_side_and_serial_reports_are_identical(tmp_path):
         assert side == serial, name
     index = json.loads((outs["side_by_side"] / "report.json").read_text())
     assert set(index["timings_s"]) == {"reference", "model", "wall"}
+
+
+def test_verdicts_on_several_prompt_sets_with_their_bootstrap(tmp_path):
+    """--prompts A B: the report is A's; the index holds every set's verdicts (each with its bootstrap share,
+    effect and p-values) and whether they agree."""
+    sets = []
+    for name, words in (("a", "river mill dawn snow village"), ("b", "ships harbour storm lantern keeper")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"The {w} was seen again by everyone who walked past it today."})
+                                + "\n" for w in words.split()))
+        sets.append(str(path))
+    out = tmp_path / "sets"
+    assert main(["report", "--analyses", "gains", "--model", "minilm-l6", "--prompts", *sets, "--exclude", "special",
+                 "--control-seeds", "0", "1", "--bootstrap", "30", "--seed", "4", "--json-only", "--out", str(out)]) == 0
+    index = json.loads((out / "gains_report.json").read_text())
+    assert index["prompts"] == "a" and index["seeds"] == {"nulls_and_bootstrap": 4, "controls": [0, 1]}
+    assert set(index["verdicts_by_prompt_set"]) == {"a", "b"}
+    rows = index["agreement_across_prompt_sets"]
+    assert [r["claim"] for r in rows] == [v["claim"] for v in index["verdicts"]]
+    for row in rows:
+        assert row["agree"] == (row["verdicts"]["a"] == row["verdicts"]["b"])
+    testable = [v for v in index["verdicts"] if v["verdict"] != "not testable here"]
+    assert testable and all(v["n_resamples"] == 30 and 0 <= v["bootstrap_share"] <= 1 for v in testable)
+    assert all(v["robustness"] in {"robust", "fragile"} for v in testable)
 
 
 def test_single_analysis_commands_and_unknown_analyses(tmp_path, capsys):

@@ -28,12 +28,13 @@ parameters (``layer=``, ``--layers``), which take block indices.
 4. **Aggregation is named** (implemented). Ratio of means vs mean of ratios
    (``lensdyn.ops.AGGREGATIONS``), fits in log vs linear space (``lensdyn.fits``), all tokens vs the
    last token: each result states its choice in ``Conventions.aggregation``; nothing is implicit.
-5. **Controls and nulls** (implemented in part). By default every command-line run measures the
-   untrained twin (``--control random``, ``lensdyn.models.random_control``) beside the model; analyses carry their
-   own nulls (expansion: token permutation for the comoving reduction; stability: random-subspace
-   null for K-theta; curvature: random walk and shuffled steps). A bootstrap spread over prompts
-   or tokens is computed where steering's transfer test needs it; for the other headline
-   statistics it is planned.
+5. **Controls and nulls** (implemented). By default every command-line run measures the
+   untrained twin (``--control random``, ``lensdyn.models.random_control``) beside the model, once
+   per control seed (``--control-seeds``, default 0 1 2: one untrained sample is one sample of
+   "untrained"; the verdict table shows each); analyses carry their own nulls (expansion: token
+   permutation for the comoving reduction; stability: random-subspace null for K-theta;
+   curvature: random walk and shuffled steps). The nulls and the bootstrap take their own seed
+   (``--seed``), separate from the controls', and both are recorded (``report.json``: ``seeds``).
 6. **float64** (implemented). Gram matrices, cosine distances, covariances and every accumulator
    over tokens or prompts are float64 (``lensdyn.ops``, ``lensdyn.sphere``, ``lensdyn.streaming``).
    A single token's norm accumulates in the activations' dtype, at least float32, and is returned
@@ -57,11 +58,14 @@ parameters (``layer=``, ``--layers``), which take block indices.
    ``Provenance.massive_positions`` (with ``massive_source``, the model they were found in), the
    rule in ``Conventions.excluded_positions``. The untrained control leaves out the trained
    model's positions, not its own, so the two are compared token for token.
-10. **Verdicts carry uncertainty** (implemented in part). Claims are judged by rules written in
-    code (``lensdyn.verdicts``), and some rules already compare with a null or a bootstrap
-    (steering's share of bootstrap draws, K-theta's 95th percentile of the random-subspace null).
-    A bootstrap share of resamples in which each rule holds, an effect-size floor where a p-value
-    decides, and a correction across the claims of a report are planned.
+10. **Verdicts carry uncertainty** (implemented). Claims are judged by rules written in code
+    (``lensdyn.verdicts``), all the claims of one report as one family: a p-value claim holds only
+    with its Holm-corrected p below 0.05 and its effect at or above a stated floor (no "holds" on a
+    negligible effect); a null with too few draws to reach the corrected threshold makes it "not
+    testable at N draws"; an undefined statistic is "not testable here", never a failure. Each
+    verdict carries the share of bootstrap resamples of the prompts (``lensdyn.resampling``: tokens
+    travel with their prompt) in which its rule holds, and is labelled robust (at least 95% agree),
+    fragile, or not testable (fewer than 5 prompts, or no per-prompt data).
 """
 
 # The layer convention as every result records it (convention 1); its words are part of the JSON files.

@@ -68,7 +68,8 @@ def verdict_html(verdicts: Sequence[Verdict], reference_label: str,
     for i, v in enumerate(verdicts):
         cells = [html.escape(c) for c in (v.source, v.claim, v.measured, v.reference)]
         cells.append(f'<td class="{_verdict_css(v.verdict)}" title="{html.escape(_evidence(v))}">{html.escape(v.verdict)}</td>')
-        cells.append(f'<td class="robust-{v.robustness.replace(" ", "-")}">{html.escape(_robustness(v))}</td>')
+        cells.append(f'<td class="robust-{v.robustness.replace(" ", "-")}" title="{html.escape(v.note)}">'
+                     f"{html.escape(_robustness(v))}</td>")
         for theirs in other_sets.values():
             o = theirs[i]
             cells.append(f'<td class="{_verdict_css(o.verdict)}" title="{html.escape(_evidence(o))}">'

@@ -158,11 +158,8 @@ def measure_runs(
 
 def judge_measured(measured: Measured, names: Sequence[str], *, n_bootstrap: int, seed: int) -> list[Verdict]:
     """The claims of every analysis in ``names``, judged as one family (``lensdyn.verdicts.judge``)."""
-    started = time.perf_counter()
-    verdicts = judge([measured.results[n] for n in names], references=[measured.references[n] for n in names],
-                     n_bootstrap=n_bootstrap, seed=seed)
-    measured.timings.setdefault("verdicts", {})["bootstrap_s"] = round(time.perf_counter() - started, 3)
-    return verdicts
+    return judge([measured.results[n] for n in names], references=[measured.references[n] for n in names],
+                 n_bootstrap=n_bootstrap, seed=seed)
 
 
 def agreement(by_set: dict[str, Sequence[Verdict]]) -> list[dict[str, object]]:
