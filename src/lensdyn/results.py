@@ -45,6 +45,8 @@ class Conventions:
     weights: str = "raw (no fold_ln, no centering)"
     dtype: str = "float64 statistics"
     layout: str = "unrecorded"  # the block layout the streams were read under (lensdyn.layouts)
+    # The causal metrics the numbers use, by name (lensdyn.metric.METRICS, lensdyn.conventions 8); () when none.
+    causal_metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -128,9 +128,10 @@ def _cached(model, name: str, compute):
     return store[name][1]
 
 
-def model_causal_metric(model, ridge: float = 1e-6) -> CausalMetric:
-    """``causal_metric(unembedding(model))``, computed once per model, weights and ridge.
+def model_causal_metric(model, ridge: float = 1e-6, name: str = "causal_inverse") -> CausalMetric:
+    """``causal_metric(unembedding(model), ridge, name)``, computed once per model, weights, ridge and name.
 
     Building it costs a ``[vocab, d_model]`` float64 covariance (half a second on SmolLM2).
     """
-    return _cached(model, f"causal_metric(ridge={ridge})", lambda m: causal_metric(unembedding(m), ridge=ridge))
+    return _cached(model, f"causal_metric(ridge={ridge}, name={name})",
+                   lambda m: causal_metric(unembedding(m), ridge=ridge, name=name))
