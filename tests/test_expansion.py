@@ -122,6 +122,14 @@ def test_the_dual_metric_is_the_inverse_of_the_inverse_one_with_the_same_ridge()
     assert (inverse.name, dual.name) == ("causal_inverse", "causal_dual")
 
 
+def test_a_models_two_causal_metrics_share_one_covariance_spectrum(tiny_model):
+    from lensdyn.hooks.circuits import model_causal_metric, unembedding
+
+    inverse, dual = (model_causal_metric(tiny_model, name=n) for n in ("causal_inverse", "causal_dual"))
+    assert inverse.eigenvalues is dual.eigenvalues  # computed once, cached per model
+    torch.testing.assert_close(dual.matrix(), causal_metric(unembedding(tiny_model), name="causal_dual").matrix())
+
+
 def test_an_unknown_causal_metric_is_an_argument_error():
     with pytest.raises(ArgumentError, match="causal_dual"):
         causal_metric(torch.randn(3, 5), name="causal")

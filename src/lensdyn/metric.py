@@ -62,6 +62,36 @@ class CausalMetric:
         return self.whitener @ self.whitener.T
 
 
+def covariance_spectrum(
+    unembedding: Float[Tensor, "d_model vocab"],
+) -> tuple[Float[Tensor, " d_model"], Float[Tensor, "d_model d_model"]]:
+    """``(s, U)`` with ``Cov(gamma) = U diag(s) U^T`` (float64, ``s`` ascending and clamped at 0): what both metrics share.
+
+    >>> covariance_spectrum(torch.tensor([[1., -1., 0., 0.], [0., 0., 2., -2.]]))[0]   # Cov = diag(0.5, 2)
+    tensor([0.5000, 2.0000], dtype=torch.float64)
+    """
+    gamma = unembedding.detach().to(torch.float64).T
+    gamma = gamma - gamma.mean(dim=0)
+    s, U = torch.linalg.eigh(gamma.T @ gamma / gamma.shape[0])
+    return s.clamp(min=0.0), U
+
+
+def metric_from_spectrum(
+    s: Float[Tensor, " d_model"], U: Float[Tensor, "d_model d_model"], ridge: float = 1e-6, name: str = "causal_inverse"
+) -> CausalMetric:
+    """The metric ``name`` (``METRICS``) from ``covariance_spectrum``: whitener ``U diag((s + r)^(p/2)) U^T``.
+
+    >>> metric_from_spectrum(torch.tensor([0.5, 2.0]), torch.eye(2), ridge=0.0, name="causal_dual").matrix()
+    tensor([[0.5000, 0.0000],
+            [0.0000, 2.0000]])
+    """
+    if name not in METRICS:
+        raise ArgumentError(f"causal metric must be one of {sorted(METRICS)}, not {name!r}")
+    r = ridge * float(s.mean())
+    whitener = (U * (s + r) ** (METRICS[name] / 2)) @ U.T
+    return CausalMetric(whitener=whitener, eigenvalues=s, ridge=ridge, name=name)
+
+
 def causal_metric(
     unembedding: Float[Tensor, "d_model vocab"], ridge: float = 1e-6, name: str = "causal_inverse"
 ) -> CausalMetric:
@@ -75,16 +105,7 @@ def causal_metric(
     tensor([[0.5000, 0.0000],
             [0.0000, 2.0000]], dtype=torch.float64)
     """
-    if name not in METRICS:
-        raise ArgumentError(f"causal metric must be one of {sorted(METRICS)}, not {name!r}")
-    gamma = unembedding.detach().to(torch.float64).T
-    gamma = gamma - gamma.mean(dim=0)
-    cov = gamma.T @ gamma / gamma.shape[0]
-    s, U = torch.linalg.eigh(cov)
-    s = s.clamp(min=0.0)
-    r = ridge * float(s.mean())
-    whitener = (U * (s + r) ** (METRICS[name] / 2)) @ U.T
-    return CausalMetric(whitener=whitener, eigenvalues=s, ridge=ridge, name=name)
+    return metric_from_spectrum(*covariance_spectrum(unembedding), ridge=ridge, name=name)
 
 
 def metric_norms(x: Float[Tensor, "*lead d_model"], metric: CausalMetric | None) -> Float[Tensor, "*lead"]:
