@@ -570,7 +570,8 @@ def measure(
 
 
 def _measure_capture(
-    cap: Capture, metrics: tuple[CausalMetric, ...], aggregation: str, fit_space: FitSpace, n_permutations: int, top_k: int, seed: int
+    cap: Capture, metrics: tuple[CausalMetric, ...], aggregation: str, fit_space: FitSpace, n_permutations: int,
+    top_k: int, seed: int,
 ) -> ExpansionResult:
     cap.require_streams(STREAMS, allow_absent=True)
     mask = cap.mask
