@@ -49,6 +49,7 @@ def test_merged_shards_equal_the_single_run(smollm2, single, tmp_path):
     reference = corpus_result(*single)
     assert_same_statistics(merged, reference)
     assert merged.n_shards == 3 and reference.provenance.n_prompts == len(CORPUS)
+    assert merged.conventions.causal_metrics == ("causal_inverse",)  # the metric of causal_scale_factor, by name
     # And against the analyses on one capture of the whole corpus (the direct, non-streaming path).
     cap = ld.capture(smollm2, CORPUS, streams=("resid",), batch_size=1)
     from lensdyn.analyses.expansion import scale_factor

@@ -84,6 +84,57 @@ def test_causal_metric_equals_a_hand_computation():
     assert metric.condition_number == pytest.approx(np.linalg.cond(cov), rel=1e-8)
 
 
+def test_both_causal_metrics_equal_a_hand_computation():
+    """Six unembedding rows in 2-d; Cov(gamma) = (1/V) sum_v (g_v - mean)(g_v - mean)^T by hand.
+
+    lensdyn normalises by 1/V (population covariance over the vocabulary), not 1/(V-1).
+    """
+    gamma = torch.tensor([[2.0, -1.0], [-2.0, -1.0], [-2.0, 1.0], [2.0, 1.0], [2.0, -1.0], [-2.0, -1.0]])
+    # mean (0, -1/3); centred rows (±2, -2/3) x4 and (±2, 4/3) x2:
+    # Cov_xx = 6 * 4 / 6 = 4; Cov_yy = (4 * 4/9 + 2 * 16/9) / 6 = (48/9) / 6 = 8/9;
+    # Cov_xy = (2*(-2/3) + (-2)(-2/3) + (-2)(4/3) + 2(4/3) + 2(-2/3) + (-2)(-2/3)) / 6 = 0.
+    cov = torch.tensor([[4.0, 0.0], [0.0, 8.0 / 9.0]], dtype=torch.float64)
+    inverse = causal_metric(gamma.T, ridge=0.0, name="causal_inverse")
+    dual = causal_metric(gamma.T, ridge=0.0, name="causal_dual")
+    torch.testing.assert_close(dual.matrix(), cov)
+    torch.testing.assert_close(inverse.matrix(), torch.linalg.inv(cov))
+    x = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, 1.0]], dtype=torch.float64)
+    # ||x||^2 under Cov^-1: x^2/4 + 9 y^2/8; under Cov: 4 x^2 + 8 y^2/9.
+    hand_inverse = torch.tensor([1 / 4, 9 * 9 / 8, 1 / 4 + 9 / 8], dtype=torch.float64).sqrt()
+    hand_dual = torch.tensor([4.0, 8.0, 4 + 8 / 9], dtype=torch.float64).sqrt()
+    torch.testing.assert_close(metric_norms(x, inverse), hand_inverse)
+    torch.testing.assert_close(metric_norms(x, dual), hand_dual)
+    assert inverse.condition_number == dual.condition_number == pytest.approx(4.0 / (8.0 / 9.0))
+
+
+def test_the_dual_metric_is_the_inverse_of_the_inverse_one_with_the_same_ridge():
+    """Park et al.'s pairing: g = Cov l maps the dual norm of l onto the causal norm of g, exactly."""
+    torch.manual_seed(2)
+    W_U = torch.randn(4, 9, dtype=torch.float64)
+    for ridge in (0.0, 1e-3):
+        inverse, dual = (causal_metric(W_U, ridge=ridge, name=n) for n in ("causal_inverse", "causal_dual"))
+        torch.testing.assert_close(inverse.matrix() @ dual.matrix(), torch.eye(4, dtype=torch.float64))
+        torch.testing.assert_close(inverse.whitener @ dual.whitener, torch.eye(4, dtype=torch.float64))
+        l = torch.randn(6, 4, dtype=torch.float64)
+        torch.testing.assert_close(metric_norms(l @ dual.matrix(), inverse), metric_norms(l, dual))
+        y = torch.randn(6, 4, dtype=torch.float64)  # <M_dual x, y>_inverse = <x, y>_euclidean
+        torch.testing.assert_close(((l @ dual.matrix()) @ inverse.matrix() * y).sum(-1), (l * y).sum(-1))
+    assert (inverse.name, dual.name) == ("causal_inverse", "causal_dual")
+
+
+def test_a_models_two_causal_metrics_share_one_covariance_spectrum(tiny_model):
+    from lensdyn.hooks.circuits import model_causal_metric, unembedding
+
+    inverse, dual = (model_causal_metric(tiny_model, name=n) for n in ("causal_inverse", "causal_dual"))
+    assert inverse.eigenvalues is dual.eigenvalues  # computed once, cached per model
+    torch.testing.assert_close(dual.matrix(), causal_metric(unembedding(tiny_model), name="causal_dual").matrix())
+
+
+def test_an_unknown_causal_metric_is_an_argument_error():
+    with pytest.raises(ArgumentError, match="causal_dual"):
+        causal_metric(torch.randn(3, 5), name="causal")
+
+
 def test_causal_metric_ridge_keeps_a_rank_deficient_unembedding_finite():
     W_U = torch.tensor([[1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 0.0, 0.0]])  # nothing in direction 2
     norms = metric_norms(torch.tensor([[0.0, 1.0]]), causal_metric(W_U))
@@ -149,8 +200,11 @@ def test_measure_on_a_synthetic_capture_adds_up():
     # Sublayer growth terms add up to the growth of the mean squared norm across each block.
     sq = (streams["resid"][:, :, 1:].double() ** 2).sum(-1).mean(dim=(1, 2)).numpy()
     np.testing.assert_allclose(result.attn_growth + result.mlp_growth, np.diff(sq), rtol=1e-4)
-    expected = metric_norms(streams["resid"][:, :, 1:].reshape(5, -1, 8), causal_metric(W_U))
-    np.testing.assert_allclose(result.causal.norms, expected.numpy(), rtol=1e-5)
+    for track, name in ((result.causal, "causal_inverse"), (result.causal_dual, "causal_dual")):
+        expected = metric_norms(streams["resid"][:, :, 1:].reshape(5, -1, 8), causal_metric(W_U, name=name))
+        np.testing.assert_allclose(track.norms, expected.numpy(), rtol=1e-5)
+        assert result.track(name) is track and track.metric == name
+    assert result.conventions.causal_metrics == ("causal_inverse", "causal_dual")
     assert result.token_position.tolist() == [1, 2, 3, 4, 5] * 2
     assert 0.0 <= result.attn_share <= 1.0
 
@@ -179,6 +233,38 @@ def test_result_round_trips_through_json_with_its_control(tmp_path, tiny_model):
     assert "H0" in result.summary()
 
 
+def test_each_causal_claim_is_judged_under_both_metrics_and_an_older_result_still_loads(tiny_model):
+    cap = ld.capture(tiny_model, torch.randint(0, 50, (3, 10)), streams=expansion.STREAMS)
+    result = expansion.measure(cap, model=tiny_model, control=None, n_permutations=5)
+    claims = [v.claim for v in result.verdicts()]
+    for stem in ("norms grow exponentially", "per-token H uniform", "comoving coordinates remove"):
+        named = [c for c in claims if c.startswith(stem)]
+        assert len(named) == 2
+        assert named[0].endswith(" (Cov(gamma)^-1)") and named[1].endswith(" (Cov(gamma), dual)")
+    data = result.to_dict()
+    del data["causal_dual"], data["conventions"]["causal_metrics"]  # as a file written before the dual metric
+    older = ld.Result.from_dict(data)
+    assert older.causal_dual is None and older.conventions.causal_metrics == ()
+    dual = [v for v in older.verdicts() if v.claim.endswith("(Cov(gamma), dual)")]
+    assert len(dual) == 3 and {v.verdict for v in dual} == {"not testable here"}
+    assert "causal_dual" not in older.summary() and "causal_dual" in result.summary()
+
+
+@pytest.mark.slow
+def test_smollm2_has_both_causal_tracks_finite_named_and_round_tripped(smollm2, smollm2_diverse, tmp_path):
+    result = expansion.measure(smollm2_diverse, model=smollm2, control=None, n_permutations=5)
+    assert result.conventions.causal_metrics == ("causal_inverse", "causal_dual")
+    assert [t.metric for t in result.tracks] == ["euclidean", "causal_inverse", "causal_dual"]
+    for track in (result.causal, result.causal_dual):
+        assert np.isfinite(track.norms).all() and np.isfinite([track.h0, track.r2, track.cv_reduction]).all()
+    # Different metrics, different numbers: the dual is not the inverse track relabelled.
+    assert not np.allclose(result.causal.scale_factor, result.causal_dual.scale_factor)
+    loaded = ld.load_result(result.to_json(tmp_path / "expansion.json"))
+    assert loaded == result
+    assert loaded.causal_dual.metric == "causal_dual"
+    assert loaded.conventions.causal_metrics == ("causal_inverse", "causal_dual")
+
+
 @pytest.mark.slow
 def test_smollm2_scale_factor_matches_raw_hugging_face_states(smollm2, smollm2_diverse, smollm2_reference):
     """Independent path: HF hidden states prompt by prompt, the last block's output taken before the final norm."""
@@ -203,15 +289,16 @@ def test_smollm2_scale_factor_matches_raw_hugging_face_states(smollm2, smollm2_d
 
 
 @pytest.mark.slow
-def test_smollm2_causal_norms_match_a_dense_inverse_and_post_ln_norms_match_hf(smollm2, smollm2_diverse, smollm2_reference):
+def test_smollm2_causal_norms_match_dense_cov_and_inverse_and_post_ln_norms_match_hf(smollm2, smollm2_diverse, smollm2_reference):
     from lensdyn.ops import masked_tokens
 
     result = expansion.measure(smollm2_diverse, model=smollm2, control=None, n_permutations=5)
     gamma = smollm2_reference.lm_head.weight.detach().double().numpy()
-    M = np.linalg.inv(np.cov(gamma, rowvar=False, bias=True))
+    cov = np.cov(gamma, rowvar=False, bias=True)
     h = masked_tokens(smollm2_diverse.resid, smollm2_diverse.mask)[[0, 15, 30], :40].double().numpy()
-    expected = np.sqrt(np.einsum("lti,ij,ltj->lt", h, M, h))
-    np.testing.assert_allclose(result.causal.norms[[0, 15, 30], :40], expected, rtol=1e-4)
+    for track, M in ((result.causal, np.linalg.inv(cov)), (result.causal_dual, cov)):
+        expected = np.sqrt(np.einsum("lti,ij,ltj->lt", h, M, h))
+        np.testing.assert_allclose(track.norms[[0, 15, 30], :40], expected, rtol=1e-4)
     # What block 7 reads: HF's input_layernorm applied to its input.
     block_in = masked_tokens(smollm2_diverse.resid, smollm2_diverse.mask)[7]
     with torch.inference_mode():

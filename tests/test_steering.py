@@ -181,6 +181,7 @@ def test_smollm2_steering_measure(smollm2, smollm2_diverse):
     assert (result.effect[:, :2] > 0).all()
     assert (result.kl >= 0).all() and np.isfinite(result.efficacy).all()
     assert result.a[0] == 1.0 and len(result.hubble) == smollm2.cfg.n_layers
+    assert result.conventions.causal_metrics == ("causal_inverse",)  # the metric of a_causal, by name
     assert {v.verdict for v in result.verdicts()} <= {"holds", "does not hold", "not testable here"}
     assert "spread of log10 alpha*" in result.summary()
 

@@ -42,12 +42,16 @@ parameters (``layer=``, ``--layers``), which take block indices.
 7. **Padding-aware batches** (implemented). Masks travel with every tensor: a ``Capture`` holds
    ``token_mask`` (real tokens) and ``mask`` (tokens that enter aggregates) and stores only real
    tokens (packed); every masked helper takes the mask explicitly.
-8. **Two causal metrics** (implemented in part). Park, Choe and Veitch define the causal inner
-   product on unembedding vectors, ``g^T Cov(gamma)^-1 g'`` (gamma: unembedding rows, centred by
-   their mean); its dual on embedding-side vectors (residual states, steering vectors) is
-   ``l^T Cov(gamma) l``. lensdyn offers ``Cov(gamma)^-1`` (``lensdyn.metric``), applied to residual
-   states as the expansion write-up did, and records that this is a choice, not a derivation. The
-   dual metric, offered by name beside it with the choice recorded, is planned.
+8. **Two causal metrics** (implemented). Park, Choe and Veitch define the causal inner product on
+   unembedding vectors, ``g^T Cov(gamma)^-1 g'`` (gamma: unembedding rows, centred by their mean,
+   ``Cov`` normalised by ``1/V``); its dual on embedding-side vectors (residual states, steering
+   vectors) is ``l^T Cov(gamma) l``. ``lensdyn.metric`` offers both by name, with one ridge:
+   ``causal_inverse`` (``(Cov(gamma) + r I)^-1`` applied to residual states, the metric the FLRW
+   expansion write-up used) and ``causal_dual`` (``Cov(gamma) + r I``, Park-consistent for residual
+   states). Every result that uses one names it (``Conventions.causal_metrics``): expansion measures
+   both (tracks ``causal`` and ``causal_dual``) and judges the write-up's causal claims under each;
+   steering's ``a_causal`` and the corpus's causal scale factor use ``causal_inverse``. Applying
+   either to raw residual states, before the final norm, is a choice, not a derivation.
 9. **Massive activations** (implemented). Activations of magnitude > 100 and ~1000x the median (Sun et
    al. 2024) sit on the first token and on early delimiter tokens, not only position 0. The rule is
    ``lensdyn.ops.massive_mask``: ``|x_{l,t,i}| > 100`` and ``>= 1000 x median_j |x_{l,t,j}|`` (both

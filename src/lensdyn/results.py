@@ -46,6 +46,8 @@ class Conventions:
     dtype: str = "float64 statistics"
     layout: str = "unrecorded"  # the block layout the streams were read under (lensdyn.layouts)
     clustering: str = "none"  # a result that clusters: the library, its settings and the tie rule, to rerun it
+    # The causal metrics the numbers use, by name (lensdyn.metric.METRICS, lensdyn.conventions 8); () when none.
+    causal_metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ output *before* the final norm, so the write-up's "final contraction", read off 
 
 Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the capture's mask):
 
-- norms: Euclidean ``||h||_2`` and causal ``||h||_M`` (``lensdyn.metric``).
+- norms: Euclidean ``||h||_2`` and causal ``||h||_M`` under both causal metrics of
+  ``lensdyn.metric``: ``causal_inverse`` (``M = Cov(gamma)^-1``, the write-up's; the track
+  ``causal``) and ``causal_dual`` (``M = Cov(gamma)``, Park et al.'s product for residual states;
+  the track ``causal_dual``). The write-up's claims that read the causal norm are judged under each.
 - scale factor ``a(l) = mean_t n_lt / mean_t n_0t`` (ratio of means; ``"mean_of_ratios"``
   averages ``n_lt / n_0t`` instead), so ``a(0) = 1``.
 - Hubble rate ``H(l) = log a(l+1) - log a(l)``: the growth rate across block ``l`` (exact for
@@ -57,7 +60,7 @@ from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.circuits import model_causal_metric
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
-from lensdyn.metric import CausalMetric, metric_norms
+from lensdyn.metric import METRIC_FORMULAS, CausalMetric, metric_norms
 from lensdyn.ops import AGGREGATIONS, aggregate_ratio, token_norms
 from lensdyn.resampling import CovarianceMoments, prompt_counts, prompt_sums, resampled_tokens
 from lensdyn.results import Conventions, Provenance, Result, transient
@@ -103,8 +106,12 @@ def trajectory_cv(values: Float[Tensor, "state token"]) -> float:
     >>> trajectory_cv(torch.tensor([[1., 5.], [3., 5.]]))      # token 0: CV 0.5; token 1: 0
     0.25
     """
+    return float(_trajectory_cvs(values))
+
+
+def _trajectory_cvs(values: Float[Tensor, "*batch state token"]) -> Float[Tensor, "*batch"]:
     v = values.to(torch.float64)
-    return float((v.std(dim=0, correction=0) / v.mean(dim=0)).mean())
+    return (v.std(dim=-2, correction=0) / v.mean(dim=-2)).mean(dim=-1)
 
 
 def comoving_cv(norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means") -> tuple[float, float, float]:
@@ -113,14 +120,25 @@ def comoving_cv(norms: Float[Tensor, "state token"], aggregation: str = "ratio_o
     >>> comoving_cv(torch.tensor([[1., 2.], [10., 20.]]))      # pure expansion: comoving CV 0
     (0.8181818181818182, 0.0, 1.0)
     """
-    a = torch.from_numpy(scale_factor(norms, aggregation))
-    physical = trajectory_cv(norms)
-    comoving = trajectory_cv(norms.to(torch.float64) / a[:, None])
+    physical, comoving, reduction = _comoving_cvs(norms[None].to(torch.float64), aggregation)
+    return float(physical[0]), float(comoving[0]), float(reduction[0])
+
+
+def _comoving_cvs(norms: Float[Tensor, "batch state token"], aggregation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``comoving_cv`` of each of a batch of ``[state, token]`` norm matrices (a(l) of each its own)."""
+    batch, states, tokens = norms.shape
+    first = norms[:, :1].expand_as(norms)
+    a = aggregate_ratio(norms.reshape(-1, tokens), first.reshape(-1, tokens), aggregation).reshape(batch, states)
+    physical = _trajectory_cvs(norms)
+    comoving = _trajectory_cvs(norms / a[:, :, None])
     return physical, comoving, 1.0 - comoving / physical
 
 
+NULL_BATCH = 64  # permutations drawn and reduced together (memory: NULL_BATCH x state x token float64)
+
+
 def cv_reduction_null(
-    norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means", n_permutations: int = 200, seed: int = 0
+    norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means", n_permutations: int = 1000, seed: int = 0
 ) -> Float[np.ndarray, " permutation"]:
     """``cv_reduction`` after permuting tokens independently within each state, ``n_permutations`` times.
 
@@ -129,10 +147,11 @@ def cv_reduction_null(
     """
     rng = np.random.default_rng(seed)
     values = norms.to(torch.float64).numpy()
-    out = np.empty(n_permutations)  # 0 draws: a resample, judged against the data's null
-    for i in range(n_permutations):
-        out[i] = comoving_cv(torch.from_numpy(rng.permuted(values, axis=1)), aggregation)[2]
-    return out
+    out = []  # 0 draws: a resample, judged against the data's null
+    for start in range(0, n_permutations, NULL_BATCH):  # permutations in batches: a few array operations each
+        batch = np.broadcast_to(values, (min(NULL_BATCH, n_permutations - start), *values.shape))
+        out.append(_comoving_cvs(torch.from_numpy(rng.permuted(batch, axis=2)), aggregation)[2].numpy())
+    return np.concatenate(out) if out else np.empty(0)
 
 
 def growth_terms(
@@ -237,7 +256,7 @@ def covariance_shape(vectors: Float[Tensor, "state token d_model"], k: int = 10)
 
 @dataclass(frozen=True)
 class ExpansionTrack:
-    """Every expansion quantity under one norm (``metric``: ``"euclidean"`` or ``"causal"``)."""
+    """Every expansion quantity under one norm (``metric``: ``"euclidean"`` or a ``lensdyn.metric.METRICS`` name)."""
 
     metric: str
     norms: Float[np.ndarray, "state token"]
@@ -279,7 +298,7 @@ def expansion_track(
     metric: str,
     aggregation: str = "ratio_of_means",
     fit_space: FitSpace = "log",
-    n_permutations: int = 200,
+    n_permutations: int = 1000,
     seed: int = 0,
 ) -> ExpansionTrack:
     """All of the track's numbers from one ``[state, token]`` matrix of norms."""
@@ -369,6 +388,7 @@ class ExpansionResult(Result):
     covariance: CovarianceShape
     control: "ExpansionResult | None" = None
     d_model: int | None = None
+    causal_dual: ExpansionTrack | None = None  # None in results written before the dual metric
     aggregation: str = "ratio_of_means"
     post_ln_by_prompt: Float[np.ndarray, "prompt block"] | None = None  # sum over each prompt's tokens
     moments: CovarianceMoments | None = transient()  # states 0 and n_layers, for the bootstrap
@@ -376,6 +396,11 @@ class ExpansionResult(Result):
     @property
     def n_layers(self) -> int:
         return len(self.euclidean.scale_factor) - 1
+
+    @property
+    def tracks(self) -> tuple[ExpansionTrack, ...]:
+        """The measured tracks: Euclidean, ``causal_inverse`` (field ``causal``), ``causal_dual``."""
+        return tuple(t for t in (self.euclidean, self.causal, self.causal_dual) if t is not None)
 
     def resample(self, rng: np.random.Generator) -> "ExpansionResult | None":
         """The claims' statistics on prompts drawn with replacement (``lensdyn.resampling``).
@@ -404,22 +429,25 @@ class ExpansionResult(Result):
         )
 
     def track(self, metric: str) -> ExpansionTrack:
-        if metric not in ("euclidean", "causal"):
-            raise ArgumentError(f"metric must be 'euclidean' or 'causal', not {metric!r}")
-        return getattr(self, metric)
+        """The track measured under ``metric`` (``"euclidean"``, ``"causal_inverse"`` or ``"causal_dual"``)."""
+        names = {t.metric: t for t in self.tracks}
+        if metric not in names:
+            raise ArgumentError(f"metric must be one of {sorted(names)}, not {metric!r}")
+        return names[metric]
 
     def summary(self) -> str:
         p = self.provenance
         lines = [
             f"Expansion: {p.model} ({p.weights}), prompts {p.prompt_set!r}: {p.n_prompts} prompts, "
             f"{p.n_tokens} tokens; {self.conventions.aggregation}; fits in {self.fit_space} space",
-            f"{'':34}{'euclidean':>14}{'causal':>14}{'control eucl.':>15}   write-up (Qwen3-4B, causal)",
+            f"{'':34}" + "".join(f"{t.metric:>16}" for t in self.tracks)
+            + f"{'control eucl.':>15}   write-up (Qwen3-4B, causal_inverse)",
         ]
         c = self.control
 
         def row(label: str, get, fmt: str, claim: str = "") -> None:
             ctrl = f"{get(c.euclidean):>15{fmt}}" if c is not None else f"{'-':>15}"
-            lines.append(f"{label:34}{get(self.euclidean):>14{fmt}}{get(self.causal):>14{fmt}}{ctrl}   {claim}")
+            lines.append(f"{label:34}" + "".join(f"{get(t):>16{fmt}}" for t in self.tracks) + f"{ctrl}   {claim}")
 
         row(f"a({self.n_layers}) = total growth", lambda t: t.scale_factor[-1], ".2f", "76.9 over 36 layers")
         row("H0 [1/layer]", lambda t: t.h0, ".4f", "0.1288")
@@ -434,21 +462,22 @@ class ExpansionResult(Result):
         row("cv_reduction", lambda t: t.cv_reduction, ".1%", "89.8%")
         row("cv_reduction_null (permuted)", lambda t: t.cv_reduction_null_mean, ".1%", "not run")
         row("permutation p (reduction > null)", lambda t: t.cv_reduction_p, ".3f", "")
-        for track in (self.euclidean, self.causal):
+        for track in self.tracks:
             bounds = [*track.hubble_epoch_starts[1:], self.n_layers]
             epochs = ", ".join(
                 f"{s}-{e - 1}: {h:.3f}" for s, e, h in zip(track.hubble_epoch_starts, bounds, track.hubble_epoch_rates)
             )
             lines.append(f"H(l) epochs ({track.metric}), blocks: mean H = {epochs}")
         cc = f"{c.post_ln_cv:>15.1%}" if c is not None else f"{'-':>15}"
-        lines.append(f"{'post-LN norm CV across blocks':34}{self.post_ln_cv:>14.1%}{'':>14}{cc}   'constant if artifact'")
+        gap = " " * 16 * (len(self.tracks) - 1)  # the value sits in the Euclidean column
+        lines.append(f"{'post-LN norm CV across blocks':34}{self.post_ln_cv:>16.1%}{gap}{cc}   'constant if artifact'")
         cs = f"{c.attn_share:>15.1%}" if c is not None else f"{'-':>15}"
         cg = f"{c.post_ln_growth:>15.2f}" if c is not None else f"{'-':>15}"
         lines.append(
-            f"{'post-LN norm, last / first block':34}{self.post_ln_growth:>14.2f}{'':>14}{cg}"
+            f"{'post-LN norm, last / first block':34}{self.post_ln_growth:>16.2f}{gap}{cg}"
             f"   (raw residual: {self.pre_ln_growth:.1f})"
         )
-        lines.append(f"{'attention share of growth':34}{self.attn_share:>14.1%}{'':>14}{cs}")
+        lines.append(f"{'attention share of growth':34}{self.attn_share:>16.1%}{gap}{cs}")
         cov = self.covariance
         lines.append(
             f"covariance: top-{cov.top_eigenvalues.shape[1]} subspace overlap state 0 vs {self.n_layers}: "
@@ -463,7 +492,8 @@ class ExpansionResult(Result):
             f"95% {cov.directional_growth[-1, 2] / self.euclidean.scale_factor[-1] ** 2:.3g} (isotropic: all 1)"
         )
         lines.append(
-            f"causal metric condition number {self.causal_metric_condition_number:.3g} (ridge {self.causal_metric_ridge:g})"
+            f"causal metrics {', '.join(self.conventions.causal_metrics) or 'causal_inverse'}: condition number "
+            f"{self.causal_metric_condition_number:.3g} (ridge {self.causal_metric_ridge:g}; the same for both)"
         )
         return "\n".join(lines)
 
@@ -484,7 +514,7 @@ class ExpansionResult(Result):
         for r, colour, colour2 in runs:
             tag = f"{r.provenance.model} ({r.provenance.weights})"
             states = np.arange(r.n_layers + 1)
-            for track, dash in ((r.euclidean, "solid"), (r.causal, "dot")):
+            for track, dash in zip(r.tracks, ("solid", "dot", "dashdot")):
                 fig.add_trace(go.Scatter(x=states, y=track.scale_factor, mode="lines+markers",
                                          line={"color": colour, "dash": dash},
                                          name=f"{tag}: a(l) {track.metric}"), row=1, col=1)
@@ -498,7 +528,7 @@ class ExpansionResult(Result):
                                      marker={"color": colour, "size": 3, "opacity": 0.5},
                                      name=f"{tag}: per-token H (euclidean), rho={r.euclidean.per_token_h_position_spearman:.2f}"),
                           row=2, col=1)
-            for track, x0 in ((r.euclidean, 0), (r.causal, 1)):
+            for x0, track in enumerate(r.tracks):
                 x = x0 + (0.2 if r is self.control else -0.2)
                 fig.add_trace(go.Box(y=track.cv_reduction_null, x=np.full(len(track.cv_reduction_null), x), marker_color=colour2,
                                      name=f"{tag}: null ({track.metric})", showlegend=False, width=0.15), row=2, col=2)
@@ -514,7 +544,7 @@ class ExpansionResult(Result):
             fig.add_trace(go.Bar(x=blocks, y=r.mlp_growth, marker_color=colour2, name=f"{tag}: MLP"), row=3, col=2)
         fig.update_yaxes(type="log", row=1, col=1)
         fig.update_yaxes(type="log", row=3, col=1)
-        fig.update_xaxes(tickvals=[0, 1], ticktext=["euclidean", "causal"], row=2, col=2)
+        fig.update_xaxes(tickvals=list(range(len(self.tracks))), ticktext=[t.metric for t in self.tracks], row=2, col=2)
         fig.update_xaxes(title_text="state l", row=1, col=1)
         fig.update_xaxes(title_text="block l", row=1, col=2)
         fig.update_xaxes(title_text="position", row=2, col=1)
@@ -527,33 +557,57 @@ class ExpansionResult(Result):
 
 FLRW = "FLRW expansion note"
 COMOVING_FLOOR = 0.1  # the least share, of the variation the null leaves, that keeping token identity must remove
+# The write-up read its causal claims under Cov(gamma)^-1; each is judged under both metrics (field, metric name).
+CAUSAL_TRACKS = (("causal", "causal_inverse"), ("causal_dual", "causal_dual"))
 
 
-def _comoving_effect(r) -> float:
+def comoving_effect(t: ExpansionTrack) -> float:
     """How much of the comoving variation the permutation null leaves the real tokens remove:
     ``(reduction - null mean) / (1 - null mean)``."""
-    t = r.causal
     return (t.cv_reduction - t.cv_reduction_null_mean) / (1 - t.cv_reduction_null_mean)
 
 
+def under_each_causal_metric(claim: str, rule: str, test, p_value=None, effect=None, **judging) -> tuple[Claim, ...]:
+    """One ``Claim`` per causal metric from one definition: ``test(track, result) -> (measured, holds)``,
+    and ``p_value`` / ``effect`` of ``(track, result)`` where a p-value decides (``judging``: the rest of the Claim).
+
+    ``rule`` names the metric where it says ``{metric}``; a result without the track is not testable.
+    """
+    def on(field: str, of):
+        def judged(r):
+            track = getattr(r, field)
+            return ("not measured (result predates this metric)", None) if track is None else of(track, r)
+        return judged
+
+    def on_value(field: str, of):
+        return None if of is None else (lambda r: of(getattr(r, field), r))
+
+    return tuple(Claim(FLRW, f"{claim} ({METRIC_FORMULAS[name]})", rule.format(metric=METRIC_FORMULAS[name]), on(field, test),
+                       p_value=on_value(field, p_value), effect=on_value(field, effect), **judging)
+                 for field, name in CAUSAL_TRACKS)
+
+
 CLAIMS = (
-    Claim(FLRW, "norms grow exponentially (R^2 0.97)", "R^2 >= 0.95 of the exponential fit to the causal a(l)",
-          lambda r: (f"H0 {r.causal.h0:.3f}/block, R^2 {r.causal.r2:.2f} ({r.fit_space} fit)",
-                     finite(r.causal.r2 >= 0.95, r.causal.r2))),
+    *under_each_causal_metric(
+        "norms grow exponentially (R^2 0.97)", "R^2 >= 0.95 of the exponential fit to a(l) under {metric}",
+        lambda t, r: (f"H0 {t.h0:.3f}/block, R^2 {t.r2:.2f} ({r.fit_space} fit)", finite(t.r2 >= 0.95, t.r2))),
     Claim(FLRW, "final contraction", "H < 0 across the last block (final norm not a layer)",
           lambda r: (f"H(last) {r.euclidean.hubble[-1]:+.3f}/block", finite(r.euclidean.hubble[-1] < 0, r.euclidean.hubble[-1]))),
-    Claim(FLRW, "per-token H uniform, no position dependence",
-          "causal per-token H: CV <= 10% and Spearman with position p >= 0.05 (a claim of absence: not Holm-corrected)",
-          lambda r: (f"CV {r.causal.per_token_h_cv:.1%}, Spearman {r.causal.per_token_h_position_spearman:+.2f}",
-                     finite(r.causal.per_token_h_cv <= 0.10 and r.causal.per_token_h_position_p >= 0.05,
-                            r.causal.per_token_h_cv, r.causal.per_token_h_position_p))),
-    Claim(FLRW, "comoving coordinates remove the variation",
-          f"causal CV reduction above its permutation null (Holm p < 0.05), removing >= {COMOVING_FLOOR:.0%} of the "
-          "variation the null leaves",
-          lambda r: (f"{r.causal.cv_reduction:.1%} vs null {r.causal.cv_reduction_null_mean:.1%}",
-                     finite(True, r.causal.cv_reduction, r.causal.cv_reduction_null_mean)),
-          p_value=lambda r: (r.causal.cv_reduction_p, len(r.causal.cv_reduction_null)),
-          effect=_comoving_effect, floor=COMOVING_FLOOR, effect_units="share of the null's comoving CV removed"),
+    *under_each_causal_metric(
+        "per-token H uniform, no position dependence",
+        "per-token H under {metric}: CV <= 10% and Spearman with position p >= 0.05 (a claim of absence: not "
+        "Holm-corrected)",
+        lambda t, r: (f"CV {t.per_token_h_cv:.1%}, Spearman {t.per_token_h_position_spearman:+.2f}",
+                      finite(t.per_token_h_cv <= 0.10 and t.per_token_h_position_p >= 0.05,
+                             t.per_token_h_cv, t.per_token_h_position_p))),
+    *under_each_causal_metric(
+        "comoving coordinates remove the variation",
+        "CV reduction under {metric} above its permutation null (Holm p < 0.05), removing >= "
+        f"{COMOVING_FLOOR:.0%} of the variation the null leaves",
+        lambda t, r: (f"{t.cv_reduction:.1%} vs null {t.cv_reduction_null_mean:.1%}",
+                      finite(True, t.cv_reduction, t.cv_reduction_null_mean)),
+        p_value=lambda t, r: (t.cv_reduction_p, len(t.cv_reduction_null)), effect=lambda t, r: comoving_effect(t),
+        floor=COMOVING_FLOOR, effect_units="share of the null's comoving CV removed"),
     Claim(FLRW, "3: post-LN norms approximately constant", "CV of the post-LN norm across blocks <= 10%",
           lambda r: (f"CV {r.post_ln_cv:.1%}, x{r.post_ln_growth:.1f} (raw x{r.pre_ln_growth:.0f})",
                      finite(r.post_ln_cv <= 0.10, r.post_ln_cv))),
@@ -575,7 +629,7 @@ def measure(
     control="random",
     aggregation: str = "ratio_of_means",
     fit_space: FitSpace = "log",
-    n_permutations: int = 200,
+    n_permutations: int = 1000,
     top_k: int = 10,
     ridge: float = 1e-6,
     seed: int = 0,
@@ -585,7 +639,7 @@ def measure(
 
     Args:
         capture_or_model: a ``Capture`` holding ``STREAMS``, or a model to run ``prompts`` through.
-        model: the model a ``Capture`` came from (the causal metric reads its ``W_U``).
+        model: the model a ``Capture`` came from (the causal metrics read its ``W_U``).
         control: ``"random"`` (default) measures the same architecture with random weights on the
             same prompts (needs a model lensdyn loaded); an ``ExpansionResult`` is attached as is;
             None skips it.
@@ -593,10 +647,11 @@ def measure(
         fit_space: ``"log"`` or ``"linear"`` for ``h0`` and per-token ``H``.
         n_permutations: draws of the within-state token permutation null.
         top_k: eigenvectors compared across states.
-        ridge: regularisation of the causal metric (``lensdyn.metric``).
+        ridge: regularisation of both causal metrics (``lensdyn.metric``).
     """
     def measure_one(cap: Capture, model) -> ExpansionResult:
-        return _measure_capture(cap, model_causal_metric(model, ridge), aggregation, fit_space, n_permutations, top_k, seed)
+        metrics = tuple(model_causal_metric(model, ridge, name) for _, name in CAUSAL_TRACKS)
+        return _measure_capture(cap, metrics, aggregation, fit_space, n_permutations, top_k, seed)
 
     return measure_with_control("expansion", capture_or_model, prompts, STREAMS, measure_one, model=model,
                                 control=control, needs_model="the causal metric reads the model's unembedding",
@@ -604,7 +659,8 @@ def measure(
 
 
 def _measure_capture(
-    cap: Capture, metric: CausalMetric, aggregation: str, fit_space: FitSpace, n_permutations: int, top_k: int, seed: int
+    cap: Capture, metrics: tuple[CausalMetric, ...], aggregation: str, fit_space: FitSpace, n_permutations: int,
+    top_k: int, seed: int,
 ) -> ExpansionResult:
     cap.require_streams(STREAMS, allow_absent=True)
     mask = cap.mask
@@ -613,10 +669,10 @@ def _measure_capture(
     vectors = cap.tokens_of("resid")  # [state, token, d_model]
     positions = torch.arange(mask.shape[1]).expand_as(mask)[mask]
     prompts = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
-    tracks = {
-        name: expansion_track(norms, positions, name, aggregation, fit_space, n_permutations, seed)
-        for name, norms in (("euclidean", token_norms(vectors)), ("causal", metric_norms(vectors, metric)))
-    }
+    norms = {"euclidean": token_norms(vectors)} | {m.name: metric_norms(vectors, m) for m in metrics}
+    fields = {"euclidean": "euclidean"} | {name: field for field, name in CAUSAL_TRACKS}
+    tracks = {fields[name]: expansion_track(n, positions, name, aggregation, fit_space, n_permutations, seed)
+              for name, n in norms.items()}
     attn_in_norms = token_norms(cap.tokens_of("attn_in"))
     post_ln = attn_in_norms.mean(dim=1).numpy()
     attn_cross, attn_self = growth_terms(vectors[:-1], cap.tokens_of("attn_out"))
@@ -630,10 +686,11 @@ def _measure_capture(
             "comoving quantities per token, then averaged",
             excluded_positions=cap.exclude,
             layout=cap.model_info.layout,
+            causal_metrics=tuple(m.name for m in metrics),
         ),
         provenance=Provenance.from_capture(cap),
-        causal_metric_condition_number=metric.condition_number,
-        causal_metric_ridge=metric.ridge,
+        causal_metric_condition_number=metrics[0].condition_number,
+        causal_metric_ridge=metrics[0].ridge,
         fit_space=fit_space,
         token_position=positions.numpy(),
         token_prompt=prompts.numpy(),
@@ -662,7 +719,7 @@ class ExpansionParameters:
 
     aggregation: str = option("ratio_of_means", "how a(l) aggregates over tokens", choices=AGGREGATIONS)
     fit_space: FitSpace = option("log", "space of the exponential fits")
-    n_permutations: int = option(200, "draws of the comoving-CV permutation null", flag="--permutations", at_least=1)
+    n_permutations: int = option(1000, "draws of the comoving-CV permutation null", flag="--permutations", at_least=1)
 
 
 ANALYSIS = Analysis(

@@ -26,7 +26,7 @@ prompt ``p``, position ``t``; tokens are each capture's mask):
   ==================  =============================  =================================
   ``none``            ``alpha v_s``                  ``m* / ||v_s||``
   ``redshift``        ``alpha (a(t) / a(s)) v_s``    ``m* a(s) / (||v_s|| a(t))``
-  ``redshift_causal`` the same with causal ``a``     (``lensdyn.metric``)
+  ``redshift_causal`` the same with causal ``a``     (``causal_inverse``, ``lensdyn.metric``)
   ``norm_match``      ``alpha N(t) u_s``             ``m* / N(t)``
   ==================  =============================  =================================
 
@@ -72,6 +72,7 @@ from lensdyn.verdicts import Claim
 
 STREAMS = ("resid",)
 CORRECTIONS = ("none", "redshift", "redshift_causal", "norm_match")
+CAUSAL_METRIC = "causal_inverse"  # the metric of a_causal and redshift_causal (lensdyn.metric.METRICS)
 RELATIVE = (0.125, 0.25, 0.5, 1.0, 2.0)
 LINEAR_MAX = 0.5
 TARGET_FRACTION = 0.5
@@ -363,7 +364,7 @@ class SteeringResult(Result):
     negative_targets: tuple[str, ...]
     n_evaluation: int
     a: Float[np.ndarray, " state"]  # Euclidean scale factor of the capture
-    a_causal: Float[np.ndarray, " state"]
+    a_causal: Float[np.ndarray, " state"]  # scale factor under the causal_inverse metric (Conventions.causal_metrics)
     hubble: Float[np.ndarray, " block"]
     eval_norms: Float[np.ndarray, " block"]  # N(t), mean residual norm of the evaluation prompts
     vector_norms: Float[np.ndarray, " block"]  # ||v_l||
@@ -541,7 +542,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
                                   for t in (contrast.positive_targets, contrast.negative_targets))
     states = masked_tokens(cap.resid, cap.mask)
     a = scale_factor(token_norms(states))
-    a_causal = scale_factor(metric_norms(states, model_causal_metric(model)))
+    a_causal = scale_factor(metric_norms(states, model_causal_metric(model, name=CAUSAL_METRIC)))
 
     texts = contrast.positive + contrast.negative
     contrast_cap = capture(model, PromptSet(contrast.name, texts, tuple(f"{contrast.name}[{i}]" for i in range(len(texts)))),
@@ -587,6 +588,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
             f"native maximum; {n_bootstrap} bootstrap draws over evaluation prompts",
             excluded_positions=cap.exclude,
             layout=cap.model_info.layout,
+            causal_metrics=(CAUSAL_METRIC,),
         ),
         provenance=Provenance.from_capture(cap),
         contrast=contrast.name,

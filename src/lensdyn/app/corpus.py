@@ -72,6 +72,7 @@ from lensdyn.streaming import (
 STREAMS = ("resid", "attn_in", "attn_out", "mlp_in", "mlp_out")
 RECORD_FORMAT = "lensdyn.app.corpus/1"
 TOP_K = 10
+CAUSAL_METRIC = "causal_inverse"  # the metric of resid_causal and causal_scale_factor (lensdyn.metric.METRICS)
 MIN_TOKENS = 2  # per prompt: the histogram and energy accumulators read each prompt's cloud of included tokens
 
 
@@ -333,7 +334,7 @@ def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_siz
         stats = _load_stats(path, record, redo)
     if short and not skip_short:  # after the resume check, so a changed --skip-short reads as a changed setting
         raise short_prompt_error(prompt_set, short, exclude)
-    whitener = model_causal_metric(model).whitener
+    whitener = model_causal_metric(model, name=CAUSAL_METRIC).whitener
     texts = [prompt_set.texts[i] for i in mine]
     with tqdm(total=len(mine), initial=record["prompts_done"], unit="prompt", desc=f"corpus shard {shard[0]}/{shard[1]}",
               disable=not progress) as bar:
@@ -474,6 +475,7 @@ def corpus_result(stats: StreamingStats, record: dict) -> CorpusResult:
             aggregation="streamed over every included token of every prompt (float64 accumulators); a(l) and gains as "
             "ratio of means; histogram and energy averaged over prompts" + _skipped_note(record),
             excluded_positions=tuple(record["exclude"]),
+            causal_metrics=(CAUSAL_METRIC,),
         ),
         provenance=Provenance(
             model=record["model"], weights=record["weights"], seed=record["seed"], layout=record["layout"],

@@ -30,7 +30,7 @@ from torch import Tensor
 from transformer_lens.FactoredMatrix import FactoredMatrix
 
 from lensdyn.errors import UnsupportedArchitectureError
-from lensdyn.metric import CausalMetric, causal_metric
+from lensdyn.metric import CausalMetric, covariance_spectrum, metric_from_spectrum
 from lensdyn.spectra import CircuitSpectra, circuit_spectra_of
 
 
@@ -128,9 +128,11 @@ def _cached(model, name: str, compute):
     return store[name][1]
 
 
-def model_causal_metric(model, ridge: float = 1e-6) -> CausalMetric:
-    """``causal_metric(unembedding(model))``, computed once per model, weights and ridge.
+def model_causal_metric(model, ridge: float = 1e-6, name: str = "causal_inverse") -> CausalMetric:
+    """``causal_metric(unembedding(model), ridge, name)``, computed once per model, weights, ridge and name.
 
-    Building it costs a ``[vocab, d_model]`` float64 covariance (half a second on SmolLM2).
+    The ``[vocab, d_model]`` float64 covariance (seconds on SmolLM2) is computed once for both metrics.
     """
-    return _cached(model, f"causal_metric(ridge={ridge})", lambda m: causal_metric(unembedding(m), ridge=ridge))
+    spectrum = _cached(model, "unembedding_covariance_spectrum", lambda m: covariance_spectrum(unembedding(m)))
+    return _cached(model, f"causal_metric(ridge={ridge}, name={name})",
+                   lambda m: metric_from_spectrum(*spectrum, ridge=ridge, name=name))
