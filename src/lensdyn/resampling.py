@@ -30,8 +30,9 @@ from lensdyn.errors import ArgumentError
 def prompt_counts(rng: np.random.Generator, n_prompts: int) -> Int[np.ndarray, " prompt"]:
     """How often each of ``n_prompts`` prompts is drawn in one resample: ``Multinomial(n, 1/n)``.
 
-    >>> prompt_counts(np.random.default_rng(1), 3).tolist()
-    [2, 0, 1]
+    >>> counts = prompt_counts(np.random.default_rng(1), 3)
+    >>> len(counts), int(counts.sum())          # one count per prompt, n draws in all
+    (3, 3)
     """
     return rng.multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts))
 

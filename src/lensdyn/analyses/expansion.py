@@ -138,7 +138,7 @@ NULL_BATCH = 64  # permutations drawn and reduced together (memory: NULL_BATCH x
 
 
 def cv_reduction_null(
-    norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means", n_permutations: int = 1000, seed: int = 0
+    norms: Float[Tensor, "state token"], aggregation: str = "ratio_of_means", n_permutations: int = 400, seed: int = 0
 ) -> Float[np.ndarray, " permutation"]:
     """``cv_reduction`` after permuting tokens independently within each state, ``n_permutations`` times.
 
@@ -298,7 +298,7 @@ def expansion_track(
     metric: str,
     aggregation: str = "ratio_of_means",
     fit_space: FitSpace = "log",
-    n_permutations: int = 1000,
+    n_permutations: int = 400,
     seed: int = 0,
 ) -> ExpansionTrack:
     """All of the track's numbers from one ``[state, token]`` matrix of norms."""
@@ -629,7 +629,7 @@ def measure(
     control="random",
     aggregation: str = "ratio_of_means",
     fit_space: FitSpace = "log",
-    n_permutations: int = 1000,
+    n_permutations: int = 400,
     top_k: int = 10,
     ridge: float = 1e-6,
     seed: int = 0,
@@ -719,7 +719,7 @@ class ExpansionParameters:
 
     aggregation: str = option("ratio_of_means", "how a(l) aggregates over tokens", choices=AGGREGATIONS)
     fit_space: FitSpace = option("log", "space of the exponential fits")
-    n_permutations: int = option(1000, "draws of the comoving-CV permutation null", flag="--permutations", at_least=1)
+    n_permutations: int = option(400, "draws of the comoving-CV permutation null", flag="--permutations", at_least=1)
 
 
 ANALYSIS = Analysis(
@@ -731,4 +731,6 @@ ANALYSIS = Analysis(
     result=ExpansionResult,
     measure=measure,
     parameters=ExpansionParameters,
+    # The reference column shows a control's reduction and null mean, no verdict: 100 draws estimate the mean.
+    reference_keywords={"n_permutations": 100},
 )
