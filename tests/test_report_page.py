@@ -63,7 +63,7 @@ def test_report_page_loads_without_errors_and_every_figure_renders(minilm_report
     assert recorded["errors"] == [], recorded["errors"]
     assert not [line for line in recorded["console"] if "Uncaught" in line or "Error" in line], recorded["console"]
     figures = recorded["figures"]
-    assert len(figures) == n_figures == 5
+    assert len(figures) == n_figures == 6  # norms, massive, expansion, gains, metastability, curvature
     for figure in figures:
         assert figure["svg"] >= 1 and figure["traces"] >= 1, f"{figure['id']} did not render: {figure}"
     index = json.loads((minilm_report / "report.json").read_text())

@@ -92,8 +92,13 @@ class Verdict:
     note: str = ""  # why a verdict is not testable, or what it rests on
 
     @property
-    def decided_by_p(self) -> bool:
-        return self.p_value is not None
+    def robustness_text(self) -> str:
+        """The robustness label with what it rests on: the share of resamples, or why there is none."""
+        if self.n_prompts is not None and self.n_prompts < MIN_PROMPTS:
+            return f"{self.robustness} ({self.n_prompts} prompt{'s' if self.n_prompts != 1 else ''})"
+        if self.bootstrap_share is None or self.verdict == NOT_TESTABLE:
+            return self.robustness
+        return f"{self.robustness} (holds in {self.bootstrap_share:.0%} of {self.n_resamples})"
 
 
 def finite(holds, *values) -> bool | None:
@@ -289,14 +294,9 @@ def verdict_table(verdicts: Sequence[Verdict], reference_label: str = "control")
 
     >>> print(verdict_table([Verdict("w", "c", "r", "1.0", "0.5", HOLDS, ROBUST_LABEL, 0.97, 200)]))
     claim  measured  control  verdict  robustness
-    c      1.0       0.5      holds    robust (holds in 97%)
+    c      1.0       0.5      holds    robust (holds in 97% of 200)
     """
-    def robustness(v: Verdict) -> str:
-        if v.bootstrap_share is None or v.verdict == NOT_TESTABLE:
-            return v.robustness
-        return f"{v.robustness} (holds in {v.bootstrap_share:.0%})"
-
     rows = [("claim", "measured", reference_label, "verdict", "robustness")]
-    rows += [(v.claim, v.measured, v.reference, v.verdict, robustness(v)) for v in verdicts]
+    rows += [(v.claim, v.measured, v.reference, v.verdict, v.robustness_text) for v in verdicts]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -53,12 +53,6 @@ def _evidence(v: Verdict) -> str:
     return "; ".join(parts)
 
 
-def _robustness(v: Verdict) -> str:
-    if v.bootstrap_share is None:
-        return v.robustness
-    return f"{v.robustness} (rule holds in {v.bootstrap_share:.0%} of {v.n_resamples})"
-
-
 def verdict_html(verdicts: Sequence[Verdict], reference_label: str,
                  other_sets: dict[str, Sequence[Verdict]] | None = None) -> str:
     """The summary table: one row per claim, the verdict cell coloured, its robustness beside it, and
@@ -69,7 +63,7 @@ def verdict_html(verdicts: Sequence[Verdict], reference_label: str,
         cells = [html.escape(c) for c in (v.source, v.claim, v.measured, v.reference)]
         cells.append(f'<td class="{_verdict_css(v.verdict)}" title="{html.escape(_evidence(v))}">{html.escape(v.verdict)}</td>')
         cells.append(f'<td class="robust-{v.robustness.replace(" ", "-")}" title="{html.escape(v.note)}">'
-                     f"{html.escape(_robustness(v))}</td>")
+                     f"{html.escape(v.robustness_text)}</td>")
         for theirs in other_sets.values():
             o = theirs[i]
             cells.append(f'<td class="{_verdict_css(o.verdict)}" title="{html.escape(_evidence(o))}">'
