@@ -761,12 +761,18 @@ def _study(args) -> int:
         exclude=tuple(args.exclude), batch_size=args.batch_size, truncate=args.truncate, seed=args.seed,
         control=args.control, control_seeds=tuple(dict.fromkeys(args.control_seeds)), n_bootstrap=args.bootstrap,
         device=args.device, side_by_side=not args.serial, temperature=not args.no_temperature)
+    from tqdm.auto import tqdm
+
     columns = []
     for name in dict.fromkeys(args.models):
         began = time.perf_counter()
-        columns.append(study.measure_model(name, prompts, chosen, options, check=lambda model, runnable, name=name:
-                                           _check_for_model(model, prompts, argparse.Namespace(**vars(args), model=name),
-                                                            runnable)))
+        n_runs = len(options.control_seeds) + 1 if args.control == "random" else 1
+        with tqdm(total=n_runs * (1 + len(chosen)), desc=name, unit="step", disable=None) as bar:
+            columns.append(study.measure_model(
+                name, prompts, chosen, options,
+                check=lambda model, runnable, name=name: _check_for_model(
+                    model, prompts, argparse.Namespace(**vars(args), model=name), runnable),
+                on_step=lambda role, step, bar=bar: (bar.set_postfix_str(f"{role} {step}"), bar.update(1))))
         print(f"{name}: measured in {time.perf_counter() - began:.1f} s", file=sys.stderr)
     models = [c.model for c in columns]
     rows = study.verdict_matrix(columns, names)
