@@ -40,6 +40,7 @@ import dataclasses
 import gc
 import itertools
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ def measure_model(name: str, prompts, chosen: Sequence[tuple[object, object]], o
         column.gains = measured.results.get("gains")
         column.timings = measured.timings
     if options.temperature:
+        began = time.perf_counter()
         try:
             with warnings.catch_warnings():  # the sweep's K-theta law on three K: unused here, and its fit warns
                 warnings.simplefilter("ignore", OptimizeWarning)
@@ -147,6 +149,7 @@ def measure_model(name: str, prompts, chosen: Sequence[tuple[object, object]], o
                                                        batch_size=options.batch_size, truncate=options.truncate)
         except UnsupportedArchitectureError as err:
             column.temperature_note = f"no temperature sweep: {err}"
+        column.timings.setdefault("model", {})["temperature_s"] = round(time.perf_counter() - began, 3)
     else:
         column.temperature_note = "no temperature sweep (--no-temperature)"
     models.clear()
@@ -345,9 +348,10 @@ def _temperature_test(columns: Sequence[Column]) -> tuple[str, bool | None]:
     mean_c = {t: float(np.mean([c for _, c in v])) for t, v in found.items()}
     measured = ", ".join(f"{t} C {mean_c[t]:.2f} ({len(found[t])} model(s))" for t in WRITE_UP_ORDER if t in mean_c)
     if len(found) < 2:
-        present = sorted({c.temperature.attention_type for c in columns if c.temperature is not None})
-        return (f"{len(found)} attention type(s) with a usable fit (R^2 >= {MIN_TAU_R2}; measured: "
-                f"{', '.join(present) or 'none'}): the comparison needs 2" + (f"; {measured}" if measured else "")), None
+        each = "; ".join(f"{c.model} {c.temperature.attention_type}: C {c.temperature.tau_c:.2f}, R^2 {c.temperature.tau_r2:.2f}"
+                         if c.temperature is not None else f"{c.model}: {c.temperature_note}" for c in columns)
+        return (f"{len(found)} attention type(s) with a usable fit (R^2 >= {MIN_TAU_R2}), the comparison needs 2 "
+                f"({each})"), None
     return measured, ranks_as_write_up(mean_c)
 
 
