@@ -163,6 +163,24 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, type=Path)
     merge.set_defaults(command="merge", run=_merge)
 
+    study = sub.add_parser(
+        "study", help="several models, each measured as `report` does: one claims x models table (study.json + study.html)",
+        description="Measure each model and its untrained controls on one prompt set, one model at a time, and judge "
+        "the claims per model and across models (H(l) invariance, last-MLP gain scaling, temperature response by "
+        "attention type).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    study.add_argument("--models", nargs="+", required=True, help="embedded names, local checkpoint dirs or hub ids")
+    study.add_argument("--prompts", default="diverse", help="built-in set name, .txt/.jsonl file, or directory of .txt")
+    study.add_argument("--out", required=True, type=Path, help="output directory")
+    study.add_argument("--control", choices=("random", "none"), default="random",
+                       help="also measure each model's architecture with random weights")
+    study.add_argument("--no-temperature", action="store_true",
+                       help="skip the temperature sweep (the attention-type claim is then not testable)")
+    study.add_argument("--json-only", action="store_true", help="write study.json only, no HTML")
+    _add_measure_options(study)
+    study.add_argument("--analyses", default=report.get_default("analyses"),
+                       help=f"comma-separated subset of {', '.join(a.name for a in registry.analyses())}")
+    study.set_defaults(command="study", run=_study, weights="pretrained", compare=None, static=[])
+
     for analysis in registry.analyses():  # each analysis's options go on its own command and on `report`
         p = sub.add_parser(analysis.name, help=analysis.help, description=analysis.help,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -170,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(command=analysis.name, run=_report, analyses=analysis.name)
         _add_parameters(p, analysis)
         _add_parameters(report, analysis)
+        _add_parameters(study, analysis)
     return parser
 
 
@@ -234,6 +253,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-only", action="store_true", help="write the JSON files only, no HTML")
     p.add_argument("--static", nargs="*", default=[], metavar="FORMAT",
                    help="also export every figure as png and/or svg into OUT/figures (needs kaleido and a Chromium)")
+    _add_measure_options(p)
+
+
+def _add_measure_options(p: argparse.ArgumentParser) -> None:
+    """How each model is measured and judged: the options ``report`` and ``study`` share."""
     p.add_argument("--seed", type=int, default=0, help="seed of the nulls and of the verdicts' bootstrap")
     p.add_argument("--control-seeds", nargs="+", type=int, default=list(CONTROL_SEEDS), metavar="SEED",
                    help="one untrained control per seed (random weights); the first is drawn in the figures")
@@ -609,11 +633,7 @@ def _report(args) -> int:
     from lensdyn.models import load_model
     from lensdyn.verdicts import verdict_table
 
-    names = [a.strip() for a in args.analyses.split(",") if a.strip()]
-    known = [a.name for a in registry.analyses()]
-    unknown = sorted(set(names) - set(known))
-    if unknown or not names:
-        raise ArgumentError(f"unknown analysis {unknown or names}: choose from {', '.join(known)}")
+    names = _analysis_names(args.analyses)
     _check_options(args)
     prompt_sets = [_prompts(spec) for spec in args.prompts]
     chosen = [(registry.get(name), _parameters(registry.get(name), args)) for name in names]
@@ -709,6 +729,74 @@ def _report(args) -> int:
     report_json = args.out / ("report.json" if len(names) > 1 else f"{names[0]}_report.json")
     report_json.write_text(json.dumps(index, indent=1, allow_nan=False), encoding="utf-8")
     written.append(report_json)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _analysis_names(spec: str) -> list[str]:
+    """The --analyses list, each a registered analysis."""
+    names = [a.strip() for a in spec.split(",") if a.strip()]
+    known = [a.name for a in registry.analyses()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise ArgumentError(f"unknown analysis {unknown or names}: choose from {', '.join(known)}")
+    return names
+
+
+def _study(args) -> int:
+    import json
+
+    from lensdyn.app import study
+    from lensdyn.app.report import Section, matrix_html, verdict_html, write_html
+
+    names = _analysis_names(args.analyses)
+    _check_options(args)
+    prompts = _prompts(args.prompts)
+    chosen = [(registry.get(name), _parameters(registry.get(name), args)) for name in names]
+    for _, flag, spec in _options_marked(chosen, "contrast"):
+        _contrast(flag, spec)
+    _set_threads(args)
+    options = study.StudyOptions(
+        exclude=tuple(args.exclude), batch_size=args.batch_size, truncate=args.truncate, seed=args.seed,
+        control=args.control, control_seeds=tuple(dict.fromkeys(args.control_seeds)), n_bootstrap=args.bootstrap,
+        device=args.device, side_by_side=not args.serial, temperature=not args.no_temperature)
+    from tqdm.auto import tqdm
+
+    columns = []
+    for name in dict.fromkeys(args.models):
+        began = time.perf_counter()
+        n_runs = len(options.control_seeds) + 1 if args.control == "random" else 1
+        with tqdm(total=n_runs * (1 + len(chosen)), desc=name, unit="step", disable=None) as bar:
+            columns.append(study.measure_model(
+                name, prompts, chosen, options,
+                check=lambda model, runnable, name=name: _check_for_model(
+                    model, prompts, argparse.Namespace(**vars(args), model=name), runnable),
+                on_step=lambda role, step, bar=bar: (bar.set_postfix_str(f"{role} {step}"), bar.update(1))))
+        print(f"{name}: measured in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    models = [c.model for c in columns]
+    rows = study.verdict_matrix(columns, names)
+    cross = study.cross_model_verdicts(columns)
+    print(study.matrix_text(rows, models), end="\n\n")
+    for v in cross:
+        print(f"{v.claim}: {v.verdict}: {v.measured}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    index = study.study_index(columns, names, rows, cross, prompts=prompts.name, n_prompts=len(prompts),
+                              excluded_positions=list(args.exclude), bootstrap_resamples=args.bootstrap,
+                              seeds={"nulls_and_bootstrap": args.seed, "controls": list(options.control_seeds)
+                                     if args.control == "random" else []})
+    written = [args.out / "study.json"]
+    written[0].write_text(json.dumps(index, indent=1, allow_nan=False), encoding="utf-8")
+    if not args.json_only:
+        sections = [Section("H(l) on relative depth", study.hubble_figure(columns))]
+        gain = study.gain_figure(columns)
+        if gain is not None:
+            sections.append(Section("Last-MLP gain against parameter count", gain))
+        written.append(write_html(
+            args.out / "study.html", title=f"lensdyn: study of {', '.join(models)}",
+            subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights",
+            sections=sections,
+            tables=[("Across models", verdict_html(cross, "reference")), ("Claims x models", matrix_html(rows, models))]))
     for path in written:
         print(f"wrote {path}")
     return 0

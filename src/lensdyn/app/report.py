@@ -83,13 +83,34 @@ def verdict_html(verdicts: Sequence[Verdict], reference_label: str,
             "measurement to each reference run (one value per untrained-control seed).</p>")
 
 
+def matrix_html(rows: Sequence[dict], models: Sequence[str]) -> str:
+    """A claims x models table (``lensdyn.app.study.verdict_matrix`` rows): per cell the verdict, coloured,
+    its robustness and measured value, the control's under it; the rule and any note on hover."""
+    def cell(c: dict) -> str:
+        hover = "; ".join(x for x in (f"rule: {c['rule']}", c.get("note", "")) if x)
+        text = html.escape(c["verdict"]) + (f" ({html.escape(c['robustness'])})" if c["robustness"] else "")
+        if c["measured"]:
+            text += f"<br>{html.escape(c['measured'])}"
+        if c["reference"] and c["reference"] != "-":
+            text += f'<br><span class="note">control: {html.escape(c["reference"])}</span>'
+        return f'<td class="{_verdict_css(c["verdict"])}" title="{html.escape(hover)}">{text}</td>'
+
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in ("write-up", "claim", *models))
+    body = "".join(f"<tr><td>{html.escape(r['source'])}</td><td>{html.escape(r['claim'])}</td>"
+                   + "".join(cell(r["cells"][m]) for m in models) + "</tr>" for r in rows)
+    return f'<table class="verdicts" id="matrix"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>'
+
+
 def render_html(title: str, sections: list[Section], subtitle: str = "", verdicts: Sequence[Verdict] = (),
-                reference_label: str = "control", other_sets: dict[str, Sequence[Verdict]] | None = None) -> str:
-    """The report page as one HTML string with plotly.js inlined; the verdict table first when given."""
+                reference_label: str = "control", other_sets: dict[str, Sequence[Verdict]] | None = None,
+                tables: Sequence[tuple[str, str]] = ()) -> str:
+    """The report page as one HTML string with plotly.js inlined; the verdict table first when given, then
+    ``tables`` (heading, HTML) before the sections."""
     from plotly.offline import get_plotlyjs
 
     body = [f"<h2>Summary: the write-ups' claims on this model</h2>{verdict_html(verdicts, reference_label, other_sets)}"]
     body = body if verdicts else []
+    body += [f"<h2>{html.escape(heading)}</h2>{table}" for heading, table in tables]
     for i, section in enumerate(sections):
         body.append(f"<h2>{html.escape(section.heading)}</h2>")
         body.append(section.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}"))
@@ -121,10 +142,11 @@ td.holds {{ background: #d9f2d9; }} td.fails {{ background: #f8d7d7; }} td.untes
 
 
 def write_html(path: str | Path, title: str, sections: list[Section], subtitle: str = "", verdicts: Sequence[Verdict] = (),
-               reference_label: str = "control", other_sets: dict[str, Sequence[Verdict]] | None = None) -> Path:
+               reference_label: str = "control", other_sets: dict[str, Sequence[Verdict]] | None = None,
+               tables: Sequence[tuple[str, str]] = ()) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(title, sections, subtitle, verdicts, reference_label, other_sets), encoding="utf-8")
+    path.write_text(render_html(title, sections, subtitle, verdicts, reference_label, other_sets, tables), encoding="utf-8")
     return path
 
 
