@@ -267,3 +267,10 @@ def test_smollm2_patch_sweeps_through_the_prefix_cache_equal_whole_prompts(smoll
         whole = patch_sweeps(smollm2, clean, edited, *positions, stream, prefix_cache=False)
         torch.testing.assert_close(cached, whole, atol=2e-4, rtol=1e-4)
     assert fast_paths(smollm2)[patching.PREFIX_CACHE].taken  # the cached rows were used, not a silent fallback
+
+
+def test_edit_pairs_outside_the_vocabulary_are_a_clear_error(tiny_llama):
+    """A word-level tokenizer knows none of the built-in pairs' words: every token is <unk>, so there is no target."""
+
+    with pytest.raises(PromptError, match="only special tokens"):
+        curvature.measure(tiny_llama, ["w3 w4 w5 w6 w7"], control=None, pairs=curvature.EDIT_PAIRS[:1], n_draws=2)

@@ -44,7 +44,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-from lensdyn.errors import ArgumentError
+from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweeps
 from lensdyn.analyses.measure import measure_with_control
@@ -613,8 +613,12 @@ def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, .
     rows = [(row[pair.clean], row[pair.edited]) for pair in pairs]
     # The target is the last token that is not special (an encoder ends on [SEP]).
     targets = []
-    for c, e in rows:
-        target = max(i for i, t in enumerate(ids[c]) if t not in special)
+    for pair, (c, e) in zip(pairs, rows):
+        ordinary = [i for i, t in enumerate(ids[c]) if t not in special]
+        if not ordinary:  # a tokenizer that knows none of the pair's words (each an unknown token, which is special)
+            raise PromptError(f"edit pair {pair.label!r} is only special tokens under this model's tokenizer "
+                              f"({len(ids[c])} of them): it has no target token to follow; give pairs in its vocabulary")
+        target = max(ordinary)
         targets.append((target, align(ids[c], ids[e]).edited_position(target)))
     profiles = [deflection_profile(cap.prompt_of("resid", c)[:, tc], cap.prompt_of("resid", e)[:, te])
                 for (c, e), (tc, te) in zip(rows, targets)]
