@@ -271,6 +271,5 @@ def test_smollm2_patch_sweeps_through_the_prefix_cache_equal_whole_prompts(smoll
 
 def test_edit_pairs_outside_the_vocabulary_are_a_clear_error(tiny_llama):
     """A word-level tokenizer knows none of the built-in pairs' words: every token is <unk>, so there is no target."""
-
     with pytest.raises(PromptError, match="only special tokens"):
         curvature.measure(tiny_llama, ["w3 w4 w5 w6 w7"], control=None, pairs=curvature.EDIT_PAIRS[:1], n_draws=2)
