@@ -3,6 +3,7 @@
 Hooks read and write activations; they never compute statistics (that is ``lensdyn.analyses``).
 """
 from lensdyn.hooks.capture import STREAMS, Capture, capture
+from lensdyn.hooks.external import from_activation_cache, from_hidden_states
 from lensdyn.hooks.circuits import (
     CircuitSpectra,
     circuit_spectra,
@@ -16,6 +17,8 @@ __all__ = [
     "STREAMS",
     "Capture",
     "capture",
+    "from_activation_cache",
+    "from_hidden_states",
     "CircuitSpectra",
     "circuit_spectra",
     "layer_ov_circuit",

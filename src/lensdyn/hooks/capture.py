@@ -83,6 +83,10 @@ EXCLUDE_RULES = ("first", "bos", "special", "massive")
 class Capture:
     """Activations of one set of prompts (module docstring: packed storage, padded views).
 
+    Built by ``capture()``, or from activations already at hand: ``Capture.from_activation_cache``
+    (a TransformerLens ``ActivationCache``) and ``Capture.from_hidden_states`` (Hugging Face
+    ``output_hidden_states``), both in ``lensdyn.hooks.external``.
+
     Shapes: ``state = n_layers + 1`` residual states, ``block = n_layers`` sublayer outputs, ``token`` the
     real tokens of every prompt, prompt after prompt (``token_mask.sum()`` of them). Streams not
     asked for are absent from ``packed``; ``require(name)`` returns one or says how to capture it.
@@ -104,6 +108,8 @@ class Capture:
     # they were found in ("name (weights)"; the trained model's for its control). Empty without the rule.
     massive_positions: tuple[tuple[int, int], ...] = ()
     massive_source: str = ""
+    # Stream -> why this capture lacks it, for one built from activations the user had (lensdyn.hooks.external).
+    missing: dict[str, str] = field(default_factory=dict, compare=False)
     _padded: dict[str, Tensor] = field(default_factory=dict, init=False, compare=False)  # padded views, built on use
 
     def __post_init__(self):
@@ -197,6 +203,9 @@ class Capture:
                 "see lensdyn.layouts for what each stream means per layout"
             )
         missing = [s for s in streams if s not in self.packed and s not in self.absent]
+        known = [f"{s!r}: {self.missing[s]}" for s in missing if s in self.missing]
+        if known:
+            raise ArgumentError(f"this capture holds no {', '.join(map(repr, missing))} ({'; '.join(known)})")
         if missing:
             raise ArgumentError(
                 f"this capture holds no {', '.join(map(repr, missing))}: capture again with streams={tuple(streams)!r}"
