@@ -235,6 +235,8 @@ def _assemble(model, padded: Mapping[str, Tensor], tokens, attention_mask, *, ex
             raise ArgumentError(f"{source}: {stream!r} has shape {tuple(value.shape[1:])}, expected {tuple(shape)} "
                                 f"positions{'' if stream.endswith('_scale') else f' x d_model {d_model} ({name})'}")
     user_mask = _real_positions(shape, attention_mask)
+    if prepend_bos is None:
+        prepend_bos = model_info(model).prepend_bos
     prompt_set, token_lists = _token_lists(model, tokens, user_mask, prepend_bos, source)
     lengths = [len(t) for t in token_lists]
     if lengths != user_mask.sum(1).tolist():
