@@ -11,13 +11,15 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
 
 import lensdyn as ld
 from lensdyn.analyses import registry
-from lensdyn.results import attach_control
+from lensdyn.results import FRAME_COLUMNS, Result, attach_control
 from lensdyn.verdicts import Verdict
 
 ANALYSES = registry.analyses()
@@ -81,6 +83,37 @@ def test_results_round_trip_summarise_draw_and_judge(analysis, request, tmp_path
         assert isinstance(result.figure(control=result), go.Figure)
     verdicts = result.verdicts()
     assert isinstance(verdicts, list) and all(isinstance(v, Verdict) for v in verdicts)
+    assert_tidy(result)
+
+
+def assert_tidy(result: Result) -> None:
+    """``to_frame`` holds the result's numbers, one row each: its 1-D arrays entry by entry and its scalars, the
+    control's under role "control"."""
+    frame = result.to_frame()
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == list(FRAME_COLUMNS) and len(frame)
+    assert not frame.duplicated(["role", "axis", "index", "statistic"]).any()
+    assert frame.attrs["kind"] == result.kind and frame.attrs["provenance"]["model"] == result.provenance.model
+    control = getattr(result, "control", None)
+    roles = [("model", result)] + [("control", control)] * isinstance(control, Result)
+    for role, part in roles:
+        rows = frame[frame.role == role]
+        assert set(rows.model) == {part.provenance.model} and set(rows.weights) == {part.provenance.weights}
+        checked = 0
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if f.metadata.get("transient") or f.name == "control":
+                continue
+            if isinstance(value, np.ndarray) and value.ndim == 1 and not np.iscomplexobj(value):
+                mine = rows[rows.statistic == f.name].sort_values("index")
+                assert mine["index"].tolist() == list(range(len(value))), f.name
+                np.testing.assert_array_equal(mine.value.to_numpy(), value.astype(float), err_msg=f.name)
+                checked += 1
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                mine = rows[rows.statistic == f.name]
+                assert mine.axis.tolist() == ["scalar"] and mine["index"].isna().all(), f.name
+                np.testing.assert_array_equal(mine.value.to_numpy(), [float(value)], err_msg=f.name)
+                checked += 1
+        assert checked or role == "control", f"{result.kind}: no array or scalar field to check"
 
 
 @pytest.mark.parametrize("analysis", ANALYSES, ids=lambda a: a.name)

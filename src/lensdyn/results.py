@@ -15,11 +15,23 @@ module is imported; ``Result.from_dict`` knows the registered ones, and ``lensdy
 them ``@dataclass(frozen=True, eq=False)`` (so the base's array-safe ``__eq__`` is kept) and
 annotate arrays with jaxtyping numpy types (``Float[np.ndarray, " state"]``): the loader reads
 those hints to rebuild arrays, complex ones included.
+
+``to_frame()`` lays any result out as one long table (``pandas``), one row per number:
+
+>>> df = result.to_frame()                                           # doctest: +SKIP
+>>> df[(df.statistic == "mean") & (df.role == "model")][["index", "value"]]   # doctest: +SKIP
+
+The same walk over the fields serves every result (``tidy_records``): a 1-D array over states
+or blocks gives a row per entry, a scalar one row (``index`` NaN), a nested record its fields
+under a prefix (``euclidean.scale_factor``), and the untrained control its own rows (``role``
+``"control"``).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -122,6 +134,8 @@ class Result:
 
     kind: ClassVar[str] = "Result"
     claims: ClassVar[tuple] = ()  # the write-ups' claims it tests (lensdyn.verdicts.Claim)
+    # Statistic name (before any "[" or ".") -> its units, where the name alone does not say (``UNITS``).
+    units: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -150,6 +164,51 @@ class Result:
             raise ValueError(f"unknown result kind {data.get('kind')!r}; known: {sorted(_REGISTRY)}")
         return _rebuild(target, data)
 
+    def to_frame(self):
+        """A long-format ``pandas.DataFrame``: one row per number, columns ``FRAME_COLUMNS``.
+
+        ``axis`` is what ``index`` counts (``"state"``, ``"block"``, ``"prompt"``, ...; ``"scalar"``
+        with index NaN for a single number); the other axes of a 2-D array go into the statistic's
+        name (``prompt_mean[prompt=1]`` at ``axis="state"``). ``role`` is ``"model"``, or
+        ``"control"`` for the untrained control's rows; ``df.attrs`` holds ``kind``,
+        ``conventions`` and ``provenance`` (the control's as ``control_provenance``).
+
+        >>> df = norms_result.to_frame()                                   # doctest: +SKIP
+        >>> df.pivot_table(index="index", columns=["role", "statistic"], values="value")  # doctest: +SKIP
+        """
+        import pandas as pd
+
+        rows = []
+        for role, result in self._roles():
+            p = result.provenance
+            rows += [(p.model, p.weights, role, axis, index, statistic, float(value), result.units_of(statistic))
+                     for axis, index, statistic, value in result.tidy_records()]
+        frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
+        frame.attrs = {"kind": self.kind, "conventions": dataclasses.asdict(self.conventions),
+                       "provenance": dataclasses.asdict(self.provenance)}
+        for role, result in self._roles():
+            if role != "model":
+                frame.attrs[f"{role}_provenance"] = dataclasses.asdict(result.provenance)
+        return frame
+
+    def tidy_records(self):
+        """``(axis, index, statistic, value)`` for every number of this result, its control's apart
+        (``to_frame``); a result with a layout the generic walk reads poorly overrides this."""
+        return _records(self, "")
+
+    def units_of(self, statistic: str) -> str:
+        """The units of a statistic: the class's ``units``, else ``UNITS`` by name, else ``""`` (not stated)."""
+        stem = re.split(r"[\[.]", statistic)[0]
+        if stem in self.units:
+            return self.units[stem]
+        return next((units for pattern, units in UNITS if re.search(pattern, statistic)), "")
+
+    def _roles(self):
+        yield "model", self
+        control = getattr(self, "control", None)
+        if isinstance(control, Result):
+            yield "control", control
+
     def figure(self):
         """A plotly Figure of the result."""
         raise NotImplementedError(f"{self.kind} has no figure")
@@ -177,6 +236,88 @@ class Result:
         return json.dumps(self.to_dict(), sort_keys=True) == json.dumps(other.to_dict(), sort_keys=True)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+FRAME_COLUMNS = ("model", "weights", "role", "axis", "index", "statistic", "value", "units")
+ROW_AXES = ("state", "block")  # a 2-D array's rows run over one of these where it has one
+# Units read off a statistic's name, first match wins; a name none matches has its units unstated ("").
+UNITS = (
+    (r"(^|[._])p$|_p$|p_value", "p-value"),
+    (r"spearman", "Spearman rho"),
+    (r"gain", "ratio of norms"),
+    (r"(^|[._])(count|n_[a-z_]+|carrier_tokens)($|[.\[])", "count"),
+    (r"norm", "L2 norm (activation units)"),
+)
+
+
+def _records(obj: Any, prefix: str):
+    """``(axis, index, statistic, value)`` for the numbers of a dataclass, walked field by field.
+
+    >>> @dataclass
+    ... class Track:
+    ...     a: np.ndarray
+    ...     top: float
+    >>> list(_records(Track(np.array([1.0, 2.0]), 3.0), "t."))
+    [('a', 0, 't.a', 1.0), ('a', 1, 't.a', 2.0), ('scalar', nan, 't.top', 3.0)]
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("transient") or value is None or (isinstance(obj, Result) and f.name in (
+                "conventions", "provenance", "control")):
+            continue
+        yield from _value_records(value, hints.get(f.name), f"{prefix}{f.name}")
+
+
+def _value_records(value: Any, hint: Any, name: str):
+    if isinstance(value, (bool, int, float, np.generic)) and not isinstance(value, str):
+        yield "scalar", float("nan"), name, value
+    elif isinstance(value, np.ndarray):
+        yield from _array_records(value, _dim_names(hint, value.ndim, name), name)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        yield from _records(value, f"{name}.")
+    elif isinstance(value, dict):
+        inner = typing.get_args(_unwrap(hint))[1:2] or (None,)
+        for key, item in value.items():
+            yield from _value_records(item, inner[0], f"{name}.{key}")
+    elif isinstance(value, (list, tuple)):
+        if all(isinstance(v, (bool, int, float)) for v in value):
+            yield from _array_records(np.asarray(value, dtype=float), (name.rsplit(".", 1)[-1],), name)
+        else:
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    yield from _value_records(item, None, f"{name}[{i}]")
+
+
+def _array_records(array: np.ndarray, dims: tuple[str, ...], name: str):
+    if np.iscomplexobj(array):
+        yield from _array_records(array.real, dims, f"{name}.real")
+        yield from _array_records(array.imag, dims, f"{name}.imag")
+        return
+    if array.ndim == 0:
+        yield "scalar", float("nan"), name, array.item()
+        return
+    row = next((i for i, d in enumerate(dims) if d in ROW_AXES), 0)
+    for position in itertools.product(*map(range, array.shape)):
+        others = ",".join(f"{d}={j}" for k, (d, j) in enumerate(zip(dims, position)) if k != row)
+        yield dims[row], position[row], f"{name}[{others}]" if others else name, array[position].item()
+
+
+def _dim_names(hint: Any, ndim: int, name: str) -> tuple[str, ...]:
+    """The axis names of a jaxtyping annotation (``Float[np.ndarray, "prompt state"]``); unannotated, the
+    field's own name (1-D) or ``name_axis0, ...``."""
+    names = tuple(getattr(_unwrap(hint), "dim_str", "").split())
+    if len(names) == ndim:
+        return names
+    stem = name.rsplit(".", 1)[-1]
+    return (stem,) if ndim == 1 else tuple(f"{stem}_axis{k}" for k in range(ndim))
+
+
+def _unwrap(hint: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def transient(default: Any = None) -> Any:
