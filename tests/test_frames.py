@@ -79,7 +79,7 @@ def test_nested_records_get_a_prefix_and_the_control_its_rows(tiny_model):
     assert set(frame[frame.role == "control"].weights) == {"random"}
     assert frame.attrs["control_provenance"]["weights"] == "random"
     assert_tidy(result)
-    scale = frame[frame.statistic == "euclidean.scale_factor"].sort_values("index")
+    scale = frame[(frame.statistic == "euclidean.scale_factor") & (frame.role == "model")].sort_values("index")
     np.testing.assert_array_equal(scale.value.to_numpy(), result.euclidean.scale_factor)
     assert scale.axis.unique().tolist() == ["state"]
     wide = frame[(frame.axis == "block") & (frame.role == "model")].pivot_table(index="index", columns="statistic",
