@@ -20,8 +20,9 @@ from lensdyn.hooks.heads import head_capture
 from zoo import families
 
 FAMILIES = families()
-# Three prompts of different lengths, batched two at a time: padding and the packed order are exercised.
-PROMPTS = [torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 8, 6)]
+# Three prompts of different lengths, batched two at a time longest first ([1, 2], then [0]): padding and the
+# way back from the batches' order to the packed order are exercised.
+PROMPTS = [torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (6, 9, 8)]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -73,6 +74,14 @@ def test_a_layout_without_hook_z_is_refused_by_name(tiny_model, monkeypatch):
 def test_keep_takes_block_indices(tiny_model):
     with pytest.raises(ArgumentError, match="keep= takes block indices 0..2"):
         head_capture(tiny_model, [[1, 2, 3]], keep=(3,))
+
+
+def test_measure_on_a_capture_needs_its_model(tiny_model, tiny_gqa_model):
+    cap = ld.capture(tiny_model, [[1, 2, 3, 4]], streams=heads.STREAMS)
+    with pytest.raises(ArgumentError, match="needs model= too"):
+        heads.measure(cap, control=None)
+    with pytest.raises(ArgumentError, match="but the capture is of"):
+        heads.measure(cap, model=tiny_gqa_model, control=None)
 
 
 def test_two_planted_heads_have_hand_computed_shares():
