@@ -26,8 +26,8 @@ bootstrap draw of the prompts. No write-up states a per-head claim: this analysi
 Cost (``benchmarks/heads.py``, smollm2-135m, diverse set, 2 shared CPU cores): the reduction rides on the
 capture's pass, 1.07x the plain capture of ``STREAMS`` (1.16x keeping three blocks' full writes). Given
 the report's shared capture it runs that pass again (``hook_z`` is not a capture stream): 1.04x a
-capture per run, model and each untrained control, about a quarter more on the default report's time.
-So it is opt-in: ``lensdyn report --analyses ...,heads``.
+capture per run (the model and each untrained control), where the default report takes about 3.8 bare
+forward passes per run in all (README, speed). So it is opt-in: ``lensdyn report --analyses ...,heads``.
 
 >>> result = heads.measure(ld.load_model("smollm2-135m"), "diverse")     # doctest: +SKIP
 >>> print(result.summary())                                              # doctest: +SKIP
