@@ -12,7 +12,8 @@ from lensdyn.analyses.registry import analyses
 
 MODULES = [ops, fits, metric, verdicts, resampling, sphere, spectra, idealized, results]
 MODULES += [importlib.import_module(analysis.measure.__module__) for analysis in analyses()]  # every analysis
-MODULES += [importlib.import_module(f"lensdyn.hooks.{name}") for name in ("capture", "external", "patching", "jacobian", "steering")]
+MODULES += [importlib.import_module(f"lensdyn.hooks.{name}")
+            for name in ("capture", "external", "patching", "jacobian", "steering", "heads")]
 MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.app.corpus", "lensdyn.app.run",
                                                             "lensdyn.app.study")]
 
