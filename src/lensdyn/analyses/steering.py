@@ -540,13 +540,13 @@ class SteeringResult(Result):
     target_effect: float  # E*
     transfer: Transfer
     # Layer choice and extraction conventions (module docstring); defaults: a file written before them.
-    accessibility: Float[np.ndarray, " state"] = field(default_factory=lambda: np.zeros(0))  # A(l)
+    accessibility: Float[np.ndarray, " block"] = field(default_factory=lambda: np.zeros(0))  # A(l)
     efficacy_access_spearman: float = float("nan")
     efficacy_access_p: float = float("nan")
     access_beats_h: float = float("nan")  # share of block resamples with |rho(eff, A)| > |rho(eff, H)|
     # The extractions beside lensdyn's mean (which is efficacy, transfer, vector_norms above).
     extraction_efficacy: dict[str, Float[np.ndarray, " steered"]] = field(default_factory=dict)
-    extraction_cosine: dict[str, Float[np.ndarray, " state"]] = field(default_factory=dict)  # with mean's
+    extraction_cosine: dict[str, Float[np.ndarray, " block"]] = field(default_factory=dict)  # with mean's
     extraction_transfer: dict[str, Transfer] = field(default_factory=dict)
     control: SteeringResult | None = None
 
