@@ -107,6 +107,7 @@ class ContrastSet:
     positive). ``evaluation`` are neutral prompts the vector is added to; its effect is read at
     their last token as the mean logit of ``positive_targets`` minus that of ``negative_targets``
     (each target one token). A JSON file with these five keys is a user's own set (``load_contrast``).
+    The ``pca`` extraction pairs ``positive[i]`` with ``negative[i]``: it needs as many of each.
     """
 
     name: str
