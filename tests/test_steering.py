@@ -260,9 +260,10 @@ def test_the_core_lists_exactly_the_contrast_set_names():
     assert CONTRAST_SET_NAMES == tuple(CONTRAST_SETS)
 
 
-def test_smollm2_steering_measure(smollm2, smollm2_diverse):
+def test_smollm2_steering_measure(smollm2, smollm2_diverse, tmp_path):
     result = steering.measure(smollm2_diverse, model=smollm2, control=None, layers=[2, 10, 20, 27],
-                              transfer_layers=[10, 20, 27], relative=(0.25, 0.5, 1.0), n_evaluation=2, n_bootstrap=20)
+                              transfer_layers=[10, 20, 27], relative=(0.25, 0.5, 1.0), extractions=steering.EXTRACTIONS,
+                              n_evaluation=2, n_bootstrap=20)
     assert result.effect.shape == (4, 3) and result.transfer.magnitude.shape == (3, 3)
     # The sentiment vector pushes the positive targets up wherever it is added, at every small size.
     assert (result.effect[:, :2] > 0).all()
@@ -276,15 +277,18 @@ def test_smollm2_steering_measure(smollm2, smollm2_diverse):
     assert np.isfinite(result.efficacy_access_spearman) and 0 <= result.access_beats_h <= 1
     assert set(result.efficacies) == set(steering.EXTRACTIONS) and set(result.transfers) == set(steering.EXTRACTIONS)
     for name, cosine in result.extraction_cosine.items():
-        assert cosine.shape == (smollm2.cfg.n_layers,) and (np.abs(cosine) <= 1 + 1e-9).all()
+        assert cosine.shape == (smollm2.cfg.n_layers,) and (np.abs(cosine[1:]) <= 1 + 1e-9).all()
         assert np.isfinite(result.extraction_efficacy[name]).all()
+        # Every sentiment text ends on ".": at the embeddings the last-token vectors are zero, with no direction.
+        assert np.isnan(cosine[0])
+    assert ld.load_result(result.to_json(tmp_path / "steering.json")) == result
     assert len(result.best_extraction) == 4 and set(result.best_extraction) <= set(steering.EXTRACTIONS)
     verdicts = {v.claim: v.verdict for v in result.verdicts(n_bootstrap=0)}
     assert verdicts["lens accessibility of the targets predicts steering efficacy better than H(l)"] in {
         "holds", "does not hold"}
     assert "6 (paired-PCA repeng vectors): redshift predicts steering transfer (vs none)" in verdicts
     only_mean = steering.measure(smollm2_diverse, model=smollm2, control=None, layers=[2, 10], transfer_layers=[2, 10],
-                                 relative=(0.5,), extractions=("mean",), n_evaluation=2, n_bootstrap=2)
+                                 relative=(0.5,), n_evaluation=2, n_bootstrap=2)  # the default: lensdyn's vector alone
     assert only_mean.extraction_efficacy == {} and list(only_mean.transfers) == ["mean"]
 
 

@@ -568,7 +568,8 @@ class SteeringResult(Result):
     def best_extraction(self) -> tuple[str, ...]:
         """The extraction that steers best (highest efficacy) at each steered block."""
         names = list(self.efficacies)
-        return tuple(names[i] for i in np.argmax(np.stack(list(self.efficacies.values())), 0))
+        stacked = np.stack(list(self.efficacies.values()))
+        return tuple(names[i] for i in np.argmax(np.where(np.isnan(stacked), -np.inf, stacked), 0))
 
     def summary(self) -> str:
         t = self.transfer
@@ -593,7 +594,8 @@ class SteeringResult(Result):
             lines.append("  extraction  cos with mean (range)   median efficacy  best at blocks  redshift vs none spread")
             for name, eff in self.efficacies.items():
                 cos = self.extraction_cosine.get(name)
-                span = "1 (itself)" if cos is None else f"{cos[self.layers].min():+.2f} .. {cos[self.layers].max():+.2f}"
+                steered = None if cos is None else cos[self.layers]
+                span = "1 (itself)" if cos is None else f"{np.nanmin(steered):+.2f} .. {np.nanmax(steered):+.2f}"
                 t = self.transfers[name]
                 lines.append(f"  {name:<10}  {span:<22}  {np.nanmedian(eff):>15.2f}  {best.count(name):>3}/{len(best):<10}  "
                              f"{t.spread['redshift']:.2f} vs {t.spread['none']:.2f}")
@@ -721,7 +723,7 @@ def measure(
     layers=None,
     transfer_layers=None,
     relative=RELATIVE,
-    extractions=EXTRACTIONS,
+    extractions=("mean",),
     n_evaluation: int | None = None,
     n_bootstrap: int = 200,
     batch_rows: int = 128,
@@ -807,15 +809,16 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     transfers = {e: _transfer(effect[i], native, grid, relative, eval_norms, transfer_layers,
                               token_norms(vectors[e]).numpy(), scales, n_bootstrap, seed)
                  for i, e in enumerate(extractions)}
-    efficacies = {e: efficacy(relative, effect[i, native].mean(-1)) for i, e in enumerate(extractions)}
+    # A zero vector (CAA at the embeddings, where paired texts end on the same token) has no direction to steer along.
+    efficacies = {e: np.where(token_norms(vectors[e][layers]).numpy() > 0, efficacy(relative, effect[i, native].mean(-1)),
+                              np.nan) for i, e in enumerate(extractions)}
 
     bh = hubble(a)
     eff = efficacies["mean"]
     enough = len(layers) >= 3
     rho, p = stats.spearmanr(eff, bh[layers]) if enough else (np.nan, np.nan)
     rho_access, p_access = stats.spearmanr(eff, accessibility[layers]) if enough else (np.nan, np.nan)
-    unit = torch.nn.functional.normalize(vectors["mean"], dim=-1)
-    cosines = {e: (torch.nn.functional.normalize(vectors[e], dim=-1) * unit).sum(-1).numpy() for e in extractions[1:]}
+    cosines = {e: _cosine(vectors[e], vectors["mean"]) for e in extractions[1:]}
     target, transfer = transfers["mean"]
     return SteeringResult(
         conventions=Conventions(
@@ -853,6 +856,12 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
         extraction_cosine=cosines,
         extraction_transfer={e: transfers[e][1] for e in extractions[1:]},
     )
+
+
+def _cosine(x: Float[Tensor, "state d_model"], y: Float[Tensor, "state d_model"]) -> Float[np.ndarray, " state"]:
+    """Cosine per state, NaN where either vector is zero (no direction)."""
+    norms = token_norms(x) * token_norms(y)
+    return torch.where(norms > 0, (x * y).sum(-1) / norms, torch.nan).numpy()
 
 
 def _transfer(effect: np.ndarray, native: slice, grid: np.ndarray, relative: np.ndarray, eval_norms: np.ndarray,
@@ -951,8 +960,9 @@ class SteeringParameters:
         None, "source/target blocks of the transfer test (default 6 spread over the steered blocks)", blocks=True, distinct=2)
     relative: tuple[float, ...] = option(RELATIVE, "sizes tried, as ||added vector|| / mean residual norm at the block",
                                          positive=True)
-    extractions: tuple[str, ...] = option(EXTRACTIONS, "steering vectors beside lensdyn's mean: last (CAA), pca (repeng)",
-                                          choices=EXTRACTIONS)
+    # Each extraction is another full sweep (2.5x the time for all three): the comparison is asked for.
+    extractions: tuple[str, ...] = option(("mean",), "steering vectors steered and transferred: mean (lensdyn's, always), "
+                                          "last (CAA), pca (repeng)", choices=EXTRACTIONS)
     n_bootstrap: int = option(200, "bootstrap draws over evaluation prompts", flag="--bootstrap", at_least=1)
 
 
