@@ -153,6 +153,93 @@ def test_pure_functions_on_known_inputs():
         steering.difference_of_means(torch.zeros(1, 2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
 
 
+def _paired_states(base, concept_positive, concept_negative, mask):
+    """``[1 state, positive prompts then negative prompts, pos, d]``: one shared frame per pair, plus each class's concept."""
+    return torch.cat([base + concept_positive, base + concept_negative])[None]
+
+
+def test_mean_and_last_token_extractions_recover_a_planted_direction():
+    gen = torch.Generator().manual_seed(0)
+    n_pairs, n_pos, d = 5, 6, 8
+    base = torch.randn(n_pairs, n_pos, d, generator=gen)
+    base[:, 0] = 1e3  # the excluded first position: a massive activation must not reach any vector
+    mask = torch.ones(2 * n_pairs, n_pos, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[n_pairs - 1, 4:] = mask[-1, 4:] = False  # one pair is shorter (right padding): its last token is position 3
+    positive = torch.arange(2 * n_pairs) < n_pairs
+    w, q = torch.eye(d)[0], torch.eye(d)[1]
+    # Every included token carries +w / -w; only the last real token carries +q / -q (what CAA reads).
+    concept = torch.zeros(n_pairs, n_pos, d)
+    concept[:, 1:] = w
+    last = steering.last_token_mask(mask[:n_pairs])
+    concept[last] += 3 * q
+    states = _paired_states(base, concept, -concept, mask)
+    states[:, :, 0] = 1e3
+    out = steering.extraction_vectors(states, mask, positive, ("mean", "last"))
+    # mean: 2w from every token, plus the last token's 2 * 3q diluted by the prompt's included length.
+    lengths = mask[:n_pairs].sum(1).to(torch.float64)
+    expected_mean = 2 * w.double() + (6 / lengths).mean() * q.double()
+    torch.testing.assert_close(out["mean"][0], expected_mean)
+    torch.testing.assert_close(out["last"][0], 2 * w.double() + 6 * q.double())
+
+
+def test_last_token_mask_skips_padding_and_exclusions():
+    mask = torch.tensor([[False, True, True, True, False], [False, True, False, False, False], [False, False, True, True, True]])
+    assert steering.last_token_mask(mask).nonzero().tolist() == [[0, 3], [1, 1], [2, 4]]
+    with pytest.raises(ArgumentError, match="no included token"):
+        steering.last_token_mask(torch.tensor([[True, False], [False, False]]))
+
+
+def test_paired_pca_finds_the_axis_of_spread_with_the_mean_differences_sign():
+    gen = torch.Generator().manual_seed(1)
+    d = 6
+    q = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0).double()
+    spread = torch.tensor([3.0, -2.0, 1.0, -1.5, -0.5], dtype=torch.float64)  # mean 0: the centred differences lie on q
+    mean = 0.7 * q + torch.tensor([0, 0, 0, 0, 0, 2.0], dtype=torch.float64) - 0.7 * q[5] * torch.eye(d)[5].double()
+    differences = (mean + spread[:, None] * q)[None]
+    vector = steering.paired_principal_vector(differences)[0]
+    torch.testing.assert_close(vector, float(q @ mean) * q)  # the mean difference projected on the principal axis
+    assert float(vector @ mean) > 0  # points with the mean difference, whichever sign the SVD returned
+    torch.testing.assert_close(steering.paired_principal_vector(-differences)[0], -vector)
+    # Through extraction_vectors: positive i pairs with negative i at the last token.
+    states = torch.zeros(1, 10, 2, d, dtype=torch.float64)
+    states[0, :5, 1] = differences[0]
+    out = steering.extraction_vectors(states, torch.ones(10, 2, dtype=torch.bool), torch.arange(10) < 5, ("pca",))
+    torch.testing.assert_close(out["pca"][0], vector)
+    with pytest.raises(ArgumentError, match="cannot pair"):
+        steering.extraction_vectors(states[:, :9], torch.ones(9, 2, dtype=torch.bool), torch.arange(9) < 5, ("pca",))
+    with pytest.raises(ArgumentError, match="unknown extraction"):
+        steering.check_extractions(("mean", "svd"))
+
+
+def test_lens_accessibility_on_a_synthetic_unembedding():
+    model = LinearResidual([1.0, 1.0]).eval()  # identity final norm: the lens is W_U x
+    gen = torch.Generator().manual_seed(2)
+    positive, negative = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    pos_ids, neg_ids = torch.tensor([1, 4]), torch.tensor([7])
+    w = model.unembed.weight.detach().double()
+    readout = w[pos_ids].mean(0) - w[neg_ids].mean(0)
+    expected = ((positive - negative).double() @ readout).numpy()
+    np.testing.assert_allclose(steering.lens_accessibility(model, positive, negative, pos_ids, neg_ids), expected, rtol=1e-5)
+
+
+def test_lens_accessibility_applies_the_final_norm(tiny_llama):
+    # RMSNorm is scale-free: the lens reads a state and ten times it alike, so A cannot grow with the norm.
+    gen = torch.Generator().manual_seed(3)
+    d = tiny_llama.cfg.d_model
+    positive, negative = torch.randn(1, d, generator=gen), torch.randn(1, d, generator=gen)
+    ids = torch.tensor([1]), torch.tensor([2])
+    once = steering.lens_accessibility(tiny_llama, positive, negative, *ids)
+    np.testing.assert_allclose(steering.lens_accessibility(tiny_llama, 10 * positive, 10 * negative, *ids), once, rtol=1e-3)
+
+
+def test_share_more_predictive_on_known_rankings():
+    x = np.arange(10.0)
+    noise = np.random.default_rng(0).permutation(10).astype(float)
+    assert steering.share_more_predictive(x, -np.exp(x), noise, 100) == 1.0  # |rho| = 1 on every resample
+    assert steering.share_more_predictive(x, noise, np.exp(x), 100) == 0.0
+
+
 def test_contrast_sets_and_user_files(tmp_path):
     assert resolve_contrast("sentiment") is CONTRAST_SETS["sentiment"]
     path = tmp_path / "mine.json"
@@ -173,9 +260,10 @@ def test_the_core_lists_exactly_the_contrast_set_names():
     assert CONTRAST_SET_NAMES == tuple(CONTRAST_SETS)
 
 
-def test_smollm2_steering_measure(smollm2, smollm2_diverse):
+def test_smollm2_steering_measure(smollm2, smollm2_diverse, tmp_path):
     result = steering.measure(smollm2_diverse, model=smollm2, control=None, layers=[2, 10, 20, 27],
-                              transfer_layers=[10, 20, 27], relative=(0.25, 0.5, 1.0), n_evaluation=2, n_bootstrap=20)
+                              transfer_layers=[10, 20, 27], relative=(0.25, 0.5, 1.0), extractions=steering.EXTRACTIONS,
+                              n_evaluation=2, n_bootstrap=20)
     assert result.effect.shape == (4, 3) and result.transfer.magnitude.shape == (3, 3)
     # The sentiment vector pushes the positive targets up wherever it is added, at every small size.
     assert (result.effect[:, :2] > 0).all()
@@ -184,6 +272,24 @@ def test_smollm2_steering_measure(smollm2, smollm2_diverse):
     assert result.conventions.causal_metrics == ("causal_inverse",)  # the metric of a_causal, by name
     assert {v.verdict for v in result.verdicts()} <= {"holds", "does not hold", "not testable here"}
     assert "spread of log10 alpha*" in result.summary()
+    # Layer choice and extraction conventions: the lens at every state, the three extractions at every steered block.
+    assert result.accessibility.shape == (smollm2.cfg.n_layers,) and np.isfinite(result.accessibility).all()
+    assert np.isfinite(result.efficacy_access_spearman) and 0 <= result.access_beats_h <= 1
+    assert set(result.efficacies) == set(steering.EXTRACTIONS) and set(result.transfers) == set(steering.EXTRACTIONS)
+    for name, cosine in result.extraction_cosine.items():
+        assert cosine.shape == (smollm2.cfg.n_layers,) and (np.abs(cosine[1:]) <= 1 + 1e-9).all()
+        assert np.isfinite(result.extraction_efficacy[name]).all()
+        # Every sentiment text ends on ".": at the embeddings the last-token vectors are zero, with no direction.
+        assert np.isnan(cosine[0])
+    assert ld.load_result(result.to_json(tmp_path / "steering.json")) == result
+    assert len(result.best_extraction) == 4 and set(result.best_extraction) <= set(steering.EXTRACTIONS)
+    verdicts = {v.claim: v.verdict for v in result.verdicts(n_bootstrap=0)}
+    assert verdicts["lens accessibility of the targets predicts steering efficacy better than H(l)"] in {
+        "holds", "does not hold"}
+    assert "6 (paired-PCA repeng vectors): redshift predicts steering transfer (vs none)" in verdicts
+    only_mean = steering.measure(smollm2_diverse, model=smollm2, control=None, layers=[2, 10], transfer_layers=[2, 10],
+                                 relative=(0.5,), n_evaluation=2, n_bootstrap=2)  # the default: lensdyn's vector alone
+    assert only_mean.extraction_efficacy == {} and list(only_mean.transfers) == ["mean"]
 
 
 def test_steered_logits_match_a_hugging_face_forward_hook(smollm2, smollm2_reference):

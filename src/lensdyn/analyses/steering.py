@@ -38,13 +38,30 @@ prompt ``p``, position ``t``; tokens are each capture's mask):
 ``a(l)`` comes from the capture (by default the diverse set), ``N(t)`` from the evaluation
 prompts: ``redshift`` carries the vector's own size at its source, ``norm_match`` discards it.
 
+Layer choice and extraction conventions (beside the write-up's predictions):
+
+- lens accessibility of the targets at state ``l``: ``A(l) = LD(lens(m^+_l)) - LD(lens(m^-_l))``,
+  where ``m^+_l`` and ``m^-_l`` are the mean states of the positive and negative texts (the two
+  terms of ``v_l``) and ``lens`` is the final norm and unembedding (the logit lens,
+  ``hooks.patching.final_logits``). Large where the contrast already reads out as the targets.
+  Does ``A`` predict efficacy across blocks better than ``H``? ``|Spearman(efficacy, A)|`` against
+  ``|Spearman(efficacy, H)|``, with a bootstrap over the steered blocks (both correlations on the
+  same resampled blocks).
+- extractions (``EXTRACTIONS``), all at the input of block ``l``: ``mean`` is ``v_l`` above
+  (lensdyn's); ``last`` the difference of means at each text's last included token (CAA; the
+  steering-vectors library's default); ``pca`` the first principal component of the paired
+  last-token differences (repeng), sign and size from the mean difference
+  (``paired_principal_vector``). Each is steered at the same relative norms (only its direction
+  matters there) and run through the transfer test (its own ``||v_s||``), so prediction 6 is
+  judged per extraction.
+
 >>> result = steering.measure(ld.load_model("smollm2-135m"))      # doctest: +SKIP
 >>> print(result.summary())                                       # doctest: +SKIP
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +76,7 @@ from lensdyn.errors import ArgumentError, PromptError, UnsupportedArchitectureEr
 from lensdyn.fits import hubble
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.circuits import model_causal_metric
-from lensdyn.hooks.patching import last_logits
+from lensdyn.hooks.patching import final_logits, last_logits
 from lensdyn.hooks.steering import steered_last_logits
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
@@ -76,6 +93,7 @@ CAUSAL_METRIC = "causal_inverse"  # the metric of a_causal and redshift_causal (
 RELATIVE = (0.125, 0.25, 0.5, 1.0, 2.0)
 LINEAR_MAX = 0.5
 TARGET_FRACTION = 0.5
+EXTRACTIONS = ("mean", "last", "pca")  # lensdyn's, CAA's (steering-vectors), repeng's
 
 
 # --- contrast sets (the built-in steering texts; a user's own from JSON) --------------------
@@ -89,6 +107,7 @@ class ContrastSet:
     positive). ``evaluation`` are neutral prompts the vector is added to; its effect is read at
     their last token as the mean logit of ``positive_targets`` minus that of ``negative_targets``
     (each target one token). A JSON file with these five keys is a user's own set (``load_contrast``).
+    The ``pca`` extraction pairs ``positive[i]`` with ``negative[i]``: it needs as many of each.
     """
 
     name: str
@@ -214,20 +233,117 @@ def resolve_contrast(contrast) -> ContrastSet:
 # --- pure functions of tensors -------------------------------------------------------------
 
 
+def prompt_means(states: Float[Tensor, "state prompt pos d_model"], mask: Bool[Tensor, "prompt pos"]
+                 ) -> Float[Tensor, "state prompt d_model"]:
+    """Each prompt's mean state over its masked tokens, ``mean_t h_lpt``, float64.
+
+    >>> prompt_means(torch.tensor([[[[1., 0.], [3., 4.]]]]), torch.tensor([[True, True]]))
+    tensor([[[2., 2.]]], dtype=torch.float64)
+    """
+    if not bool(mask.any(1).all()):
+        raise ArgumentError("a contrast prompt has no included token: its mean state is undefined")
+    weights = mask.to(torch.float64) / mask.sum(1, keepdim=True)
+    return torch.einsum("lptd,pt->lpd", states.to(torch.float64), weights)
+
+
+def class_means(means: Float[Tensor, "state prompt d_model"], positive: Bool[Tensor, " prompt"]
+                ) -> tuple[Float[Tensor, "state d_model"], Float[Tensor, "state d_model"]]:
+    """``(mean_{p in pos} m_lp, mean_{p in neg} m_lp)`` of per-prompt states ``m`` (each prompt weighs the same).
+
+    >>> pos, neg = class_means(torch.tensor([[[1.], [3.], [10.]]]), torch.tensor([True, True, False]))
+    >>> pos.item(), neg.item()
+    (2.0, 10.0)
+    """
+    if not bool(positive.any()) or bool(positive.all()):
+        raise ArgumentError("difference of means needs at least one positive and one negative prompt")
+    return means[:, positive].mean(1), means[:, ~positive].mean(1)
+
+
 def difference_of_means(
     states: Float[Tensor, "state prompt pos d_model"], mask: Bool[Tensor, "prompt pos"], positive: Bool[Tensor, " prompt"]
 ) -> Float[Tensor, "state d_model"]:
     """``v_l = mean_{p in pos} mean_t h_lpt - mean_{p in neg} mean_t h_lpt`` (each prompt weighs the same), float64.
 
+    With ``last_token_mask(mask)`` it is the last-token difference of means (CAA).
+
     >>> h = torch.tensor([[[[1., 0.], [3., 0.]], [[0., 1.], [0., 5.]]]])       # 1 state, 2 prompts, 2 positions
     >>> difference_of_means(h, torch.ones(2, 2, dtype=torch.bool), torch.tensor([True, False]))
     tensor([[ 2., -3.]], dtype=torch.float64)
     """
-    if not bool(positive.any()) or bool(positive.all()):
-        raise ArgumentError("difference of means needs at least one positive and one negative prompt")
-    weights = mask.to(torch.float64) / mask.sum(1, keepdim=True).clamp(min=1)  # each prompt's token mean
-    means = torch.einsum("lptd,pt->lpd", states.to(torch.float64), weights)
-    return means[:, positive].mean(1) - means[:, ~positive].mean(1)
+    pos, neg = class_means(prompt_means(states, mask), positive)
+    return pos - neg
+
+
+def last_token_mask(mask: Bool[Tensor, "prompt pos"]) -> Bool[Tensor, "prompt pos"]:
+    """Only each prompt's last masked position (right padding: padding and exclusions are False).
+
+    >>> last_token_mask(torch.tensor([[False, True, True, False], [False, True, False, False]]))
+    tensor([[False, False,  True, False],
+            [False,  True, False, False]])
+    """
+    if not bool(mask.any(1).all()):
+        raise ArgumentError("a contrast prompt has no included token: it has no last token")
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    last = torch.where(mask, positions, -1).max(1).values
+    return positions == last[:, None]
+
+
+def paired_principal_vector(differences: Float[Tensor, "state pair d_model"]) -> Float[Tensor, "state d_model"]:
+    """The mean paired difference projected on the first principal axis of the paired differences (repeng).
+
+    ``d_lp = h^+_lp - h^-_lp`` (pair ``p``); ``u_l`` is the top right singular vector of the
+    differences centred over pairs (what repeng's ``PCA(n_components=1).fit`` finds); the vector is
+    ``(u_l . dbar_l) u_l``, ``dbar_l = mean_p d_lp``. Its sign therefore agrees with the mean
+    difference (repeng instead votes over pairs), and its size is the mean difference's along
+    ``u_l``: it carries a size at its source, as the transfer test's uncorrected and redshift
+    alphas need. float64.
+
+    >>> d = torch.tensor([[[3., 1.], [-1., 1.], [1., 1.]]])            # spread along x, mean (1, 1)
+    >>> paired_principal_vector(d)
+    tensor([[1., 0.]], dtype=torch.float64)
+    """
+    if differences.shape[1] < 2:
+        raise ArgumentError("the principal component of paired differences needs at least 2 pairs")
+    d = differences.to(torch.float64)
+    mean = d.mean(1)
+    axis = torch.linalg.svd(d - mean[:, None], full_matrices=False).Vh[:, 0]
+    return (axis * mean).sum(-1, keepdim=True) * axis
+
+
+def check_extractions(extractions) -> None:
+    """An ``ArgumentError`` for a name outside ``EXTRACTIONS`` (before any forward pass)."""
+    unknown = sorted(set(extractions) - set(EXTRACTIONS))
+    if unknown:
+        raise ArgumentError(f"unknown extraction {', '.join(unknown)}: choose from {', '.join(EXTRACTIONS)}")
+
+
+def extraction_vectors(
+    states: Float[Tensor, "state prompt pos d_model"], mask: Bool[Tensor, "prompt pos"], positive: Bool[Tensor, " prompt"],
+    extractions: tuple[str, ...] = EXTRACTIONS,
+) -> dict[str, Float[Tensor, "state d_model"]]:
+    """Each extraction's steering vector per state (module docstring: ``mean``, ``last``, ``pca``).
+
+    ``pca`` pairs the ``i``-th positive prompt with the ``i``-th negative one (in the order given).
+
+    >>> h = torch.tensor([[[[0., 0.], [2., 0.]], [[0., 0.], [0., 2.]]]])  # the concept sits at the last token
+    >>> out = extraction_vectors(h, torch.ones(2, 2, dtype=torch.bool), torch.tensor([True, False]), ("mean", "last"))
+    >>> out["mean"], out["last"]
+    (tensor([[ 1., -1.]], dtype=torch.float64), tensor([[ 2., -2.]], dtype=torch.float64))
+    """
+    check_extractions(extractions)
+    out = {}
+    if "mean" in extractions:
+        out["mean"] = difference_of_means(states, mask, positive)
+    last = prompt_means(states, last_token_mask(mask)) if {"last", "pca"} & set(extractions) else None
+    if "last" in extractions:
+        pos, neg = class_means(last, positive)
+        out["last"] = pos - neg
+    if "pca" in extractions:
+        if int(positive.sum()) != int((~positive).sum()):
+            raise ArgumentError(f"the pca extraction pairs positive and negative texts: {int(positive.sum())} positive "
+                                f"and {int((~positive).sum())} negative cannot pair")
+        out["pca"] = paired_principal_vector(last[:, positive] - last[:, ~positive])
+    return {name: out[name] for name in extractions}
 
 
 def logit_difference(
@@ -251,6 +367,53 @@ def kl_divergence(reference: Float[Tensor, "batch vocab"], logits: Float[Tensor,
     ref = torch.log_softmax(reference.to(torch.float64), -1)
     new = torch.log_softmax(logits.to(torch.float64), -1)
     return (ref.exp() * (ref - new)).sum(-1)
+
+
+def lens_accessibility(
+    model, positive: Float[Tensor, "state d_model"], negative: Float[Tensor, "state d_model"],
+    positive_ids: Int[Tensor, " k"], negative_ids: Int[Tensor, " j"],
+) -> Float[np.ndarray, " state"]:
+    """``A(l) = LD(lens(m^+_l)) - LD(lens(m^-_l))``, ``lens`` the final norm and unembedding (``final_logits``).
+
+    >>> m = torch.nn.Module(); m.ln_final = torch.nn.Identity(); m.unembed = torch.nn.Linear(2, 2, bias=False)
+    >>> _ = m.unembed.weight.data.copy_(torch.tensor([[1., 0.], [0., 1.]]))       # token 0 reads x, token 1 reads y
+    >>> lens_accessibility(m, torch.tensor([[3., 0.]]), torch.tensor([[0., 1.]]), torch.tensor([0]), torch.tensor([1]))
+    array([4.])
+    """
+    logits = final_logits(model, torch.cat([positive, negative]))
+    ld = logit_difference(logits, positive_ids, negative_ids)
+    return (ld[: len(positive)] - ld[len(positive):]).numpy()
+
+
+def share_more_predictive(
+    target: Float[np.ndarray, " n"], predictor: Float[np.ndarray, " n"], rival: Float[np.ndarray, " n"],
+    n_draws: int, seed: int = 0,
+) -> float:
+    """Share of resamples of the ``n`` items (with replacement) in which ``|rho(target, predictor)| > |rho(target, rival)|``.
+
+    ``rho`` is Spearman's; a draw where either is undefined (a constant resample) is left out.
+
+    >>> x = np.arange(8.)
+    >>> share_more_predictive(x, x ** 3, np.array([0., 1, 0, 1, 0, 1, 0, 1]), 50)
+    1.0
+    """
+    rng = np.random.default_rng(seed)
+    wins = []
+    for _ in range(n_draws):
+        drawn = rng.integers(0, len(target), len(target))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho_p = _spearman(target[drawn], predictor[drawn])
+            rho_r = _spearman(target[drawn], rival[drawn])
+        if np.isfinite(rho_p) and np.isfinite(rho_r):
+            wins.append(abs(rho_p) > abs(rho_r))
+    return float(np.mean(wins)) if wins else float("nan")
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho, NaN (not a warning) where either side is constant."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.spearmanr(x, y)[0])
 
 
 def efficacy(relative: Float[np.ndarray, " r"], effect: Float[np.ndarray, "steered r"], linear_max: float = LINEAR_MAX
@@ -377,12 +540,36 @@ class SteeringResult(Result):
     efficacy_h_p: float
     target_effect: float  # E*
     transfer: Transfer
+    # Layer choice and extraction conventions (module docstring); defaults: a file written before them.
+    accessibility: Float[np.ndarray, " block"] = field(default_factory=lambda: np.zeros(0))  # A(l)
+    efficacy_access_spearman: float = float("nan")
+    efficacy_access_p: float = float("nan")
+    access_beats_h: float = float("nan")  # share of block resamples with |rho(eff, A)| > |rho(eff, H)|
+    # The extractions beside lensdyn's mean (which is efficacy, transfer, vector_norms above).
+    extraction_efficacy: dict[str, Float[np.ndarray, " steered"]] = field(default_factory=dict)
+    extraction_cosine: dict[str, Float[np.ndarray, " block"]] = field(default_factory=dict)  # with mean's
+    extraction_transfer: dict[str, Transfer] = field(default_factory=dict)
     control: SteeringResult | None = None
 
     @property
     def best_layer(self) -> int:
         return int(self.layers[int(np.nanargmax(self.efficacy))])
 
+    @property
+    def efficacies(self) -> dict[str, np.ndarray]:
+        """Efficacy per steered block of every extraction measured, lensdyn's ``mean`` first."""
+        return {"mean": self.efficacy, **self.extraction_efficacy}
+
+    @property
+    def transfers(self) -> dict[str, Transfer]:
+        return {"mean": self.transfer, **self.extraction_transfer}
+
+    @property
+    def best_extraction(self) -> tuple[str, ...]:
+        """The extraction that steers best (highest efficacy) at each steered block."""
+        names = list(self.efficacies)
+        stacked = np.stack(list(self.efficacies.values()))
+        return tuple(names[i] for i in np.argmax(np.where(np.isnan(stacked), -np.inf, stacked), 0))
 
     def summary(self) -> str:
         t = self.transfer
@@ -398,25 +585,51 @@ class SteeringResult(Result):
         for name in CORRECTIONS:
             interval = f"[{t.spread_low[name]:.3f}, {t.spread_high[name]:.3f}]"
             lines.append(f"  {name:<16} {t.spread[name]:>8.3f}               {interval}")
+        if self.accessibility.size:
+            lines.append(f"  lens accessibility A(l) of the targets: {self.accessibility[0]:+.2f} at state 0, "
+                         f"{self.accessibility[-1]:+.2f} at state {len(self.accessibility) - 1}; Spearman(efficacy, A) = "
+                         f"{self.efficacy_access_spearman:+.3f} (p = {self.efficacy_access_p:.3g})")
+        if self.extraction_efficacy:
+            best = self.best_extraction
+            lines.append("  extraction  cos with mean (range)   median efficacy  best at blocks  redshift vs none spread")
+            for name, eff in self.efficacies.items():
+                cos = self.extraction_cosine.get(name)
+                steered = None if cos is None else cos[self.layers]
+                span = "1 (itself)" if cos is None else f"{np.nanmin(steered):+.2f} .. {np.nanmax(steered):+.2f}"
+                t = self.transfers[name]
+                lines.append(f"  {name:<10}  {span:<22}  {np.nanmedian(eff):>15.2f}  {best.count(name):>3}/{len(best):<10}  "
+                             f"{t.spread['redshift']:.2f} vs {t.spread['none']:.2f}")
         lines += [f"  {v.claim}: {v.measured} -> {v.verdict}" for v in self.verdicts(n_bootstrap=0)]
         if self.control is not None:
             c = self.control
-            lines.append(f"  control (random weights): Spearman(efficacy, H) = {c.efficacy_h_spearman:+.3f}; spreads "
+            lines.append(f"  control (random weights): Spearman(efficacy, H) = {c.efficacy_h_spearman:+.3f}, "
+                         f"(efficacy, A) = {c.efficacy_access_spearman:+.3f}; spreads "
                          + ", ".join(f"{n} {c.transfer.spread[n]:.2f}" for n in CORRECTIONS)
                          + f"; {c.transfer.n_reached}/{c.transfer.n_pairs} pairs reach E*")
         return "\n".join(lines)
 
     def figure(self):
-        """Efficacy against H(l), native effect per block and size, alpha* per target under each correction, spreads."""
+        """Efficacy against H(l), native effect per block and size, alpha* per target under each correction, spreads;
+        efficacy per block of each extraction, and the lens accessibility A(l) beside H(l)."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=2, cols=2, vertical_spacing=0.14, horizontal_spacing=0.1,
-                            specs=[[{"secondary_y": True}, {}], [{}, {}]], subplot_titles=(
+        fig = make_subplots(rows=3, cols=2, vertical_spacing=0.1, horizontal_spacing=0.1,
+                            specs=[[{"secondary_y": True}, {}], [{}, {}], [{}, {"secondary_y": True}]], subplot_titles=(
                                 "efficacy per block (left) and H(l) (right)",
                                 "native effect: logit-difference shift",
                                 "alpha* / median, per target block (one point per source)",
-                                "spread of log10 alpha* (95% bootstrap); control grey"))
+                                "spread of log10 alpha* (95% bootstrap); control grey",
+                                "efficacy per block, per extraction",
+                                "lens accessibility A(l) of the targets (left) and H(l) (right)"))
+        for name, eff in self.efficacies.items():
+            fig.add_trace(go.Scatter(x=self.layers, y=eff, mode="lines+markers", name=f"efficacy: {name}"), row=3, col=1)
+        for result, colour in [(self, None)] + ([(self.control, "grey")] if self.control is not None else []):
+            fig.add_trace(go.Scatter(x=np.arange(len(result.accessibility)), y=result.accessibility, mode="lines",
+                                     name="A(l)" + (" (control)" if colour else ""),
+                                     line={"color": colour, "dash": "dot"} if colour else None), row=3, col=2)
+        fig.add_trace(go.Scatter(x=np.arange(len(self.hubble)), y=self.hubble, mode="lines", name="H(l)", showlegend=False,
+                                 line={"color": "firebrick"}), row=3, col=2, secondary_y=True)
         fig.add_trace(go.Scatter(x=self.layers, y=self.efficacy, mode="lines+markers", name="efficacy"), row=1, col=1)
         if self.control is not None:
             fig.add_trace(go.Scatter(x=self.control.layers, y=self.control.efficacy, mode="lines", name="efficacy (control)",
@@ -445,7 +658,9 @@ class SteeringResult(Result):
         fig.update_yaxes(type="log", row=2, col=1)
         fig.update_xaxes(title_text="block l", row=1, col=1)
         fig.update_xaxes(title_text="target block t", row=2, col=1)
-        fig.update_layout(title=f"Steering ({self.contrast}) across layers", template="plotly_white", height=900,
+        fig.update_xaxes(title_text="block l", row=3, col=1)
+        fig.update_xaxes(title_text="state l", row=3, col=2)
+        fig.update_layout(title=f"Steering ({self.contrast}) across layers", template="plotly_white", height=1300,
                           barmode="group")
         return fig
 
@@ -456,9 +671,18 @@ def _low_h(r) -> tuple[str, bool | None]:
     return f"Spearman(efficacy, H) {r.efficacy_h_spearman:+.2f} (p {r.efficacy_h_p:.2g})", r.efficacy_h_spearman < 0
 
 
-def _redshift_beats(other: str):
+def _access_beats_h(r) -> tuple[str, bool | None]:
+    if len(r.layers) < 4 or not (np.isfinite(r.efficacy_access_spearman) and np.isfinite(r.access_beats_h)):
+        return "fewer than 4 steered blocks, or no accessibility measured", None
+    return (f"Spearman(efficacy, A) {r.efficacy_access_spearman:+.2f} vs (efficacy, H) {r.efficacy_h_spearman:+.2f} "
+            f"(|A| ahead in {r.access_beats_h:.0%} of block draws)"), r.access_beats_h >= 0.95
+
+
+def _redshift_beats(other: str, extraction: str = "mean"):
     def test(r) -> tuple[str, bool | None]:
-        t = r.transfer
+        t = r.transfers.get(extraction)
+        if t is None:
+            return f"the {extraction} extraction was not measured", None
         share = t.redshift_beats.get(other, np.nan)
         if t.n_reached < 3 or not np.isfinite(share):
             return f"{t.n_reached}/{t.n_pairs} pairs reach E*", None
@@ -476,6 +700,12 @@ CLAIMS = (
           "spread of log10 alpha* under a(t)/a(s) below no correction's in >= 95% of bootstrap draws", _redshift_beats("none")),
     Claim(FLRW, "6: redshift beats norm matching",
           "spread under a(t)/a(s) below norm matching's in >= 95% of bootstrap draws", _redshift_beats("norm_match")),
+    Claim("lensdyn", "lens accessibility of the targets predicts steering efficacy better than H(l)",
+          "|Spearman(efficacy, A(l))| > |Spearman(efficacy, H(l))| in >= 95% of bootstrap draws over the steered blocks",
+          _access_beats_h),
+    *(Claim(FLRW, f"6 ({label} vectors): redshift predicts steering transfer (vs none)",
+            "as for lensdyn's vectors, on this extraction's transfer test", _redshift_beats("none", name))
+      for name, label in (("last", "last-token CAA"), ("pca", "paired-PCA repeng"))),
 )
 SteeringResult.claims = CLAIMS
 
@@ -493,6 +723,7 @@ def measure(
     layers=None,
     transfer_layers=None,
     relative=RELATIVE,
+    extractions=("mean",),
     n_evaluation: int | None = None,
     n_bootstrap: int = 200,
     batch_rows: int = 128,
@@ -504,25 +735,27 @@ def measure(
 
     ``layers``: the blocks steered with their own vector (default all). ``transfer_layers``: the
     source and target grid of the transfer test (default 6 blocks spread over ``layers``).
-    ``relative``: the relative norms tried. ``n_evaluation``: use the contrast set's first
+    ``relative``: the relative norms tried. ``extractions``: the vectors steered and transferred
+    (``EXTRACTIONS``; ``mean``, lensdyn's, always). ``n_evaluation``: use the contrast set's first
     evaluation prompts only. A ``Capture`` needs ``model=`` (the steered runs are run on it).
     ``progress`` shows a bar over the steered batches.
     """
     contrast = resolve_contrast(contrast)
+    check_extractions(extractions)
     relative = np.asarray(sorted(relative), dtype=np.float64)
     if relative.size == 0 or relative[0] <= 0:
         raise ArgumentError(f"relative norms must be positive, not {relative.tolist()}")
 
     def measure_one(cap: Capture, model) -> SteeringResult:
-        return _measure(cap, model, contrast, layers, transfer_layers, relative, n_evaluation, n_bootstrap, batch_rows, seed,
-                        progress)
+        return _measure(cap, model, contrast, layers, transfer_layers, relative, extractions, n_evaluation, n_bootstrap,
+                        batch_rows, seed, progress)
 
     return measure_with_control("steering", capture_or_model, prompts, STREAMS, measure_one, model=model, control=control,
                                 needs_model="the steered runs are run on it", **capture_kwargs)
 
 
-def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relative, n_evaluation, n_bootstrap, batch_rows,
-             seed, progress) -> SteeringResult:
+def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relative, extractions, n_evaluation, n_bootstrap,
+             batch_rows, seed, progress) -> SteeringResult:
     cap.require_streams(STREAMS)
     if getattr(model.cfg, "attention_dir", "causal") != "causal":
         raise UnsupportedArchitectureError(
@@ -536,6 +769,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     transfer_layers = np.asarray(sorted(set(int(l) for l in transfer_layers)))
     if transfer_layers.size < 2 or transfer_layers[0] < 0 or transfer_layers[-1] >= n_layers:
         raise ArgumentError(f"transfer needs at least 2 blocks in 0..{n_layers - 1}, not {transfer_layers.tolist()}")
+    extractions = ("mean",) + tuple(dict.fromkeys(e for e in extractions if e != "mean"))  # lensdyn's always, first
 
     # Targets first: a multi-token target is a cheap error, before any forward pass.
     positive_ids, negative_ids = (torch.tensor(text_token_ids(model, t, "steering targets"))
@@ -548,7 +782,10 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     contrast_cap = capture(model, PromptSet(contrast.name, texts, tuple(f"{contrast.name}[{i}]" for i in range(len(texts)))),
                            streams=STREAMS, exclude=cap.exclude)
     is_positive = torch.arange(len(texts)) < len(contrast.positive)
-    vectors = difference_of_means(contrast_cap.resid[:n_layers], contrast_cap.mask, is_positive)
+    contrast_states = contrast_cap.resid[:n_layers]
+    vectors = extraction_vectors(contrast_states, contrast_cap.mask, is_positive, extractions)
+    accessibility = lens_accessibility(model, *class_means(prompt_means(contrast_states, contrast_cap.mask), is_positive),
+                                       positive_ids, negative_ids)
 
     evaluation = contrast.evaluation[:n_evaluation]
     eval_cap = capture(model, PromptSet(f"{contrast.name}-evaluation", evaluation,
@@ -557,35 +794,38 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     eval_norms = masked_mean(token_norms(eval_cap.resid[:n_layers]), eval_cap.mask).mean(1).numpy()
     last = eval_cap.token_mask.sum(1) - 1
 
+    # Every extraction's vectors in one stack (extraction e's state l is row e * n_layers + l), so one sweep runs them all.
     pairs = [(int(l), int(l)) for l in layers]
     pairs += [(int(s), int(t)) for s in transfer_layers for t in transfer_layers if s != t or s not in layers]
-    effect, kl = steering_sweep(model, vectors, pairs, relative, eval_norms, eval_cap.tokens, last, positive_ids,
-                                negative_ids, batch_rows, progress)  # [pair, r, prompt]
+    stacked = [(e * n_layers + s, t) for e in range(len(extractions)) for s, t in pairs]
+    effect, kl = steering_sweep(model, torch.cat([vectors[e] for e in extractions]), stacked, relative, eval_norms,
+                                eval_cap.tokens, last, positive_ids, negative_ids, batch_rows, progress)  # [pair, r, prompt]
+    effect, kl = (x.reshape(len(extractions), len(pairs), *x.shape[1:]) for x in (effect, kl))
     native = slice(0, len(layers))
     grid_index = {pair: i for i, pair in enumerate(pairs)}
     grid = np.array([[grid_index[(int(s), int(t))] for t in transfer_layers] for s in transfer_layers])
-
-    vector_norms = token_norms(vectors).numpy()
     scales = {"redshift": redshift_factors(a, transfer_layers, transfer_layers),
               "redshift_causal": redshift_factors(a_causal, transfer_layers, transfer_layers)}
-    magnitudes = relative[None, None, :] * eval_norms[None, transfer_layers, None]  # [source, target, r]
+    transfers = {e: _transfer(effect[i], native, grid, relative, eval_norms, transfer_layers,
+                              token_norms(vectors[e]).numpy(), scales, n_bootstrap, seed)
+                 for i, e in enumerate(extractions)}
+    # A zero vector (CAA at the embeddings, where paired texts end on the same token) has no direction to steer along.
+    efficacies = {e: np.where(token_norms(vectors[e][layers]).numpy() > 0, efficacy(relative, effect[i, native].mean(-1)),
+                              np.nan) for i, e in enumerate(extractions)}
 
-    def transfer_from(mean_effect: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
-        target = TARGET_FRACTION * float(np.median(mean_effect[native].max(-1)))
-        needed = magnitude_for_effect(magnitudes, mean_effect[grid], target)
-        return target, transfer_alphas(needed, vector_norms[transfer_layers], scales, eval_norms[transfer_layers]), needed
-
-    target, alpha, needed = transfer_from(effect.mean(-1))
-    spread = {name: log_spread(alpha[name]) for name in CORRECTIONS}
-    draws = _bootstrap(effect, transfer_from, n_bootstrap, seed)
     bh = hubble(a)
-    eff = efficacy(relative, effect[native].mean(-1))
-    rho, p = stats.spearmanr(eff, bh[layers]) if len(layers) >= 3 else (np.nan, np.nan)
+    eff = efficacies["mean"]
+    enough = len(layers) >= 3
+    rho, p = stats.spearmanr(eff, bh[layers]) if enough else (np.nan, np.nan)
+    rho_access, p_access = stats.spearmanr(eff, accessibility[layers]) if enough else (np.nan, np.nan)
+    cosines = {e: _cosine(vectors[e], vectors["mean"]) for e in extractions[1:]}
+    target, transfer = transfers["mean"]
     return SteeringResult(
         conventions=Conventions(
             aggregation="vectors: difference of per-prompt token means; effect: logit-difference shift at the last token, "
             f"mean over evaluation prompts; a(l) ratio of means over the capture's tokens; E* = {TARGET_FRACTION} x median "
-            f"native maximum; {n_bootstrap} bootstrap draws over evaluation prompts",
+            f"native maximum; {n_bootstrap} bootstrap draws over evaluation prompts; accessibility: logit lens of the "
+            "class mean states; extractions beside it: " + (", ".join(extractions[1:]) or "none"),
             excluded_positions=cap.exclude,
             layout=cap.model_info.layout,
             causal_metrics=(CAUSAL_METRIC,),
@@ -597,28 +837,58 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
         n_evaluation=len(evaluation),
         a=a, a_causal=a_causal, hubble=bh,
         eval_norms=eval_norms,
-        vector_norms=vector_norms,
+        vector_norms=token_norms(vectors["mean"]).numpy(),
         layers=layers,
         relative=relative,
-        effect=effect[native].mean(-1),
-        kl=kl[native].mean(-1),
+        effect=effect[0, native].mean(-1),
+        kl=kl[0, native].mean(-1),
         efficacy=eff,
         efficacy_h_spearman=float(rho),
         efficacy_h_p=float(p),
         target_effect=target,
-        transfer=Transfer(
-            layers=transfer_layers,
-            magnitude=needed,
-            alpha=alpha,
-            spread=spread,
-            spread_low={n: float(np.nanpercentile(draws[n], 2.5)) if np.isfinite(draws[n]).any() else np.nan
-                        for n in CORRECTIONS},
-            spread_high={n: float(np.nanpercentile(draws[n], 97.5)) if np.isfinite(draws[n]).any() else np.nan
-                         for n in CORRECTIONS},
-            redshift_beats={n: _share_below(draws["redshift"], draws[n]) for n in CORRECTIONS if n != "redshift"},
-            n_reached=int(np.isfinite(needed).sum()),
-            n_pairs=int(needed.size),
-        ),
+        transfer=transfer,
+        accessibility=accessibility,
+        efficacy_access_spearman=float(rho_access),
+        efficacy_access_p=float(p_access),
+        access_beats_h=share_more_predictive(eff, accessibility[layers], bh[layers], n_bootstrap, seed) if enough
+        else float("nan"),
+        extraction_efficacy={e: efficacies[e] for e in extractions[1:]},
+        extraction_cosine=cosines,
+        extraction_transfer={e: transfers[e][1] for e in extractions[1:]},
+    )
+
+
+def _cosine(x: Float[Tensor, "state d_model"], y: Float[Tensor, "state d_model"]) -> Float[np.ndarray, " state"]:
+    """Cosine per state, NaN where either vector is zero (no direction)."""
+    norms = token_norms(x) * token_norms(y)
+    return torch.where(norms > 0, (x * y).sum(-1) / norms, torch.nan).numpy()
+
+
+def _transfer(effect: np.ndarray, native: slice, grid: np.ndarray, relative: np.ndarray, eval_norms: np.ndarray,
+              transfer_layers: np.ndarray, vector_norms: np.ndarray, scales: dict[str, np.ndarray], n_bootstrap: int,
+              seed: int) -> tuple[float, Transfer]:
+    """``(E*, Transfer)`` of one extraction's sweep ``effect[pair, r, prompt]`` (module docstring)."""
+    magnitudes = relative[None, None, :] * eval_norms[None, transfer_layers, None]  # [source, target, r]
+
+    def transfer_from(mean_effect: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+        target = TARGET_FRACTION * float(np.median(mean_effect[native].max(-1)))
+        needed = magnitude_for_effect(magnitudes, mean_effect[grid], target)
+        return target, transfer_alphas(needed, vector_norms[transfer_layers], scales, eval_norms[transfer_layers]), needed
+
+    target, alpha, needed = transfer_from(effect.mean(-1))
+    draws = _bootstrap(effect, transfer_from, n_bootstrap, seed)
+    return target, Transfer(
+        layers=transfer_layers,
+        magnitude=needed,
+        alpha=alpha,
+        spread={name: log_spread(alpha[name]) for name in CORRECTIONS},
+        spread_low={n: float(np.nanpercentile(draws[n], 2.5)) if np.isfinite(draws[n]).any() else np.nan
+                    for n in CORRECTIONS},
+        spread_high={n: float(np.nanpercentile(draws[n], 97.5)) if np.isfinite(draws[n]).any() else np.nan
+                     for n in CORRECTIONS},
+        redshift_beats={n: _share_below(draws["redshift"], draws[n]) for n in CORRECTIONS if n != "redshift"},
+        n_reached=int(np.isfinite(needed).sum()),
+        n_pairs=int(needed.size),
     )
 
 
@@ -690,6 +960,9 @@ class SteeringParameters:
         None, "source/target blocks of the transfer test (default 6 spread over the steered blocks)", blocks=True, distinct=2)
     relative: tuple[float, ...] = option(RELATIVE, "sizes tried, as ||added vector|| / mean residual norm at the block",
                                          positive=True)
+    # Each extraction is another full sweep (2.5x the time for all three): the comparison is asked for.
+    extractions: tuple[str, ...] = option(("mean",), "steering vectors steered and transferred: mean (lensdyn's, always), "
+                                          "last (CAA), pca (repeng)", choices=EXTRACTIONS)
     n_bootstrap: int = option(200, "bootstrap draws over evaluation prompts", flag="--bootstrap", at_least=1)
 
 
