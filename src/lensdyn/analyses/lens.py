@@ -209,12 +209,6 @@ class AffineLens:
     target_sum: Float[np.ndarray, "prompt d_model"]  # per prompt: sum of the last state, and of its squared norm
     target_square: Float[np.ndarray, " prompt"]
 
-    def held(self, counts: Float[np.ndarray, " prompt"]) -> Float[np.ndarray, " prompt"]:
-        """``counts`` on the held-out prompts, 0 on the training ones."""
-        keep = np.zeros(len(counts))
-        keep[list(self.held_prompts)] = 1.0
-        return counts * keep
-
 
 @dataclass(frozen=True, eq=False)
 class LensResult(Result):
@@ -241,8 +235,9 @@ class LensResult(Result):
     def resample(self, rng: np.random.Generator) -> "LensResult":
         """Every per-state statistic on prompts drawn with replacement, from the per-prompt sums."""
         counts = prompt_counts(rng, len(self.prompt_tokens)).astype(np.float64)
-        affine = None if self.affine is None else dataclasses.replace(
-            self.affine, **affine_fields(self.affine, self.prompt_parts, self.prompt_tokens, counts))
+        a = self.affine
+        affine = None if a is None else dataclasses.replace(a, **affine_fields(
+            a.prompt_parts, a.target_sum, a.target_square, a.held_prompts, self.prompt_parts, self.prompt_tokens, counts))
         return dataclasses.replace(self, **lens_fields(self.prompt_parts, self.prompt_tokens, counts), affine=affine)
 
     def summary(self) -> str:
@@ -330,14 +325,27 @@ def lens_fields(parts: Float[np.ndarray, "statistic prompt state"], tokens: Floa
     return dict(zip(STATISTICS, pooled_means(parts, tokens, counts)))
 
 
-def affine_fields(affine: AffineLens, lens_parts: Float[np.ndarray, "statistic prompt state"],
-                  tokens: Float[np.ndarray, " prompt"], counts: Float[np.ndarray, " prompt"]) -> dict[str, np.ndarray]:
-    """The ``AffineLens`` held-out statistics pooled over the held-out prompts in ``counts``."""
-    held = affine.held(counts)
-    kl, top1, sse = affine.prompt_parts
+def held_counts(held_prompts: tuple[int, ...], counts: Float[np.ndarray, " prompt"]) -> Float[np.ndarray, " prompt"]:
+    """``counts`` on the held-out prompts, 0 on the training ones.
+
+    >>> held_counts((1,), np.array([2., 1., 3.])).tolist()
+    [0.0, 1.0, 0.0]
+    """
+    keep = np.zeros(len(counts))
+    keep[list(held_prompts)] = 1.0
+    return counts * keep
+
+
+def affine_fields(parts: Float[np.ndarray, "statistic prompt state"], target_sum: Float[np.ndarray, "prompt d_model"],
+                  target_square: Float[np.ndarray, " prompt"], held_prompts: tuple[int, ...],
+                  lens_parts: Float[np.ndarray, "lens_statistic prompt state"], tokens: Float[np.ndarray, " prompt"],
+                  counts: Float[np.ndarray, " prompt"]) -> dict[str, np.ndarray]:
+    """The ``AffineLens`` held-out statistics pooled over the held-out prompts in ``counts`` (measure and resample)."""
+    held = held_counts(held_prompts, counts)
+    kl, top1, sse = parts
     means = pooled_means(np.stack([kl, top1]), tokens, held)
     return dict(kl=means[0], top1=means[1], logit_kl=pooled_means(lens_parts[:1], tokens, held)[0],
-                r2=r_squared(sse, affine.target_sum, affine.target_square, tokens, held))
+                r2=r_squared(sse, target_sum, target_square, tokens, held))
 
 
 def measure(
@@ -428,13 +436,11 @@ def _affine_lens(cap: Capture, model, ridge: float, lens_parts: np.ndarray, toke
     target = held_resid[-1].to(torch.float64).numpy()
     target_sum = np.zeros((cap.n_prompts, target.shape[1]))
     np.add.at(target_sum, owners, target)
-    affine = AffineLens(
-        ridge=ridge, train_prompts=train, held_prompts=held,
-        kl=np.empty(0), top1=np.empty(0), r2=np.empty(0), logit_kl=np.empty(0),
-        prompt_parts=np.stack([prompt_sums(per_token[name].numpy(), owners, cap.n_prompts) for name in AFFINE_STATISTICS]),
-        target_sum=target_sum, target_square=prompt_sums((target ** 2).sum(axis=1)[None], owners, cap.n_prompts)[:, 0],
-    )
-    return dataclasses.replace(affine, **affine_fields(affine, lens_parts, tokens, np.ones(cap.n_prompts)))
+    parts = np.stack([prompt_sums(per_token[name].numpy(), owners, cap.n_prompts) for name in AFFINE_STATISTICS])
+    square = prompt_sums((target ** 2).sum(axis=1)[None], owners, cap.n_prompts)[:, 0]
+    return AffineLens(ridge=ridge, train_prompts=train, held_prompts=held, prompt_parts=parts, target_sum=target_sum,
+                      target_square=square,
+                      **affine_fields(parts, target_sum, square, held, lens_parts, tokens, np.ones(cap.n_prompts)))
 
 
 @dataclass(frozen=True)
