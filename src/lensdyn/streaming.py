@@ -679,7 +679,7 @@ class StreamingStats:
             pair = isinstance(acc, (GainStats, RegressionStats))
             if len(source) != (2 if pair else 1):
                 raise ArgumentError(f"{name!r}: a {type(acc).__name__} reads "
-                                    + ("two streams (output, reference; or x, y)" if pair else "one stream"))
+                                    + ("(output, reference) streams (x, y for a regression)" if pair else "one stream"))
             self.entries[name] = (acc, source)
 
     def __getitem__(self, name: str) -> Accumulator:
