@@ -75,6 +75,7 @@ def test_report_runs_every_analysis_from_one_capture_per_model(minilm_report):
     assert load_result(out / "metastability.json").repeated.provenance.prompt_set == "repeated"
     index = json.loads((out / "report.json").read_text())
     assert index["reference"] == "untrained control" and set(index["files"]) >= {"norms", "expansion", "curvature"}
+    assert "lens" not in index["files"]  # a default analysis that needs a causal LM is left out for an encoder
     verdicts = index["verdicts"]
     assert {v["verdict"] for v in verdicts} <= {"holds", "does not hold", "not testable here"}
     assert {v["source"] for v in verdicts} >= {"FLRW expansion note", "Pythia FFN expansion note"}

@@ -630,6 +630,7 @@ def _report(args) -> int:
 
     from lensdyn.app import run
     from lensdyn.app.report import analysis_section, export_figures, write_html
+    from lensdyn.app.study import split_causal
     from lensdyn.models import load_model
     from lensdyn.verdicts import verdict_table
 
@@ -645,13 +646,22 @@ def _report(args) -> int:
                               control_seeds=tuple(dict.fromkeys(args.control_seeds)))
     timings: dict[str, dict[str, float]] = {r.role: {} for r in runs}
     models = {}
+    # A default analysis that needs a causal LM is left out for an encoder, with its reason; one asked for by name is an error.
+    by_default = args.analyses == ",".join(a.name for a in registry.analyses() if not a.opt_in)
+    skipped: dict[str, str] = {}
     started = time.perf_counter()
     for r in runs:  # one after the other: random weights are drawn from the global RNG
         began = time.perf_counter()
         models[r.role] = load_model(r.model, weights=r.weights, seed=r.seed, device=args.device)
         timings[r.role]["load_s"] = round(time.perf_counter() - began, 3)
+        if by_default:
+            chosen, left_out = split_causal(chosen, models[r.role])
+            skipped.update(left_out)
         for prompts in prompt_sets:
             _check_for_model(models[r.role], prompts, args, chosen)
+    for name, why in skipped.items():
+        print(f"{name}: {why}", file=sys.stderr)
+    names = [analysis.name for analysis, _ in chosen]
     loaded = time.perf_counter()
     truncation: dict[str, str | None] = {}
     bar = tqdm(total=len(prompt_sets) * len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)

@@ -1,0 +1,89 @@
+"""The lens against the capture it reads, on smollm2-135m and the built-in diverse set.
+
+    python benchmarks/lens.py [--repeats 1]
+
+Times (best of ``--repeats``): a bare forward pass prompt by prompt, ``ld.capture`` of ``resid``
+(the forward pass the lens reads), ``lens.measure`` on that capture without the control (every
+state of every included token through the final norm and the 49,152-way unembedding), and the
+affine lens's fit alone (streamed moments and 31 ridge solves) and with its held-out decoding.
+Each is printed as a ratio to the capture. The lens is ``n_layers + 1`` unembeddings of every token,
+so its arithmetic is several forward passes' (the unembedding is a fifth of SmolLM2's parameters);
+there is no target. The peak resident memory is read before and after the lens (``ru_maxrss``).
+Then the lens's numbers at a few states, with the untrained control's and the affine lens's.
+
+Measured (2 threads on a machine shared with other jobs, best of 1, so absolute times are inflated):
+capture 126 s, bare forward 58 s, lens 397 s (3.2x the capture, 6.8x the bare forward), affine fit
+alone 15 s (0.12x), lens with --affine-lens 619 s (4.9x); peak resident memory +393 MB for the lens.
+"""
+import argparse
+import os
+import resource
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from lensdyn.app.cli import thread_count  # noqa: E402
+import lensdyn as ld  # noqa: E402
+from _timing import best_of  # noqa: E402
+from lensdyn.analyses import lens  # noqa: E402
+
+STATES = (0, 10, 20, 29, 30)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
+
+    model = ld.load_model("smollm2-135m")
+    cap = ld.capture(model, "diverse", streams=lens.STREAMS)
+    prompts = [cap.tokens[i: i + 1, :n] for i, n in enumerate(cap.lengths)]
+    with torch.inference_mode():
+        bare = best_of(lambda: [model(ids) for ids in prompts], args.repeats)
+    forward = best_of(lambda: ld.capture(model, "diverse", streams=lens.STREAMS), args.repeats)
+    before = peak_mb()
+    timed = best_of(lambda: lens.measure(cap, model=model, control=None), args.repeats, warmup=0)
+    after = peak_mb()
+    train = cap.mask.clone()
+    train[1::2] = False
+    fit = best_of(lambda: lens.fit_affine(cap.tokens_of("resid", train), lens.RIDGE), args.repeats)
+    affine = best_of(lambda: lens.measure(cap, model=model, control=None, affine_lens=True), args.repeats, warmup=0)
+    rows = [
+        ("bare bridge forward, prompt by prompt (logits)", bare),
+        ("ld.capture resid", forward),
+        ("lens.measure (31 states x all included tokens)", timed),
+        ("affine lens fit alone (moments + 31 ridge solves)", fit),
+        ("lens.measure with --affine-lens (fit + held-out decoding)", affine),
+    ]
+    print(f"smollm2-135m, diverse set: {cap.n_prompts} prompts, {int(cap.token_mask.sum())} tokens "
+          f"({cap.n_tokens} included), {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"{'step':<60} {'time (s)':>9} {'x capture':>10} {'x bare':>8}")
+    for label, seconds in rows:
+        print(f"{label:<60} {seconds:>9.3f} {seconds / forward:>10.2f} {seconds / bare:>8.2f}")
+    print(f"peak resident memory: {before:.0f} MB before the lens, {after:.0f} MB after (+{after - before:.0f} MB)")
+
+    result = lens.measure(cap, model=model, affine_lens=True)
+    c, a = result.control, result.affine
+    print(f"\n{'state':>5} {'KL':>8} {'top1':>6} {'mean rank':>10} {'geo rank':>9} {'entropy':>8} | control {'KL':>7} "
+          f"{'top1':>6} {'geo rank':>9} {'entropy':>8} | affine {'KL':>7} {'logit KL':>8} {'top1':>6} {'R^2':>7}")
+    for l in STATES:
+        print(f"{l:>5} {result.kl[l]:>8.3f} {result.top1[l]:>6.3f} {result.rank[l]:>10.1f} {np.expm1(result.log_rank[l]):>9.1f} "
+              f"{result.entropy[l]:>8.3f} |         {c.kl[l]:>7.3f} {c.top1[l]:>6.3f} {np.expm1(c.log_rank[l]):>9.1f} "
+              f"{c.entropy[l]:>8.3f} |        {a.kl[l]:>7.3f} {a.logit_kl[l]:>8.3f} {a.top1[l]:>6.3f} {a.r2[l]:>7.3f}")
+    print(f"control's affine lens: KL {np.round(c.affine.kl[list(STATES)], 3)}, R^2 {np.round(c.affine.r2[list(STATES)], 3)}")
+    for v in result.verdicts():
+        print(f"{v.claim}: {v.verdict} ({v.measured}); {v.robustness_text}")
+    print(result.summary())
+
+
+if __name__ == "__main__":
+    main()
