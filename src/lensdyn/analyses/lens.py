@@ -467,4 +467,7 @@ ANALYSIS = Analysis(
     parameters=LensParameters,
     causal="the lens compares each state's decoding with the next-token distribution (minilm-l6's checkpoint has no "
            "masked-LM head)",
+    # Decoding every state of every token through a 49,152-word unembedding costs about 3x the capture per run
+    # (benchmarks/lens.py), once for the model and once per control seed: asked for by name until it is cheaper.
+    opt_in=True,
 )
