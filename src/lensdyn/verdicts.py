@@ -32,6 +32,12 @@ the Holm-corrected p is below ``ALPHA``.
    control itself is judged on the first; in each bootstrap resample a control is drawn at
    random from all of them, so the share covers "which untrained sample" too.
 
+Written here rather than taken from scipy: ``scipy.stats.false_discovery_control`` is
+Benjamini-Hochberg (a false discovery rate), not Holm's family-wise control, so ``holm`` is a few
+lines tested against a hand computation; ``scipy.stats.bootstrap`` resamples arrays for one
+statistic, while a verdict's bootstrap redraws whole results (every claim of an analysis on the
+same resample, prompts as clusters), which each result's ``resample`` does from its own sums.
+
 >>> claim = Claim("toy write-up", "norms grow", "a(L) > 1", lambda r: (f"a(L) = {r}", r > 1))
 >>> judge([3.0], claims=[[claim]])[0].verdict
 'holds'
