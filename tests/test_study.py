@@ -133,10 +133,10 @@ def test_hubble_claim_compares_every_pair(columns):
     assert one.verdict == NOT_TESTABLE and "needs at least 2" in one.note
     found = study.hubble_comparisons(columns)
     expected = study.compare_hubble({c.model: c.expansion.causal.hubble for c in columns})
-    assert [p[:2] for p in found["causal"].pairs] == [p[:2] for p in expected.pairs] and len(expected.pairs) == 6
-    np.testing.assert_allclose([p[2] for p in found["causal"].pairs], [p[2] for p in expected.pairs])
+    assert [p[:2] for p in found["causal_inverse"].pairs] == [p[:2] for p in expected.pairs] and len(expected.pairs) == 6
+    np.testing.assert_allclose([p[2] for p in found["causal_inverse"].pairs], [p[2] for p in expected.pairs])
     verdict = _cross(columns)[HUBBLE]
-    holds = found["causal"].holds() and found["euclidean"].holds()
+    holds = found["causal_inverse"].holds() and found["euclidean"].holds()
     assert verdict.verdict == (NOT_TESTABLE if holds is None else HOLDS if holds else DOES_NOT_HOLD)
 
 
