@@ -8,6 +8,7 @@ import torch
 from jaxtyping import TypeCheckError
 
 import lensdyn as ld
+from lensdyn.prompts import PromptSet
 from lensdyn.analyses import lens
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.patching import final_logits
@@ -189,10 +190,12 @@ def test_smollm2_lens_and_its_control(smollm2, smollm2_diverse):
     torch.testing.assert_close(decoded, forward, rtol=1e-4, atol=1e-4)
     stats = lens.lens_statistics(decoded, forward.double().log_softmax(-1), forward.argmax(-1))
     assert float(stats["kl"].abs().max()) < 1e-4 and float(stats["top1"].mean()) == 1.0
+    # The lens itself (with its control and the affine fit) on the first two prompts: the same code, a fraction of the time.
+    cap = ld.capture(smollm2, PromptSet("diverse[:2]", cap.prompts.texts[:2], cap.prompts.labels[:2]), streams=lens.STREAMS)
     result = lens.measure(cap, model=smollm2, affine_lens=True)
     print(result.summary())
     print(result.control.summary())
     assert result.kl[-1] == 0 and result.control.kl[-1] == 0 and result.top1[-1] == 1
     assert result.provenance.n_tokens == cap.n_tokens and result.control.provenance.weights == "random"
     assert len(result.top_tokens) == cap.n_layers + 1 and result.position == cap.lengths[0] - 1
-    assert np.isfinite(result.affine.r2).all() and result.affine.held_prompts == (1, 3, 5, 7)
+    assert np.isfinite(result.affine.r2).all() and result.affine.held_prompts == (1,)

@@ -152,7 +152,7 @@ def test_the_command_line_offers_every_exclusion_rule():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("order", [[], ["--serial"]], ids=["side-by-side", "serial"])
+@pytest.mark.parametrize("order", [[], ["--serial", "--control-seeds", "0"]], ids=["side-by-side", "serial"])
 def test_report_excludes_massive_positions_and_its_control_the_models(tmp_path, order):
     from lensdyn.app.cli import main
 

@@ -63,7 +63,7 @@ def test_each_resample_with_every_prompt_once_reproduces_the_claims(smollm2, smo
     from lensdyn.analyses import curvature, expansion, gains, metastability
 
     cap = smollm2_diverse
-    results = [expansion.measure(cap, model=smollm2, control=None), gains.measure(cap, control=None),
+    results = [expansion.measure(cap, model=smollm2, control=None, n_permutations=20), gains.measure(cap, control=None),
                metastability.measure(cap, model=smollm2, control=None, repeated=False)]
 
     class Identity(np.random.Generator):
