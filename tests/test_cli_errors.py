@@ -121,7 +121,14 @@ def test_out_is_checked_before_the_model_loads(prompt_file, tmp_path, capsys, no
     assert not list(tmp_path.glob(".lensdyn-probe-*")), "the write probe leaves nothing behind"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no process may make a directory")
+def test_out_under_a_directory_nobody_may_write_is_refused(prompt_file, capsys, no_model):
+    """The same refusal, run as any user, root included: not even root can make a directory in /proc."""
+    assert main(["norms", "--prompts", str(prompt_file), "--out", "/proc/lensdyn-out"]) == 2
+    assert "cannot be made under /proc" in one_line_error(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories (the /proc test covers root)")
 def test_unwritable_out_parent_is_refused(prompt_file, tmp_path, capsys, no_model):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
