@@ -1,5 +1,20 @@
-"""Shared timing helper for the benchmark scripts."""
+"""Shared helpers of the benchmark scripts: their options and thread count, and the timing."""
+import argparse
 import time
+
+
+def benchmark_options(doc: str, repeats: int) -> argparse.Namespace:
+    """The options every benchmark takes (``--repeats``, defaulting to ``repeats``), parsed; torch's threads set
+    from ``lensdyn.app.cli.thread_count`` (OMP_NUM_THREADS, else the CPUs this process was given)."""
+    import torch
+
+    from lensdyn.app.cli import thread_count
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    args = parser.parse_args()
+    torch.set_num_threads(thread_count())
+    return args
 
 
 def best_of(fn, repeats: int = 5, warmup: int = 1) -> float:

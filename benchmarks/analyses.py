@@ -14,7 +14,6 @@ Curvature is timed on the same capture: its nulls, plus its own forward passes o
 built-in edit pairs (one capture of their prompts, one batched patch sweep); target <= 4 s on
 2 threads, about one bare forward pass of the diverse set.
 """
-import argparse
 import os
 import sys
 
@@ -23,9 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lensdyn.app.cli import thread_count  # noqa: E402
 import lensdyn as ld  # noqa: E402
-from _timing import best_of  # noqa: E402
+from _timing import benchmark_options, best_of  # noqa: E402
 from lensdyn.analyses import curvature, expansion, gains  # noqa: E402
 from lensdyn.analyses import metastability as ms  # noqa: E402
 from lensdyn.hooks.circuits import _circuit_spectra, unembedding  # noqa: E402
@@ -33,10 +31,7 @@ from lensdyn.metric import causal_metric  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
+    args = benchmark_options(__doc__, repeats=3)
 
     model = ld.load_model("smollm2-135m")
     streams = tuple(sorted(set(expansion.STREAMS) | set(gains.STREAMS) | set(curvature.STREAMS)))

@@ -7,7 +7,6 @@ time, eager attention) and to the plain capture of the streams the per-head anal
 per-head reduction (``lensdyn.hooks.heads``) rides on the capture's pass; ``heads.measure`` given the
 report's shared capture runs it again, and once more for the untrained control.
 """
-import argparse
 import os
 import sys
 
@@ -17,19 +16,15 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lensdyn.app.cli import thread_count  # noqa: E402
 import lensdyn as ld  # noqa: E402
-from _timing import best_of  # noqa: E402
+from _timing import benchmark_options, best_of  # noqa: E402
 from lensdyn.analyses import heads  # noqa: E402
 from lensdyn.hooks.heads import head_capture  # noqa: E402
 from lensdyn.models import embedded_checkpoint  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
+    args = benchmark_options(__doc__, repeats=3)
 
     bridge = ld.load_model("smollm2-135m")
     hf = AutoModelForCausalLM.from_pretrained(embedded_checkpoint("smollm2-135m"), attn_implementation="eager").eval()

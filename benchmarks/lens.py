@@ -15,7 +15,6 @@ Measured (2 threads on a machine shared with other jobs, best of 1, so absolute 
 capture 126 s, bare forward 58 s, lens 397 s (3.2x the capture, 6.8x the bare forward), affine fit
 alone 15 s (0.12x), lens with --affine-lens 619 s (4.9x); peak resident memory +393 MB for the lens.
 """
-import argparse
 import os
 import resource
 import sys
@@ -26,9 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lensdyn.app.cli import thread_count  # noqa: E402
 import lensdyn as ld  # noqa: E402
-from _timing import best_of  # noqa: E402
+from _timing import benchmark_options, best_of  # noqa: E402
 from lensdyn.analyses import lens  # noqa: E402
 
 STATES = (0, 10, 20, 29, 30)
@@ -39,10 +37,7 @@ def peak_mb() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
+    args = benchmark_options(__doc__, repeats=1)
 
     model = ld.load_model("smollm2-135m")
     cap = ld.capture(model, "diverse", streams=lens.STREAMS)

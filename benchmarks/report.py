@@ -12,7 +12,6 @@ Model loading is timed apart (it is the same for any use of the model).
 Targets: report without loading <= 4x the bare forward passes (issue 8); the verdicts' bootstrap
 <= 0.5x (issue 18; also printed against the trained model's forward passes alone, the stricter reading).
 """
-import argparse
 import json
 import os
 import sys
@@ -26,17 +25,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
-from _timing import best_of  # noqa: E402
+from _timing import benchmark_options, best_of  # noqa: E402
 from lensdyn.app.cli import main as lensdyn_main  # noqa: E402
-from lensdyn.app.cli import thread_count  # noqa: E402
 from lensdyn.app.run import CONTROL_SEEDS  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
+    args = benchmark_options(__doc__, repeats=1)
 
     bare, bare_model = 0.0, 0.0
     for weights, seed in (("pretrained", 0), *(("random", s) for s in CONTROL_SEEDS)):

@@ -10,7 +10,6 @@ forward of exactly those rows (same batches, no hooks): the sweep can not be che
 What remains is the contrast and evaluation captures, the hooks, the logit statistics and the
 bootstrap.
 """
-import argparse
 import os
 import sys
 
@@ -20,18 +19,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import lensdyn as ld  # noqa: E402
-from lensdyn.app.cli import thread_count  # noqa: E402
-from _timing import best_of  # noqa: E402
+from _timing import benchmark_options, best_of  # noqa: E402
 from lensdyn.analyses import steering  # noqa: E402
 from lensdyn.analyses.steering import CONTRAST_SETS  # noqa: E402
 from lensdyn.prompts import PromptSet  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
+    args = benchmark_options(__doc__, repeats=1)
 
     model = ld.load_model("smollm2-135m")
     cap = ld.capture(model, "diverse", streams=steering.STREAMS)
