@@ -131,7 +131,7 @@ def test_the_decoded_last_state_is_the_forward_pass(tiny_llama):
         forward = tiny_llama(ids).float().reshape(-1, tiny_llama.cfg.d_vocab)
     decoded = final_logits(tiny_llama, cap.tokens_of("resid")[-1])
     torch.testing.assert_close(decoded, forward, rtol=1e-5, atol=1e-5)
-    stats = lens.lens_statistics(decoded, forward.double().log_softmax(-1), forward.argmax(-1))
+    stats = lens.lens_statistics(decoded, lens.output_distribution(forward))
     assert float(stats["kl"].abs().max()) < 1e-6 and int(stats["rank"].max()) == 0
 
 
@@ -188,7 +188,7 @@ def test_smollm2_lens_and_its_control(smollm2, smollm2_diverse):
     with torch.inference_mode():
         forward = torch.cat([smollm2(cap.tokens[i: i + 1, :n])[0].float() for i, n in enumerate(cap.lengths)])
     torch.testing.assert_close(decoded, forward, rtol=1e-4, atol=1e-4)
-    stats = lens.lens_statistics(decoded, forward.double().log_softmax(-1), forward.argmax(-1))
+    stats = lens.lens_statistics(decoded, lens.output_distribution(forward))
     assert float(stats["kl"].abs().max()) < 1e-4 and float(stats["top1"].mean()) == 1.0
     # The lens itself (with its control and the affine fit) on the first two prompts: the same code, a fraction of the time.
     cap = ld.capture(smollm2, PromptSet("diverse[:2]", cap.prompts.texts[:2], cap.prompts.labels[:2]), streams=lens.STREAMS)

@@ -46,6 +46,20 @@ def resampled_tokens(token_prompt: Int[np.ndarray, " token"], counts: Int[np.nda
     return np.repeat(np.arange(len(token_prompt)), counts[token_prompt])
 
 
+def token_subsample(n_tokens: int, k: int, seed: int = 0) -> Int[np.ndarray, " kept"]:
+    """``k`` of ``n_tokens`` token indices drawn without replacement under ``seed``, in order; all of them
+    when ``k`` is 0 or at least ``n_tokens``. A prompt's drawn tokens still travel with it in a resample.
+
+    >>> token_subsample(5, 0).tolist(), len(token_subsample(5, 3)), token_subsample(3, 9).tolist()
+    ([0, 1, 2, 3, 4], 3, [0, 1, 2])
+    """
+    if k < 0:
+        raise ArgumentError(f"a token subsample needs k >= 0 (0: every token), not {k}")
+    if k == 0 or k >= n_tokens:
+        return np.arange(n_tokens)
+    return np.sort(np.random.default_rng(seed).choice(n_tokens, size=k, replace=False))
+
+
 def prompt_sums(
     values: Float[np.ndarray, "depth token"], token_prompt: Int[np.ndarray, " token"], n_prompts: int
 ) -> Float[np.ndarray, "prompt depth"]:

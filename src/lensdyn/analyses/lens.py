@@ -15,24 +15,32 @@ state is compared with it, per token, over the tokens in ``capture.mask``:
 - the top-``k`` tokens of ``p_l`` at one position (``lens_position`` of the first prompt, by
   default its last token, excluded or not), with their probabilities.
 
-Precision: the unembedding runs in the model's dtype (float32 logits); softmax, KL and entropy
-are float64. A float32 logit carries a relative error of about 1e-7, so KL and entropy are exact
-to about 1e-6 nats against a float64 decoding of the same states (tested to 1e-5), equal to a
-token-by-token brute-force loop to that round-off (tested), and the last state's KL is 0 with
-rank 0 by construction. The decoded last
+Precision: the unembedding runs in the model's dtype (float32 logits), and so do the lens's
+elementwise steps (one ``exp`` per logit, ``lens_statistics``); every sum over tokens and the
+statistics are float64, and so is the output distribution ``q``. A float32 logit carries a
+relative error of about 1e-7, so KL and entropy are exact to a few 1e-6 nats against a float64
+decoding of the same states (tested to 1e-5), equal to a token-by-token brute-force loop to that
+round-off (tested), and the last state's KL is 0 with rank 0 by construction. The decoded last
 state equals the model's forward-pass logits to float32 round-off (tested).
+
+Cost and the token subsample: every state costs one unembedding of every decoded token, several
+forward passes' worth of arithmetic on SmolLM2 if every token were decoded (``benchmarks/lens.py``).
+The lens therefore decodes ``lens_tokens`` (default 512) of the included tokens, drawn without
+replacement under the run's ``seed`` (``lensdyn.resampling.token_subsample``; the same positions
+for the model and its control, whose masks are the model's), and says so in its conventions and
+summary; ``lens_tokens=0`` decodes every token. The statistics are means over the drawn tokens; the
+bootstrap still resamples prompts, each with its drawn tokens.
 
 Memory: ``vocab x tokens x states`` logits do not fit (SmolLM2: 49,152 x 1,331 x 31 float32 is
 8 GB), so the lens streams: ``CHUNK`` tokens at a time, the output's log-probabilities once per
 chunk, then one state at a time; the peak is a few ``CHUNK x vocab`` float64 arrays (about 100 MB
-each on SmolLM2), whatever the number of tokens. Every state costs one unembedding of every
-token: on SmolLM2 the lens is several forward passes' worth of arithmetic (``benchmarks/lens.py``).
+each on SmolLM2), whatever the number of tokens.
 
 **Affine lens** (``affine_lens=True``): per state one affine map ``x_l W_l + b_l`` to the last
 state, fitted by ridge regression in closed form from streamed float64 moments
 (``lensdyn.streaming.RegressionStats``, ridge ``lens_ridge`` relative to the mean eigenvalue of
-the state's input co-moment) on the even-numbered prompts (0, 2, ...), and reported on the others,
-held out: the KL of ``norm_f(x_l W_l + b_l)`` decoded to the output distribution, its top-1 share,
+the state's input co-moment) on every included token of the even-numbered prompts (0, 2, ...), and
+reported on the others, held out (on their drawn tokens): the KL of ``norm_f(x_l W_l + b_l)`` decoded to the output distribution, its top-1 share,
 ``R^2 = 1 - SSE / SST`` of the predicted last state (``SST`` about the held-out tokens' mean), and
 the logit lens's KL on the same held-out tokens beside it. This is the tuned lens' idea (Belrose
 et al. 2023, who fit a translator per layer by SGD on the KL) in closed form, on the residual.
@@ -51,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,7 +72,7 @@ from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.patching import final_logits
 from lensdyn.ops import prompt_index
-from lensdyn.resampling import prompt_counts, prompt_sums
+from lensdyn.resampling import prompt_counts, prompt_sums, token_subsample
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.streaming import RegressionStats
 from lensdyn.verdicts import Claim
@@ -74,34 +83,69 @@ STATISTICS = ("kl", "entropy", "rank", "log_rank", "top1")  # per-token statisti
 AFFINE_STATISTICS = ("kl", "top1", "sse")
 TOP_K = 5
 RIDGE = 0.1
+LENS_TOKENS = 512  # tokens decoded per run (module docstring: cost and the token subsample)
 
 
 # --- pure functions of tensors -------------------------------------------------------------
 
 
-def lens_statistics(
-    logits: Float[Tensor, "token vocab"], output_log_probs: Float[Tensor, "token vocab"], top: Int[Tensor, " token"]
-) -> dict[str, Float[Tensor, " token"]]:
-    """Per token: ``KL(q || p)``, ``H(p)``, the rank of ``top`` in ``logits``, ``ln(1 + rank)`` and ``rank == 0`` (float64).
+class OutputDistribution(NamedTuple):
+    """The model's output distribution ``q`` over a chunk of tokens, as every state's lens is compared with it."""
 
-    ``p = softmax(logits)`` (in float64), ``q = exp(output_log_probs)``; rank counts the logits
-    strictly above ``top``'s.
+    probs: Float[Tensor, "token vocab"]  # q, in the logits' dtype: the lens's products run in it
+    neg_entropy: Float[Tensor, " token"]  # sum_v q_v log q_v, float64
+    top: Int[Tensor, " token"]  # argmax_v q_v
 
-    >>> logits = torch.tensor([[0., 0., 0., 0.], [2., 1., 0., 0.]])
-    >>> s = lens_statistics(logits, logits.double().log_softmax(-1), torch.tensor([0, 1]))
-    >>> s["kl"].tolist(), round(float(s["entropy"][0]), 4), s["rank"].tolist()     # H(uniform on 4) = ln 4
-    ([0.0, 0.0], 1.3863, [0.0, 1.0])
+
+def output_distribution(logits: Float[Tensor, "token vocab"]) -> OutputDistribution:
+    """``q = softmax(logits)`` (in float64), its ``sum q log q`` and its top token.
+
+    >>> out = output_distribution(torch.tensor([[0., 0.], [9., 0.]]))
+    >>> round(-float(out.neg_entropy[0]), 4), out.top.tolist()       # H(uniform on 2) = ln 2
+    (0.6931, [0, 0])
     """
-    log_p = logits.double().log_softmax(dim=-1)
-    q = output_log_probs.exp()
-    rank = (logits > logits.gather(1, top[:, None])).sum(dim=1).double()
+    log_q = logits.double().log_softmax(dim=-1)
+    q = log_q.exp()
+    return OutputDistribution(q.to(logits.dtype), (q * log_q).sum(dim=1), log_q.argmax(dim=1))
+
+
+def lens_statistics(logits: Float[Tensor, "token vocab"], output: OutputDistribution) -> dict[str, Float[Tensor, " token"]]:
+    """Per token: ``KL(q || p)``, ``H(p)``, the rank of ``output.top`` in ``logits``, ``ln(1 + rank)`` and ``rank == 0``.
+
+    With ``u = z - max z`` and ``S = sum exp(u)`` (so ``log p = u - log S``):
+    ``H(p) = log S - sum exp(u) u / S`` and ``KL(q || p) = sum q log q - sum q u + log S``.
+    One ``exp`` of the logits, two dot products per token: the elementwise work runs in the logits'
+    dtype, the sums and the results are float64 (module docstring: precision). Rank counts the
+    logits strictly above the top token's.
+
+    >>> z = torch.tensor([[0., 0., 0., 0.], [2., 1., 0., 0.]])
+    >>> q = output_distribution(torch.tensor([[0., 0., 0., 0.], [1., 2., 0., 0.]]))   # row 2: the output's top is token 1
+    >>> s = lens_statistics(z, q)
+    >>> round(float(s["kl"][0]), 6), round(float(s["entropy"][0]), 4), s["rank"].tolist()     # H(uniform on 4) = ln 4
+    (0.0, 1.3863, [0.0, 1.0])
+    """
+    rank = (logits > logits.gather(1, output.top[:, None])).sum(dim=1).double()
+    shifted = logits - logits.amax(dim=1, keepdim=True)
+    weights = shifted.exp()
+    total = weights.sum(dim=1, dtype=torch.float64)
+    log_total = total.log()
     return {
-        "kl": (q * (output_log_probs - log_p)).sum(dim=1),
-        "entropy": -(log_p.exp() * log_p).sum(dim=1),
+        "kl": output.neg_entropy - torch.linalg.vecdot(output.probs, shifted).double() + log_total,
+        "entropy": log_total - torch.linalg.vecdot(weights, shifted).double() / total,
         "rank": rank,
         "log_rank": torch.log1p(rank),
         "top1": (rank == 0).double(),
     }
+
+
+def own_statistics(output: OutputDistribution) -> dict[str, Float[Tensor, " token"]]:
+    """``lens_statistics`` of the output against itself, exactly: KL 0, ``H(q)``, rank 0 (the last state, by construction).
+
+    >>> own_statistics(output_distribution(torch.tensor([[0., 0.]])))["kl"].tolist()
+    [0.0]
+    """
+    zero = torch.zeros_like(output.neg_entropy)
+    return {"kl": zero, "entropy": -output.neg_entropy, "rank": zero, "log_rank": zero, "top1": zero + 1}
 
 
 def apply_affine(
@@ -132,15 +176,15 @@ def decode_states(
     for start in range(0, n_tokens, chunk):
         rows = slice(start, start + chunk)
         target = resid[-1, rows]
-        output = final_logits(model, target).double().log_softmax(dim=-1)
-        top = output.argmax(dim=1)
+        output = output_distribution(final_logits(model, target))
         for l in range(n_states):
             x = resid[l, rows]
             if maps is not None:
                 predicted = apply_affine(x, maps[0][l], maps[1][l])
                 out["sse"][l, rows] = ((predicted - target.to(torch.float64)) ** 2).sum(dim=1)
                 x = predicted
-            for name, values in lens_statistics(final_logits(model, x), output, top).items():
+            own = maps is None and l == n_states - 1  # the last state decodes to the output itself
+            for name, values in (own_statistics(output) if own else lens_statistics(final_logits(model, x), output)).items():
                 out[name][l, rows] = values
     return out
 
@@ -221,7 +265,8 @@ class LensResult(Result):
     log_rank: Float[np.ndarray, " state"]  # mean ln(1 + rank)
     top1: Float[np.ndarray, " state"]  # share of tokens whose lens top token is the output's
     prompt_parts: Float[np.ndarray, "statistic prompt state"]  # STATISTICS summed per prompt
-    prompt_tokens: Float[np.ndarray, " prompt"]
+    prompt_tokens: Float[np.ndarray, " prompt"]  # decoded tokens per prompt
+    n_decoded: int  # tokens decoded (the subsample's size; every included token when lens_tokens = 0)
     position: int  # of the first prompt: where top_tokens are read
     position_token: str
     top_tokens: tuple[tuple[str, ...], ...]  # [state][k]
@@ -244,7 +289,8 @@ class LensResult(Result):
     def summary(self) -> str:
         p, c, a = self.provenance, self.control, self.affine
         lines = [
-            f"Lens: {p.model} ({p.weights}), prompts {p.prompt_set!r}: {p.n_prompts} prompts, {p.n_tokens} tokens; "
+            f"Lens: {p.model} ({p.weights}), prompts {p.prompt_set!r}: {p.n_prompts} prompts, {self.n_decoded} of "
+            f"{p.n_tokens} tokens decoded; "
             f"KL(output || lens) and entropy in nats, rank of the output's top token; top tokens at position "
             f"{self.position} of prompt 0 ({self.position_token!r})",
             f"{'state':>5} {'KL':>8} {'top1':>6} {'geo rank':>9} {'entropy':>8}"
@@ -359,48 +405,59 @@ def measure(
     lens_top_k: int = TOP_K,
     affine_lens: bool = False,
     lens_ridge: float = RIDGE,
+    lens_tokens: int = LENS_TOKENS,
+    seed: int = 0,
     **capture_kwargs,
 ) -> LensResult:
     """The lens of a model (captured here) or of a ``Capture`` holding ``resid`` (then ``model=`` too).
 
     ``control="random"`` (default) measures the untrained twin on the same prompts alike; a
-    ``LensResult`` is attached as is; None skips it.
+    ``LensResult`` is attached as is; None skips it. ``lens_tokens`` of the included tokens are
+    decoded, drawn under ``seed`` (0: every token; module docstring).
     """
     if lens_top_k < 1:
         raise ArgumentError(f"lens_top_k must be at least 1, got {lens_top_k}")
     if not (np.isfinite(lens_ridge) and lens_ridge >= 0):
         raise ArgumentError(f"lens_ridge must be finite and >= 0, got {lens_ridge}")
+    if lens_tokens < 0:
+        raise ArgumentError(f"lens_tokens must be at least 0 (0: every token), got {lens_tokens}")
 
     def measure_one(cap: Capture, model) -> LensResult:
-        return _measure_capture(cap, model, lens_position, lens_top_k, affine_lens, lens_ridge)
+        return _measure_capture(cap, model, lens_position, lens_top_k, affine_lens, lens_ridge, lens_tokens, seed)
 
     return measure_with_control("lens", capture_or_model, prompts, STREAMS, measure_one, model=model, control=control,
                                 needs_model="the lens decodes through the model's final norm and unembedding",
                                 **capture_kwargs)
 
 
-def _measure_capture(cap: Capture, model, position: int, top_k: int, affine: bool, ridge: float) -> LensResult:
+def _measure_capture(cap: Capture, model, position: int, top_k: int, affine: bool, ridge: float, n_decode: int,
+                     seed: int) -> LensResult:
     cap.require_streams(STREAMS)
     if not bool(cap.mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
     if getattr(model.cfg, "attention_dir", "causal") != "causal":
         raise ArgumentError(f"lens: {cap.model_info.name} is not a causal language model: {ANALYSIS.causal}")
-    owners = prompt_index(cap.mask).numpy()
+    drawn = token_subsample(cap.n_tokens, n_decode, seed)
+    owners = prompt_index(cap.mask).numpy()[drawn]
+    decoded = cap.tokens_of("resid")[:, torch.from_numpy(drawn)]
     tokens = np.bincount(owners, minlength=cap.n_prompts).astype(np.float64)
-    per_token = decode_states(model, cap.tokens_of("resid"))
+    per_token = decode_states(model, decoded)
     parts = np.stack([prompt_sums(per_token[name].numpy(), owners, cap.n_prompts) for name in STATISTICS])
     ones = np.ones(cap.n_prompts)
+    which = (f"every included token ({len(drawn)})" if len(drawn) == cap.n_tokens else
+             f"{len(drawn)} of the {cap.n_tokens} included tokens, drawn without replacement (seed {seed})")
     return LensResult(
         conventions=Conventions(
-            aggregation="mean over all included tokens pooled (per-prompt sums kept for the bootstrap); KL(output || lens) "
-            "in nats, float32 logits, float64 softmax and sums",
+            aggregation=f"mean over the decoded tokens pooled: {which} (per-prompt sums kept for the bootstrap); "
+            "KL(output || lens) in nats, float32 logits, float64 softmax and sums",
             excluded_positions=cap.exclude,
             layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
         prompt_parts=parts,
         prompt_tokens=tokens,
-        affine=_affine_lens(cap, model, ridge, parts, tokens) if affine else None,
+        n_decoded=len(drawn),
+        affine=_affine_lens(cap, model, ridge, parts, tokens, decoded, owners) if affine else None,
         **_top_tokens(cap, model, position, top_k),
         **lens_fields(parts, tokens, ones),
     )
@@ -421,19 +478,23 @@ def _top_tokens(cap: Capture, model, position: int, k: int) -> dict:
                 top_probs=top.values.numpy())
 
 
-def _affine_lens(cap: Capture, model, ridge: float, lens_parts: np.ndarray, tokens: np.ndarray) -> AffineLens:
-    """Fit on the even-numbered prompts, measure on the odd-numbered ones (module docstring)."""
+def _affine_lens(cap: Capture, model, ridge: float, lens_parts: np.ndarray, tokens: np.ndarray,
+                 decoded: Float[Tensor, "state token d_model"], decoded_owners: Int[np.ndarray, " token"]) -> AffineLens:
+    """Fit on every included token of the even-numbered prompts, measure on the decoded tokens of the odd-numbered
+    ones, the logit lens's own (module docstring)."""
     if cap.n_prompts < 2:
         raise ArgumentError("the affine lens needs at least 2 prompts: it is fitted on some and measured on the others")
     train, held = tuple(range(0, cap.n_prompts, 2)), tuple(range(1, cap.n_prompts, 2))
-    train_mask, held_mask = cap.mask.clone(), cap.mask.clone()
-    train_mask[list(held)], held_mask[list(train)] = False, False
-    if not (bool(train_mask.any()) and bool(held_mask.any())):
-        raise ArgumentError("the affine lens needs included tokens in both its training and its held-out prompts")
+    train_mask = cap.mask.clone()
+    train_mask[list(held)] = False
+    on_held = decoded_owners % 2 == 1
+    if not (bool(train_mask.any()) and on_held.any()):
+        raise ArgumentError("the affine lens needs included tokens in its training prompts and decoded ones in its "
+                            "held-out prompts (raise --lens-tokens, or 0 for every token)")
     maps = fit_affine(cap.tokens_of("resid", train_mask), ridge)
-    held_resid = cap.tokens_of("resid", held_mask)
+    held_resid = decoded[:, torch.from_numpy(on_held)]
     per_token = decode_states(model, held_resid, maps)
-    owners = prompt_index(held_mask).numpy()
+    owners = decoded_owners[on_held]
     target = held_resid[-1].to(torch.float64).numpy()
     target_sum = np.zeros((cap.n_prompts, target.shape[1]))
     np.add.at(target_sum, owners, target)
@@ -454,6 +515,8 @@ class LensParameters:
                                       "even-numbered prompts and report it on the others")
     lens_ridge: float = option(RIDGE, "the affine lens's ridge, relative to the mean eigenvalue of each state's input co-moment",
                                at_least=0)
+    lens_tokens: int = option(LENS_TOKENS, "included tokens decoded per run, drawn at random under --seed (0: every token)",
+                              at_least=0)
 
 
 ANALYSIS = Analysis(
@@ -467,7 +530,4 @@ ANALYSIS = Analysis(
     parameters=LensParameters,
     causal="the lens compares each state's decoding with the next-token distribution (minilm-l6's checkpoint has no "
            "masked-LM head)",
-    # Decoding every state of every token through a 49,152-word unembedding costs about 3x the capture per run
-    # (benchmarks/lens.py), once for the model and once per control seed: asked for by name until it is cheaper.
-    opt_in=True,
 )
