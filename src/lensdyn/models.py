@@ -381,6 +381,8 @@ def _dequantised_cache(spec: EmbeddedModel, gguf_dir: Path, gguf_file: str) -> P
         _dequantise_into(spec, gguf_dir, gguf_file, staging)
         write_manifest(staging)
         if target.exists():
+            if manifest_mismatch(target) is None:  # a concurrent writer finished first: keep what it wrote
+                return target
             shutil.rmtree(target)
         try:
             staging.rename(target)
