@@ -3,17 +3,15 @@
     python benchmarks/lens.py [--repeats 1]
 
 Times (best of ``--repeats``): a bare forward pass prompt by prompt, ``ld.capture`` of ``resid``
-(the forward pass the lens reads), ``lens.measure`` on that capture without the control (every
-state of every included token through the final norm and the 49,152-way unembedding), and the
-affine lens's fit alone (streamed moments and 31 ridge solves) and with its held-out decoding.
-Each is printed as a ratio to the capture. The lens is ``n_layers + 1`` unembeddings of every token,
-so its arithmetic is several forward passes' (the unembedding is a fifth of SmolLM2's parameters);
-there is no target. The peak resident memory is read before and after the lens (``ru_maxrss``).
-Then the lens's numbers at a few states, with the untrained control's and the affine lens's.
-
-Measured (2 threads on a machine shared with other jobs, best of 1, so absolute times are inflated):
-capture 126 s, bare forward 58 s, lens 397 s (3.2x the capture, 6.8x the bare forward), affine fit
-alone 15 s (0.12x), lens with --affine-lens 619 s (4.9x); peak resident memory +393 MB for the lens.
+(the forward pass the lens reads), ``lens.measure`` on that capture without the control as the
+report runs it (``lens_tokens=512`` drawn tokens, every state through the final norm and the
+49,152-way unembedding) and on every included token (``lens_tokens=0``), and the affine lens's fit
+alone (streamed moments and 31 ridge solves) and with its held-out decoding. Each is printed as a
+ratio to the capture. Every decoded token costs ``n_layers`` unembeddings (the unembedding is a
+fifth of SmolLM2's parameters), hence the subsample; the largest difference per statistic between
+the subsample's means and every token's is printed too. The peak resident memory is read before
+and after the lens (``ru_maxrss``). Then the lens's numbers at a few states, with the untrained
+control's and the affine lens's.
 """
 import os
 import resource
@@ -48,6 +46,7 @@ def main() -> None:
     before = peak_mb()
     timed = best_of(lambda: lens.measure(cap, model=model, control=None), args.repeats, warmup=0)
     after = peak_mb()
+    every = best_of(lambda: lens.measure(cap, model=model, control=None, lens_tokens=0), args.repeats, warmup=0)
     train = cap.mask.clone()
     train[1::2] = False
     fit = best_of(lambda: lens.fit_affine(cap.tokens_of("resid", train), lens.RIDGE), args.repeats)
@@ -55,7 +54,8 @@ def main() -> None:
     rows = [
         ("bare bridge forward, prompt by prompt (logits)", bare),
         ("ld.capture resid", forward),
-        ("lens.measure (31 states x all included tokens)", timed),
+        (f"lens.measure (31 states x {lens.LENS_TOKENS} drawn tokens: the report's)", timed),
+        ("lens.measure, lens_tokens=0 (31 states x every included token)", every),
         ("affine lens fit alone (moments + 31 ridge solves)", fit),
         ("lens.measure with --affine-lens (fit + held-out decoding)", affine),
     ]
@@ -65,6 +65,11 @@ def main() -> None:
     for label, seconds in rows:
         print(f"{label:<60} {seconds:>9.3f} {seconds / forward:>10.2f} {seconds / bare:>8.2f}")
     print(f"peak resident memory: {before:.0f} MB before the lens, {after:.0f} MB after (+{after - before:.0f} MB)")
+    drawn, full = lens.measure(cap, model=model, control=None), lens.measure(cap, model=model, control=None, lens_tokens=0)
+    for name in ("kl", "entropy", "top1", "log_rank"):
+        gap = np.abs(getattr(drawn, name) - getattr(full, name))
+        print(f"{name}: {lens.LENS_TOKENS} drawn tokens vs every token, largest difference over states {gap.max():.4f} "
+              f"(state {int(gap.argmax())}, where every token gives {getattr(full, name)[gap.argmax()]:.4f})")
 
     result = lens.measure(cap, model=model, affine_lens=True)
     c, a = result.control, result.affine
