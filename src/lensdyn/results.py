@@ -191,6 +191,31 @@ class Result:
                 frame.attrs[f"{role}_provenance"] = dataclasses.asdict(result.provenance)
         return frame
 
+    def to_csv(self, path: str | Path | None = None, reference: "Result | None" = None) -> str:
+        """``to_frame()`` as CSV text under a ``# `` header of its kind, provenance and conventions (written
+        to ``path`` too when given); ``reference``: a reference run kept apart (the report's norms control),
+        its rows with role ``"reference"``.
+
+        ``pandas.read_csv(path, comment="#")`` reads it back.
+        """
+        import pandas as pd
+
+        frame = self.to_frame()
+        header = [f"lensdyn {self.kind}: long format, one row per number ({', '.join(FRAME_COLUMNS)})"]
+        header += [f"provenance.{k}: {v}" for k, v in frame.attrs["provenance"].items()]
+        header += [f"conventions.{k}: {v}" for k, v in frame.attrs["conventions"].items()]
+        if reference is not None:
+            header += [f"reference.{k}: {v}" for k, v in dataclasses.asdict(reference.provenance).items()]
+            frame = pd.concat([frame, reference.to_frame().assign(role="reference")], ignore_index=True)
+        header.append("conventions in full: lensdyn.conventions (module docstring); units: the units column "
+                      "('' where a statistic states none)")
+        text = "".join(f"# {line}\n" for line in header) + frame.to_csv(index=False, lineterminator="\n")
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        return text
+
     def tidy_records(self):
         """``(axis, index, statistic, value)`` for every number of this result, its control's apart
         (``to_frame``); a result with a layout the generic walk reads poorly overrides this."""

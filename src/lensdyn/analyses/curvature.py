@@ -44,6 +44,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
+from lensdyn import citations
 from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweeps
@@ -456,7 +457,7 @@ class CurvatureResult(Result):
         return fig
 
 
-CURVATURE = "curvature paper (arXiv 2511.03060)"
+CURVATURE = citations.CURVATURE.source
 
 
 SHARP_FLOOR = 0.01  # excess sharp turns below one in a hundred turns are negligible
@@ -508,11 +509,11 @@ CLAIMS = (
     Claim(CURVATURE, "excess sharp turns",
           f"raw-stream fraction of turns >= 120 deg above the random-walk null (Holm p < 0.05), by >= {SHARP_FLOOR:.0%} "
           "of turns", _beats_walk("sharp_fraction"), p_value=_walk_p("sharp_fraction"), effect=_sharp_excess,
-          floor=SHARP_FLOOR, effect_units="share of turns above the walk's"),
+          floor=SHARP_FLOOR, effect_units="share of turns above the walk's", units="share of turns (0-1)"),
     Claim(CURVATURE, "longer length-to-chord than chance",
           f"raw-stream length-to-chord above the random-walk null (Holm p < 0.05), by >= {CHORD_FLOOR:.0%}",
           _beats_walk("length_to_chord"), p_value=_walk_p("length_to_chord"), effect=_chord_excess, floor=CHORD_FLOOR,
-          effect_units="relative excess over the walk"),
+          effect_units="relative excess over the walk", units="path length / chord (dimensionless, >= 1)"),
     Claim(CURVATURE, "meaning edits deflect more than control edits",
           "final angle between clean and edited target: Mann-Whitney meaning > control (Holm p < 0.05), "
           f"Vargha-Delaney A >= {DEFLECTION_FLOOR}", _deflects, p_value=lambda r: (r.final_angle_p, None),

@@ -54,6 +54,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
+from lensdyn import citations
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit, hubble, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
@@ -555,7 +556,8 @@ class ExpansionResult(Result):
         return fig
 
 
-FLRW = "FLRW expansion note"
+FLRW = citations.FLRW.source
+HUBBLE_UNITS = "H: natural-log units of the norm per block (ln a(l+1) - ln a(l))"
 COMOVING_FLOOR = 0.1  # the least share, of the variation the null leaves, that keeping token identity must remove
 # The write-up read its causal claims under Cov(gamma)^-1; each is judged under both metrics (field, metric name).
 CAUSAL_TRACKS = (("causal", "causal_inverse"), ("causal_dual", "causal_dual"))
@@ -590,9 +592,11 @@ def under_each_causal_metric(claim: str, rule: str, test, p_value=None, effect=N
 CLAIMS = (
     *under_each_causal_metric(
         "norms grow exponentially (R^2 0.97)", "R^2 >= 0.95 of the exponential fit to a(l) under {metric}",
-        lambda t, r: (f"H0 {t.h0:.3f}/block, R^2 {t.r2:.2f} ({r.fit_space} fit)", finite(t.r2 >= 0.95, t.r2))),
+        lambda t, r: (f"H0 {t.h0:.3f}/block, R^2 {t.r2:.2f} ({r.fit_space} fit)", finite(t.r2 >= 0.95, t.r2)),
+        units=HUBBLE_UNITS),
     Claim(FLRW, "final contraction", "H < 0 across the last block (final norm not a layer)",
-          lambda r: (f"H(last) {r.euclidean.hubble[-1]:+.3f}/block", finite(r.euclidean.hubble[-1] < 0, r.euclidean.hubble[-1]))),
+          lambda r: (f"H(last) {r.euclidean.hubble[-1]:+.3f}/block", finite(r.euclidean.hubble[-1] < 0, r.euclidean.hubble[-1])),
+          units=HUBBLE_UNITS),
     *under_each_causal_metric(
         "per-token H uniform, no position dependence",
         "per-token H under {metric}: CV <= 10% and Spearman with position p >= 0.05 (a claim of absence: not "
@@ -613,7 +617,8 @@ CLAIMS = (
                      finite(r.post_ln_cv <= 0.10, r.post_ln_cv))),
     Claim(FLRW, "1: metric shape constant across layers", "top-10 covariance subspace overlap, first vs last state >= 0.5",
           lambda r: (f"overlap {r.covariance.subspace_overlap[0, -1]:.2f} (of 1)",
-                     finite(r.covariance.subspace_overlap[0, -1] >= 0.5, r.covariance.subspace_overlap[0, -1]))),
+                     finite(r.covariance.subspace_overlap[0, -1] >= 0.5, r.covariance.subspace_overlap[0, -1])),
+          units="mean squared cosine of the principal angles, 0-1"),
     Claim(FLRW, "2: M(0) is Euclidean", "participation ratio of C_0 >= half of d_model",
           lambda r: (f"PR {r.covariance.participation_ratio[0]:.1f} of {r.d_model} dims",
                      finite(r.covariance.participation_ratio[0] >= r.d_model / 2, r.covariance.participation_ratio[0])

@@ -33,6 +33,7 @@ import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
+from lensdyn import citations
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
@@ -203,14 +204,16 @@ class GainsResult(Result):
         return fig
 
 
-PYTHIA = "Pythia FFN expansion note"
+PYTHIA = citations.PYTHIA.source
+GAIN_UNITS = "gain: ratio of norms, ||sublayer output|| / ||its input|| (dimensionless)"
 CLAIMS = (
     Claim(PYTHIA, "attention always contracts", "attention gain < 1 in every block (reference as measured)",
-          lambda r: (f"{r.attn_contracting}/{r.n_layers} blocks (min {r.attn_min:.2f})", r.attn_contracting == r.n_layers)),
+          lambda r: (f"{r.attn_contracting}/{r.n_layers} blocks (min {r.attn_min:.2f})", r.attn_contracting == r.n_layers),
+          units=GAIN_UNITS),
     Claim(PYTHIA, "MLP mostly contracts", "MLP gain < 1 in more than half the blocks",
           lambda r: (f"{r.mlp_contracting}/{r.n_layers} blocks", r.mlp_contracting > r.n_layers / 2)),
     Claim(PYTHIA, "last MLP expands", "last block's MLP gain > 1",
-          lambda r: (f"{r.last_mlp_gain:.2f}x", finite(r.last_mlp_gain > 1, r.last_mlp_gain))),
+          lambda r: (f"{r.last_mlp_gain:.2f}x", finite(r.last_mlp_gain > 1, r.last_mlp_gain)), units=GAIN_UNITS),
     Claim(PYTHIA, "last MLP gain is the maximum", "argmax of the MLP gain is the last block",
           lambda r: (f"max at block {r.mlp_argmax} of {r.n_layers}", r.mlp_argmax == r.n_layers - 1)),
     Claim(PYTHIA, "net expansion only in the last block", "residual gain > 1 in the last block and in no other",

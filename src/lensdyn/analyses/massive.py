@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lensdyn import citations
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.hooks.capture import Capture
@@ -227,7 +228,7 @@ class MassiveResult(Result):
         return fig
 
 
-SUN = "Sun et al. 2024, Massive Activations"
+SUN = citations.SUN.source
 
 
 def _run_starts_early(r: MassiveResult) -> tuple[str, bool | None]:
@@ -242,7 +243,8 @@ def _run_starts_early(r: MassiveResult) -> tuple[str, bool | None]:
 CLAIMS = (
     Claim(SUN, "massive activations exist", "some |x| > 100 and >= 1000x the median |x| of its vector, at some state",
           lambda r: (f"{int(r.count.sum())} (top |x| {r.top_magnitude.max():.0f}, "
-                     f"{r.top_ratio[int(np.argmax(r.top_magnitude))]:.0f}x)", bool(r.count.sum() > 0))),
+                     f"{r.top_ratio[int(np.argmax(r.top_magnitude))]:.0f}x)", bool(r.count.sum() > 0)),
+          units="activations counted; |x| in the residual stream's raw units; x: times the vector's median |x|"),
     Claim(SUN, "they sit on the first token and on delimiters",
           "every carrier is at position 0 or a delimiter (whitespace or punctuation only)",
           lambda r: (f"{sum(k.position == 0 or is_delimiter(k.token) for k in r.carriers)}/{len(r.carriers)} carriers",

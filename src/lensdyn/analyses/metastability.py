@@ -65,6 +65,7 @@ from scipy import linalg as sla
 from scipy import stats
 from torch import Tensor
 
+from lensdyn import citations
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
@@ -488,7 +489,7 @@ class MetastabilityResult(Result):
         return fig
 
 
-METASTABLE = "metastability sequence (Phase 1)"
+METASTABLE = citations.METASTABLE.source
 
 
 def _share(key: str):
@@ -519,7 +520,7 @@ CLAIMS = (
           _share("energy_falls")),
     Claim(METASTABLE, "collapse speed follows rho(V)", "Spearman(collapse speed, rho(V)) over blocks >= 0.5",
           lambda r: (f"Spearman {r.collapse_vs_v_spearman:+.2f} (OV {r.collapse_vs_ov_spearman:+.2f})",
-                     finite(r.collapse_vs_v_spearman >= 0.5, r.collapse_vs_v_spearman))),
+                     finite(r.collapse_vs_v_spearman >= 0.5, r.collapse_vs_v_spearman)), units="Spearman rho (-1 to 1)"),
 )
 MetastabilityResult.claims = CLAIMS
 
