@@ -32,7 +32,7 @@ class Citation:
         """One line: authors (year), title, identifier, address, note.
 
         >>> print(Citation("k", "s", "A title", "A. Author", "2025", "arXiv:1", "https://x").text())
-        A. Author (2025). A title. arXiv:1. https://x
+        A. Author (2025). A title. arXiv:1 https://x
         """
         parts = [f"{self.authors} ({self.year}). {self.title}.", self.identifier, self.url,
                  self.note and f"({self.note})"]
@@ -51,10 +51,9 @@ STATELENS = Citation(
 )
 CURVATURE = Citation(
     "curvature", "curvature paper (arXiv 2511.03060)",
-    "a geometric framework for Transformers by analogy to General Relativity: attention-induced curvature",
+    "[title not in the stored copy] a geometric framework for Transformers by analogy to General Relativity",
     "Jairo Diaz-Rodriguez", "2025", "arXiv:2511.03060", "https://doi.org/10.48550/arXiv.2511.03060",
-    note="the stored copy is the abstract page without the title: the title here describes it; "
-    "the identifier gives the paper's own",
+    note="lensdyn read its abstract page; the identifier leads to the paper and its title",
 )
 PYTHIA = Citation(
     "pythia", "Pythia FFN expansion note", "FFN Expansion Analysis: Pythia-6.9B (Cross-Model Validation)",

@@ -126,7 +126,7 @@ def _px(value, default: int) -> float:
 def overlapping(boxes: Sequence[tuple[str, float, float, float, float]]) -> list[tuple[str, str]]:
     """The pairs of ``title_boxes`` whose rectangles overlap.
 
-    >>> overlapping([("a", 0, 0, 1, 1), ("b", 0.5, 0.5, 2, 2), ("c", 3, 3, 4, 4)])
+    >>> overlapping([("a", 0.0, 0.0, 1.0, 1.0), ("b", 0.5, 0.5, 2.0, 2.0), ("c", 3.0, 3.0, 4.0, 4.0)])
     [('a', 'b')]
     """
     return [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]

@@ -33,14 +33,14 @@ import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
-from lensdyn import citations
+from lensdyn import citations, plots
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.ops import AGGREGATIONS, aggregate_ratio, last_token_mask, prompt_index, token_norms
-from lensdyn.resampling import pooled_ratio, prompt_counts, ratio_parts
+from lensdyn.resampling import pooled_ratio, prompt_counts, ratio_band, ratio_parts
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, finite
 
@@ -187,7 +187,11 @@ class GainsResult(Result):
                 continue
             tag = f"{r.provenance.model} ({r.provenance.weights})"
             blocks = np.arange(r.n_layers)
-            for key, values in (("attn", r.attn_gain), ("mlp", r.mlp_gain), ("resid", r.resid_gain)):
+            for k, (key, values) in enumerate((("attn", r.attn_gain), ("mlp", r.mlp_gain), ("resid", r.resid_gain))):
+                if r.prompt_parts is not None and r.provenance.n_prompts >= 2:
+                    low, high = ratio_band(r.prompt_parts[k])
+                    fig.add_trace(plots.band(blocks, low, high, "#999999" if grey else palette[key],
+                                             f"{tag}: {key}, bootstrap 90% over prompts"))
                 fig.add_trace(go.Scatter(
                     x=blocks, y=values, mode="lines+markers", name=f"{tag}: {key} gain",
                     line={"color": "#999999" if grey else palette[key], "dash": "dot" if grey else "solid"},
@@ -199,13 +203,16 @@ class GainsResult(Result):
         fig.add_hline(y=1.0, line={"color": "black", "width": 1, "dash": "dash"})
         fig.update_layout(
             title=f"Sublayer gains (reference {self.reference!r}, tokens {self.tokens!r}); below 1 contracts",
-            xaxis_title="block l", yaxis_title="gain", yaxis_type="log", template="plotly_white", height=520,
+            xaxis_title="block l", yaxis_title="gain = ||sublayer out|| / ||reference|| (log axis)", yaxis_type="log",
+            yaxis=plots.log_ticks([r.attn_gain for r in (self, self.control) if r is not None]
+                                  + [r.mlp_gain for r in (self, self.control) if r is not None]),
+            template="plotly_white", height=520,
         )
         return fig
 
 
 PYTHIA = citations.PYTHIA.source
-GAIN_UNITS = "gain: ratio of norms, ||sublayer output|| / ||its input|| (dimensionless)"
+GAIN_UNITS = "gain: ||sublayer output|| / ||its reference|| (a ratio of norms, dimensionless)"
 CLAIMS = (
     Claim(PYTHIA, "attention always contracts", "attention gain < 1 in every block (reference as measured)",
           lambda r: (f"{r.attn_contracting}/{r.n_layers} blocks (min {r.attn_min:.2f})", r.attn_contracting == r.n_layers),

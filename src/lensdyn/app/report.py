@@ -233,7 +233,7 @@ def figure_size(figure) -> tuple[int, int]:
     return int(figure.layout.width or FIGURE_WIDTH), int(figure.layout.height or FIGURE_HEIGHT)
 
 
-def static_dpi(scale: float = STATIC_SCALE) -> float:
+def static_dpi(scale: float | int = STATIC_SCALE) -> float:
     """The DPI a static image has when printed at its layout size: a layout pixel is a CSS pixel, 1/96 inch.
 
     >>> static_dpi(2)
@@ -243,7 +243,7 @@ def static_dpi(scale: float = STATIC_SCALE) -> float:
 
 
 def export_figures(figures: dict[str, object], directory: str | Path, formats: Sequence[str],
-                   scale: float = STATIC_SCALE) -> list[Path]:
+                   scale: float | int = STATIC_SCALE) -> list[Path]:
     """Write every figure as ``<directory>/<name>.<format>`` (png, svg) through kaleido in one browser session,
     each at its own layout size (``figure_size``) times ``scale`` (a PNG of width ``w`` is ``w * scale``
     pixels wide: ``static_dpi(scale)`` at the layout size; an SVG keeps the layout size).
