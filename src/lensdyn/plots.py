@@ -100,9 +100,7 @@ def title_boxes(fig, width: int, height: int) -> list[tuple[str, float, float, f
     >>> [round(v, 3) for v in title_boxes(fig, 100, 100)[0][1:]]
     [0.35, 1.0, 0.65, 1.13]
     """
-    margin = fig.layout.margin
-    left, right = _px(margin.l, 80), _px(margin.r, 80)
-    top, bottom = _px(margin.t, 100), _px(margin.b, 80)
+    left, right, top, bottom = margins(fig)
     plot_w, plot_h = width - left - right, height - top - bottom
     default = fig.layout.font.size or 12
     boxes = []
@@ -119,8 +117,48 @@ def title_boxes(fig, width: int, height: int) -> list[tuple[str, float, float, f
     return boxes
 
 
-def _px(value, default: int) -> float:
-    return float(default if value is None else value)
+def margins(fig) -> tuple[float, float, float, float]:
+    """``(left, right, top, bottom)`` margins of ``fig`` in px: its own, plotly's defaults (80, 80, 100, 80) where
+    unset, the right one widened to a legend beside the plot (plotly widens it so: ``legend_width``)."""
+    m = fig.layout.margin
+    left, right, top, bottom = (float(default if value is None else value)
+                                for value, default in ((m.l, 80), (m.r, 80), (m.t, 100), (m.b, 80)))
+    return left, max(right, legend_width(fig)), top, bottom
+
+
+def legend_width(fig) -> float:
+    """An estimate, in px, of the widest legend placed right of the plot (x >= 1, plotly's default place):
+    its longest entry or group title at ``GLYPH_EM`` per character, plus 50 px of symbol and padding; 0 with none.
+
+    >>> import plotly.graph_objects as go
+    >>> fig = go.Figure([go.Scatter(y=[1], name="a" * 10), go.Scatter(y=[2], name="b")], layout={"font": {"size": 10}})
+    >>> legend_width(fig)
+    110.0
+    """
+    shown = [t for t in fig.data if t.showlegend is not False and t.visible is not False]
+    if not shown or fig.layout.showlegend is False or (len(shown) == 1 and fig.layout.showlegend is None):
+        return 0.0
+    widest = 0.0
+    for trace in shown:
+        legend = fig.layout[trace.legend or "legend"]
+        if legend.x is not None and legend.x < 1:
+            continue
+        size = (legend.font.size if legend.font and legend.font.size else None) or fig.layout.font.size or 12
+        group = trace.legendgrouptitle.text if trace.legendgrouptitle and trace.legendgrouptitle.text else ""
+        widest = max(widest, max(len(trace.name or ""), len(group)) * size * GLYPH_EM + 50)
+    return widest
+
+
+def paper_extent(fig, width: int) -> tuple[float, float]:
+    """The figure's left and right edges in paper coordinates (0 and 1 are the plot area's) at ``width`` px.
+
+    >>> import plotly.graph_objects as go
+    >>> paper_extent(go.Figure(layout={"margin": {"l": 50, "r": 50}}), 200)
+    (-0.5, 1.5)
+    """
+    left, right, _, _ = margins(fig)
+    plot_w = width - left - right
+    return -left / plot_w, 1 + right / plot_w
 
 
 def overlapping(boxes: Sequence[tuple[str, float, float, float, float]]) -> list[tuple[str, str]]:
