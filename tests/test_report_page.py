@@ -5,6 +5,7 @@ calls and uncaught errors, and after ``load`` writes them, with what each figure
 DOM; Chromium's ``--dump-dom`` hands that back. The page itself is not changed. Figure export
 (kaleido drives the same Chromium) is tested here too.
 """
+import html
 import json
 import re
 import subprocess
@@ -45,9 +46,9 @@ window.addEventListener("load", () => setTimeout(() => {
 
 def load_in_chromium(page, tmp_path) -> dict:
     """What the harness recorded after Chromium loaded ``page``, plus Chromium's own console lines."""
-    html = page.read_text(encoding="utf-8")
+    source = page.read_text(encoding="utf-8")
     probe = tmp_path / "probe.html"
-    probe.write_text(html.replace("<head>", "<head>\n" + HARNESS, 1), encoding="utf-8")
+    probe.write_text(source.replace("<head>", "<head>\n" + HARNESS, 1), encoding="utf-8")
     run = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -57,7 +58,7 @@ def load_in_chromium(page, tmp_path) -> dict:
     )
     found = re.search(r'data-harness="([^"]*)"', run.stdout)
     assert found, f"the page never finished loading in Chromium:\n{run.stderr[-2000:]}"
-    recorded = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    recorded = json.loads(html.unescape(found.group(1)))
     recorded["console"] = [line for line in run.stderr.splitlines() if "CONSOLE" in line]
     return recorded
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Float, Real
 
 MODEL = "#1f77b4"  # the model's primary colour (a second series: MODEL_2)
 MODEL_2 = "#d62728"
@@ -33,7 +33,7 @@ def rgba(colour: str, alpha: float) -> str:
     return f"rgba({r}, {g}, {b}, {alpha:g})"
 
 
-def band(x: Float[np.ndarray, " n"], low: Float[np.ndarray, " n"], high: Float[np.ndarray, " n"], colour: str,
+def band(x: Real[np.ndarray, " n"], low: Float[np.ndarray, " n"], high: Float[np.ndarray, " n"], colour: str,
          name: str, **trace):
     """A filled band from ``low`` to ``high`` over ``x`` as one closed scatter trace (no hover); ``name`` says
     what it spans ("5-95% of prompts", "bootstrap 90% over prompts")."""

@@ -185,15 +185,15 @@ class GainsResult(Result):
         for r, grey in ((self, False), (self.control, True)):
             if r is None:
                 continue
-            tag = f"{r.provenance.model} ({r.provenance.weights})"
+            tag = "control" if grey else "model"
             blocks = np.arange(r.n_layers)
             for k, (key, values) in enumerate((("attn", r.attn_gain), ("mlp", r.mlp_gain), ("resid", r.resid_gain))):
                 if r.prompt_parts is not None and r.provenance.n_prompts >= 2:
                     low, high = ratio_band(r.prompt_parts[k])
                     fig.add_trace(plots.band(blocks, low, high, "#999999" if grey else palette[key],
-                                             f"{tag}: {key}, bootstrap 90% over prompts"))
+                                             f"{tag}: {key}, 90% bootstrap band over prompts", legendgroup=f"{tag} {key}"))
                 fig.add_trace(go.Scatter(
-                    x=blocks, y=values, mode="lines+markers", name=f"{tag}: {key} gain",
+                    x=blocks, y=values, mode="lines+markers", name=f"{tag}: {key} gain", legendgroup=f"{tag} {key}",
                     line={"color": "#999999" if grey else palette[key], "dash": "dot" if grey else "solid"},
                     marker={"symbol": {"attn": "circle", "mlp": "square", "resid": "diamond"}[key]},
                 ))
@@ -202,7 +202,9 @@ class GainsResult(Result):
                           annotation_text=ph.label, annotation_position="top left", annotation_font_size=10)
         fig.add_hline(y=1.0, line={"color": "black", "width": 1, "dash": "dash"})
         fig.update_layout(
-            title=f"Sublayer gains (reference {self.reference!r}, tokens {self.tokens!r}); below 1 contracts",
+            title=f"Sublayer gains of {self.provenance.model} ({self.provenance.weights})"
+            + (f", control (grey): {self.control.provenance.weights} weights" if self.control else "")
+            + f"<br><sup>reference {self.reference!r}, tokens {self.tokens!r}; below 1 contracts</sup>",
             xaxis_title="block l", yaxis_title="gain = ||sublayer out|| / ||reference|| (log axis)", yaxis_type="log",
             yaxis=plots.log_ticks([r.attn_gain for r in (self, self.control) if r is not None]
                                   + [r.mlp_gain for r in (self, self.control) if r is not None]),

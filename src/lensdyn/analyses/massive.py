@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lensdyn import citations
+from lensdyn import citations, plots
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.hooks.capture import Capture
@@ -202,9 +202,9 @@ class MassiveResult(Result):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                             subplot_titles=("largest |x| of a coordinate", "its ratio to its vector's median |x|"))
-        for r, colour in ((self, "#d62728"), (self.control, "#999999")):
+        for r, colour in ((self, plots.MODEL_2), (self.control, plots.CONTROL)):
             if r is None:
                 continue
             label = f"{r.provenance.model} ({r.provenance.weights})"
@@ -219,7 +219,12 @@ class MassiveResult(Result):
                 ), row=row, col=1)
         fig.add_hline(y=self.threshold, line={"color": "black", "dash": "dash", "width": 1}, row=1, col=1)
         fig.add_hline(y=self.ratio, line={"color": "black", "dash": "dash", "width": 1}, row=2, col=1)
-        fig.update_yaxes(type="log")
+        runs = [r for r in (self, self.control) if r is not None]
+        fig.update_yaxes(type="log", title_text="|x| (raw units)", row=1, col=1,
+                         **plots.log_ticks([r.top_magnitude for r in runs] + [self.threshold]))
+        fig.update_yaxes(type="log", title_text="|x| / median |x| (ratio)", row=2, col=1,
+                         **plots.log_ticks([r.top_ratio for r in runs] + [self.ratio]))
+        plots.shrink_subplot_titles(fig)
         fig.update_xaxes(title_text="state l (input of block l; last = final block output before the final norm)",
                          row=2, col=1)
         fig.update_layout(title=f"Massive activations (|x| > {self.threshold:g} and >= {self.ratio:g}x the median; "
