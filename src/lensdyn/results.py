@@ -191,22 +191,30 @@ class Result:
                 frame.attrs[f"{role}_provenance"] = dataclasses.asdict(result.provenance)
         return frame
 
-    def to_csv(self, path: str | Path | None = None, reference: "Result | None" = None) -> str:
+    def to_csv(self, path: str | Path | None = None, reference: "Result | None" = None, per_layer: bool = False) -> str:
         """``to_frame()`` as CSV text under a ``# `` header of its kind, provenance and conventions (written
         to ``path`` too when given); ``reference``: a reference run kept apart (the report's norms control),
-        its rows with role ``"reference"``.
+        its rows with role ``"reference"``; ``per_layer``: only the rows indexed by state or block and not
+        by token (the per-layer tables; per-token arrays are most of a result's numbers).
 
         ``pandas.read_csv(path, comment="#")`` reads it back.
         """
         import pandas as pd
 
-        frame = self.to_frame()
-        header = [f"lensdyn {self.kind}: long format, one row per number ({', '.join(FRAME_COLUMNS)})"]
-        header += [f"provenance.{k}: {v}" for k, v in frame.attrs["provenance"].items()]
-        header += [f"conventions.{k}: {v}" for k, v in frame.attrs["conventions"].items()]
+        def rows(result: Result, role: str | None = None):
+            frame = result.to_frame() if role is None else result.to_frame().assign(role=role)
+            if not per_layer:
+                return frame
+            return frame[frame["axis"].isin(ROW_AXES) & ~frame["statistic"].str.contains("[token=", regex=False)]
+
+        frame = rows(self)
+        what = "per-layer rows only (indexed by state or block, not by token)" if per_layer else "one row per number"
+        header = [f"lensdyn {self.kind}: long format, {what} ({', '.join(FRAME_COLUMNS)})"]
+        header += [f"provenance.{k}: {v}" for k, v in dataclasses.asdict(self.provenance).items()]
+        header += [f"conventions.{k}: {v}" for k, v in dataclasses.asdict(self.conventions).items()]
         if reference is not None:
             header += [f"reference.{k}: {v}" for k, v in dataclasses.asdict(reference.provenance).items()]
-            frame = pd.concat([frame, reference.to_frame().assign(role="reference")], ignore_index=True)
+            frame = pd.concat([frame, rows(reference, "reference")], ignore_index=True)
         header.append("conventions in full: lensdyn.conventions (module docstring); units: the units column "
                       "('' where a statistic states none)")
         text = "".join(f"# {line}\n" for line in header) + frame.to_csv(index=False, lineterminator="\n")

@@ -448,14 +448,15 @@ class CurvatureResult(Result):
         from plotly.subplots import make_subplots
 
         fig = make_subplots(rows=3, cols=1, vertical_spacing=0.12, row_heights=[0.4, 0.3, 0.3], subplot_titles=(
-            "turning angle per state and token (pick the prompt above)",
+            "turning angle per state and token (position:text; pick the prompt at the top right)",
             "angle between clean and edited target states (meaning edits solid, control dotted)",
             "patching recovery of the logit difference, resid at block l (meaning edits)"))
         for i, land in enumerate(self.landscapes):
             fig.add_trace(go.Heatmap(
-                z=land.angles, x=[f"{j}:{t}" for j, t in enumerate(land.tokens)], y=np.arange(1, land.angles.shape[0] + 1),
+                # The position keeps each label unique (a category axis merges equal ones); cut, it fits under the panel.
+                z=land.angles, x=[f"{j}:{t[:10]}" for j, t in enumerate(land.tokens)], y=np.arange(1, land.angles.shape[0] + 1),
                 colorscale="RdBu_r", zmid=90, zmin=0, zmax=180, name=land.prompt, visible=i == 0,
-                colorbar={"title": {"text": "deg", "side": "right"}, "len": 0.36, "y": 1.0, "yanchor": "top",
+                colorbar={"title": {"text": "deg", "side": "right"}, "len": 0.3, "y": 1.0, "yanchor": "top",
                           "x": 1.02, "thickness": 14},
                 hovertemplate=f"{land.prompt}<br>state %{{y}}, token %{{x}}: %{{z:.1f}} deg<extra></extra>"), row=1, col=1)
         for d in self.deflections:
@@ -468,7 +469,7 @@ class CurvatureResult(Result):
         if not any(d.kind == "meaning" and "resid" in d.recovery for d in self.deflections):
             fig.add_annotation(text="no patching recovery measured on this run", showarrow=False, row=3, col=1,
                                x=0.5, y=0.5, xref="x3 domain", yref="y3 domain")
-        fig.update_xaxes(title_text="token (position:text)", tickangle=-60, tickfont={"size": 9}, row=1, col=1)
+        fig.update_xaxes(tickangle=-60, tickfont={"size": 9}, row=1, col=1)
         fig.update_yaxes(title_text="state l", row=1, col=1)
         fig.update_xaxes(title_text="state l", row=2, col=1)
         fig.update_yaxes(title_text="angle (degrees)", row=2, col=1)
@@ -477,7 +478,7 @@ class CurvatureResult(Result):
         plots.shrink_subplot_titles(fig)
         beside = {"x": 1.02, "xanchor": "left", "yanchor": "top", "font": {"size": 10}}
         menu = plots.prompt_menu([land.prompt for land in self.landscapes], len(fig.data), first=0,
-                                 x=0, xanchor="left", y=1.035, yanchor="bottom")
+                                 x=1, xanchor="right", y=1.035, yanchor="bottom")
         fig.update_layout(title=f"Curvature and deflection: {self.provenance.model} ({self.provenance.weights})",
                           template="plotly_white", height=1250, margin={"r": 20, "t": 130},
                           legend={**beside, "y": 0.52, "title": {"text": "edit pair (angle)"}},

@@ -478,10 +478,12 @@ class MetastabilityResult(Result):
             curves = {name: np.stack([_curve(m, name) for m in r.prompts]) for name, _, _ in panels}
             for i, label in enumerate(r.prompt_labels):
                 line = colour or PROMPT_COLOURS[i % len(PROMPT_COLOURS)]
+                # The model's prompts each get an entry; a reference run's lines one between them (hover names each).
+                entry = f"{role}: {label}" if r is self else f"{role}: one line per prompt"
                 for name, row, col in panels:
                     fig.add_trace(go.Scatter(
                         y=curves[name][i], mode="lines", line={"color": line, "width": 1}, opacity=0.6,
-                        name=f"{role}: {label}", legendgroup=f"{role}: {label}", showlegend=(row, col) == (1, 1),
+                        name=entry, legendgroup=entry, showlegend=(row, col) == (1, 1) and (r is self or i == 0),
                         hovertemplate=f"{role}: {label}<br>state %{{x}}: %{{y:.3g}}<extra></extra>"), row=row, col=col)
             if len(r.prompts) >= 2:
                 for name, row, col in panels:
@@ -494,7 +496,8 @@ class MetastabilityResult(Result):
                                              name=f"{role}: median of prompts", legendgroup=f"{role}: median",
                                              showlegend=first), row=row, col=col)
         fig.update_yaxes(title_text="share of token pairs", row=1, col=1)
-        fig.update_yaxes(type="log", title_text="effective rank (dimensions)", row=1, col=2)
+        ranks = [_curve(m, "effective_rank") for r, _, _ in runs for m in r.prompts]
+        fig.update_yaxes(type="log", title_text="effective rank (dimensions)", row=1, col=2, **plots.log_ticks(ranks))
         fig.update_yaxes(title_text="clusters (count)", row=2, col=1)
         fig.update_yaxes(title_text=f"E_beta ratio (beta {self.betas[-1]:g})", row=2, col=2)
         fig.update_xaxes(title_text="state l")

@@ -5,7 +5,7 @@ analyses test, the value measured on the model, the same measurement on the refe
 untrained control or a ``--compare`` model), and the verdict its stated rule gives, the rule and
 the units in the table and what else a verdict rests on in numbered footnotes, so that it prints;
 then the write-ups cited (``lensdyn.citations``). Then one section per analysis
-(``analysis_section``): its declared heading, its figure, a download of its numbers as CSV (a
+(``analysis_section``): its declared heading, its figure, a download of its per-layer table as CSV (a
 ``data:`` URI, ``Result.to_csv``), its text summary (wrapped, never scrolled sideways).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Section:
     heading: str
     figure: object  # a plotly Figure
     text: str = ""
-    csv: str = ""  # the section's numbers (``Result.to_csv``), offered as a download
+    csv: str = ""  # its per-layer table (``Result.to_csv(per_layer=True)``), offered as a download
     name: str = ""  # the file stem of the download (the analysis's name)
 
 
@@ -39,9 +39,9 @@ def analysis_section(analysis, model, reference=None) -> Section:
     run where the result keeps one apart (a result holding its control draws that itself)."""
     heading = f"{analysis.heading} of {model.provenance.model}"
     if reference is None or not analysis.keeps_reference_apart:
-        return Section(heading, model.figure(), model.summary(), model.to_csv(), analysis.name)
+        return Section(heading, model.figure(), model.summary(), model.to_csv(per_layer=True), analysis.name)
     return Section(heading, model.figure(control=reference), f"{model.summary()}\n\n{reference.summary()}",
-                   model.to_csv(reference=reference), analysis.name)
+                   model.to_csv(reference=reference, per_layer=True), analysis.name)
 
 
 def _verdict_css(verdict: str) -> str:
@@ -134,8 +134,9 @@ def _citation_html(c) -> str:
 
 
 def matrix_html(rows: Sequence[dict], models: Sequence[str]) -> str:
-    """A claims x models table (``lensdyn.app.study.verdict_matrix`` rows): per cell the verdict, coloured,
-    its robustness and measured value, the control's under it; the rule and any note on hover."""
+    """A claims x models table (``lensdyn.app.study.verdict_matrix`` rows): the rule in its own column, per
+    cell the verdict, coloured, its robustness and measured value, the control's under it (any note also on
+    hover); the write-ups cited under it."""
     def cell(c: dict) -> str:
         hover = "; ".join(x for x in (f"rule: {c['rule']}", c.get("note", "")) if x)
         text = html.escape(c["verdict"]) + (f" ({html.escape(c['robustness'])})" if c["robustness"] else "")
@@ -145,10 +146,15 @@ def matrix_html(rows: Sequence[dict], models: Sequence[str]) -> str:
             text += f'<br><span class="note">control: {html.escape(c["reference"])}</span>'
         return f'<td class="{_verdict_css(c["verdict"])}" title="{html.escape(hover)}">{text}</td>'
 
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in ("write-up", "claim", *models))
-    body = "".join(f"<tr><td>{html.escape(r['source'])}</td><td>{html.escape(r['claim'])}</td>"
-                   + "".join(cell(r["cells"][m]) for m in models) + "</tr>" for r in rows)
-    return f'<table class="verdicts" id="matrix"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>'
+    def rule(r: dict) -> str:  # one claim's rule is the same on every model
+        return html.escape(next((c["rule"] for c in r["cells"].values() if c.get("rule")), ""))
+
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in ("write-up", "claim", "rule", *models))
+    body = "".join(f"<tr><td>{_source_cell(r['source'])}</td><td>{html.escape(r['claim'])}</td>"
+                   f'<td class="rule">{rule(r)}</td>' + "".join(cell(r["cells"][m]) for m in models) + "</tr>"
+                   for r in rows)
+    return (f'<table class="verdicts" id="matrix"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>'
+            + references_html(r["source"] for r in rows))
 
 
 def render_html(title: str, sections: list[Section], subtitle: str = "", verdicts: Sequence[Verdict] = (),
@@ -211,8 +217,8 @@ def download_link(text: str, filename: str) -> str:
     """A link that downloads ``text`` as ``filename`` from a ``data:`` URI, so the page stays self-contained."""
     payload = base64.b64encode(text.encode("utf-8")).decode("ascii")
     return (f'<p><a class="download" download="{html.escape(filename)}" href="data:text/csv;base64,{payload}">'
-            f"download the numbers behind this figure: {html.escape(filename)}</a> (long format, conventions "
-            "in its # header)</p>")
+            f"download this figure's per-layer table: {html.escape(filename)}</a> (long format, conventions in its "
+            f"# header; every number, per-token ones too: <code>csv/{html.escape(filename)}</code> beside the report)</p>")
 
 
 def find_chromium() -> str | None:
