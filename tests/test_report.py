@@ -7,18 +7,20 @@ import html
 import io
 import re
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from lensdyn import citations, plots
 from lensdyn.analyses import registry
 from lensdyn.analyses.norms import NormsResult
 from lensdyn.app.report import Section, download_link, figure_size, render_html, static_dpi, verdict_html
-from lensdyn.results import Conventions, Provenance
+from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import HOLDS, Verdict
 
 
@@ -104,3 +106,19 @@ def test_readme_lists_every_citation_as_lensdyn_citations_states_it():
     references = readme.split("## References", 1)[1].split("\n## ", 1)[0]
     for c in citations.CITATIONS:
         assert f"- **{c.source}**: {c.text()}" in references
+
+
+@dataclass(frozen=True, eq=False)
+class _PerTokenToy(Result):
+    """A result with one per-state curve and one state x token array: per_layer keeps the first only."""
+
+    curve: Float[np.ndarray, " state"]
+    norms: Float[np.ndarray, "state token"]
+
+
+def test_the_per_layer_csv_keeps_the_per_layer_rows_and_drops_per_token_ones():
+    toy = _PerTokenToy(conventions=Conventions(aggregation="hand"), provenance=_norms().provenance,
+                       curve=np.array([1.0, 2.0]), norms=np.arange(6.0).reshape(2, 3))
+    full = pd.read_csv(io.StringIO(toy.to_csv()), comment="#")
+    layer = pd.read_csv(io.StringIO(toy.to_csv(per_layer=True)), comment="#")
+    assert len(full) == 2 + 6 and sorted(layer.statistic.unique()) == ["curve"] and layer.value.tolist() == [1.0, 2.0]
