@@ -202,7 +202,7 @@ class Result:
         import pandas as pd
 
         def rows(result: Result, role: str | None = None):
-            frame = result.to_frame() if role is None else result.to_frame().assign(role=role)
+            frame = result._frame() if role is None else result._frame().assign(role=role)
             if not per_layer:
                 return frame
             return frame[frame["axis"].isin(ROW_AXES) & ~frame["statistic"].str.contains("[token=", regex=False)]
@@ -223,6 +223,15 @@ class Result:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
         return text
+
+    def _frame(self):
+        """``to_frame()``, built once per result (a report writes two CSVs of it; a large result's frame takes
+        seconds): results are immutable, and every caller here filters or copies it, never edits it."""
+        cached = self.__dict__.get("_tidy_frame")
+        if cached is None:
+            cached = self.to_frame()
+            object.__setattr__(self, "_tidy_frame", cached)  # not a field: no JSON, no comparison
+        return cached
 
     def tidy_records(self):
         """``(axis, index, statistic, value)`` for every number of this result, its control's apart
