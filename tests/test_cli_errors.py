@@ -154,6 +154,7 @@ def test_unwritable_out_parent_is_refused(prompt_file, tmp_path, capsys, no_mode
     (["norms", "--device", "nonsense"], "--device 'nonsense' is not a torch device"),
     (["norms", "--device", "cuda:99"], "--device cuda:99"),
     (["report", "--static", "gif"], "--static takes png and/or svg"),
+    (["report", "--static", "png", "--static-scale", "0"], "--static-scale takes positive numbers, not 0.0"),
     (["norms", "--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc' (see lensdyn norms --help)"),
 ])
 def test_bad_options_are_refused_in_one_line_before_the_model_loads(argv, reason, prompt_file, tmp_path, capsys,

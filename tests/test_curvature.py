@@ -202,7 +202,7 @@ def test_measure_needs_the_model_and_round_trips_without_pairs(tmp_path, tiny_mo
     with pytest.raises(ArgumentError, match="needs model="):
         curvature.measure(cap)
     result = curvature.measure(cap, model=tiny_model, control=None, pairs=(), n_draws=5)
-    assert result.landscape.shape == (2, 11)
+    assert [land.angles.shape for land in result.landscapes] == [(2, 11)] * 3
     loaded = ld.load_result(result.to_json(tmp_path / "curvature.json"))
     assert isinstance(loaded.raw[0], curvature.NullComparison)
     assert "length_to_chord" in result.summary()

@@ -88,6 +88,23 @@ def pooled_ratio(
     return (counts @ numerator) / (counts @ denominator)
 
 
+def ratio_band(
+    parts: Float[np.ndarray, "part prompt depth"], n_resamples: int = 200, seed: int = 0,
+    quantiles: tuple[float, float] = (0.05, 0.95),
+) -> Float[np.ndarray, "bound depth"]:
+    """The ``quantiles`` over ``n_resamples`` bootstrap resamples of the prompts of ``pooled_ratio(*parts, c)``:
+    the band a per-layer ratio statistic (a gain) is drawn with (a 90% band for the default quantiles).
+
+    >>> parts = np.array([[[2.0], [2.0]], [[1.0], [1.0]]])   # two prompts, both with ratio 2: no spread
+    >>> ratio_band(parts, 20).tolist()
+    [[2.0], [2.0]]
+    """
+    numerator, denominator = parts
+    n_prompts = numerator.shape[0]
+    counts = np.random.default_rng(seed).multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=n_resamples)
+    return np.quantile((counts @ numerator) / (counts @ denominator), quantiles, axis=0)
+
+
 def ratio_parts(
     numerator: Float[np.ndarray, "depth token"], denominator: Float[np.ndarray, "depth token"],
     token_prompt: Int[np.ndarray, " token"], n_prompts: int, aggregation: str = "ratio_of_means",

@@ -191,6 +191,48 @@ class Result:
                 frame.attrs[f"{role}_provenance"] = dataclasses.asdict(result.provenance)
         return frame
 
+    def to_csv(self, path: str | Path | None = None, reference: "Result | None" = None, per_layer: bool = False) -> str:
+        """``to_frame()`` as CSV text under a ``# `` header of its kind, provenance and conventions (written
+        to ``path`` too when given); ``reference``: a reference run kept apart (the report's norms control),
+        its rows with role ``"reference"``; ``per_layer``: only the rows indexed by state or block and not
+        by token (the per-layer tables; per-token arrays are most of a result's numbers).
+
+        ``pandas.read_csv(path, comment="#")`` reads it back.
+        """
+        import pandas as pd
+
+        def rows(result: Result, role: str | None = None):
+            frame = result._frame() if role is None else result._frame().assign(role=role)
+            if not per_layer:
+                return frame
+            return frame[frame["axis"].isin(ROW_AXES) & ~frame["statistic"].str.contains("[token=", regex=False)]
+
+        frame = rows(self)
+        what = "per-layer rows only (indexed by state or block, not by token)" if per_layer else "one row per number"
+        header = [f"lensdyn {self.kind}: long format, {what} ({', '.join(FRAME_COLUMNS)})"]
+        header += [f"provenance.{k}: {v}" for k, v in dataclasses.asdict(self.provenance).items()]
+        header += [f"conventions.{k}: {v}" for k, v in dataclasses.asdict(self.conventions).items()]
+        if reference is not None:
+            header += [f"reference.{k}: {v}" for k, v in dataclasses.asdict(reference.provenance).items()]
+            frame = pd.concat([frame, rows(reference, "reference")], ignore_index=True)
+        header.append("conventions in full: lensdyn.conventions (module docstring); units: the units column "
+                      "('' where a statistic states none)")
+        text = "".join(f"# {line}\n" for line in header) + frame.to_csv(index=False, lineterminator="\n")
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        return text
+
+    def _frame(self):
+        """``to_frame()``, built once per result (a report writes two CSVs of it; a large result's frame takes
+        seconds): results are immutable, and every caller here filters or copies it, never edits it."""
+        cached = self.__dict__.get("_tidy_frame")
+        if cached is None:
+            cached = self.to_frame()
+            object.__setattr__(self, "_tidy_frame", cached)  # not a field: no JSON, no comparison
+        return cached
+
     def tidy_records(self):
         """``(axis, index, statistic, value)`` for every number of this result, its control's apart
         (``to_frame``); a result with a layout the generic walk reads poorly overrides this."""

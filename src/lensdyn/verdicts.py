@@ -73,6 +73,7 @@ class Claim:
     effect: Callable[[object], float] | None = None  # result -> effect size, compared with ``floor``
     floor: float = 0.0  # the least effect that is not negligible (stated with its reason in the rule)
     effect_units: str = ""
+    units: str = ""  # the units of the measured value ("" where it states its own: a count, "x", "deg", "%")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Verdict:
     null_draws: int | None = None
     n_prompts: int | None = None
     note: str = ""  # why a verdict is not testable, or what it rests on
+    units: str = ""  # the units of ``measured`` and ``reference`` (``Claim.units``)
 
     @property
     def robustness_text(self) -> str:
@@ -231,6 +233,7 @@ def judge(
             verdict=_verdict_word(holds), effect=point.effect,
             effect_floor=claim.floor if claim.effect is not None else None, effect_units=claim.effect_units,
             p_value=point.p, p_corrected=p_corrected, null_draws=point.draws, n_prompts=n_prompts, note=note,
+            units=claim.units,
         ))
     if n_bootstrap > 0:
         verdicts = _bootstrap(results, claims, references, rows, corrected, verdicts, n_bootstrap, seed, alpha)

@@ -44,6 +44,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
+from lensdyn import citations, plots
 from lensdyn.errors import ArgumentError, PromptError
 from lensdyn.hooks.capture import Capture, capture
 from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweeps
@@ -355,15 +356,22 @@ def deflection_profile(
 # --- results -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Landscape:
+    """One prompt's curvature landscape: the raw stream's turning angle (degrees) per interior state and token."""
+
+    prompt: str
+    tokens: tuple[str, ...]  # its included tokens
+    angles: Float[np.ndarray, "interior pos"]
+
+
 @dataclass(frozen=True, eq=False)
 class CurvatureResult(Result):
     """Trajectory curvature against nulls (raw and sphere), a landscape, and deflection under edits."""
 
     raw: tuple[NullComparison, ...]
     sphere: tuple[NullComparison, ...]
-    landscape: Float[np.ndarray, "interior pos"]  # turning angles of the landscape prompt (raw stream)
-    landscape_tokens: tuple[str, ...]
-    landscape_prompt: str
+    landscapes: tuple[Landscape, ...]  # one per prompt, the longest first (the figure's default)
     deflections: tuple[Deflection, ...]
     final_angle_meaning: float  # mean over meaning-changing edits
     final_angle_control: float
@@ -433,30 +441,53 @@ class CurvatureResult(Result):
         return "\n".join(lines)
 
     def figure(self):
-        """The curvature landscape, deflection angle per state, and patching recovery per block."""
+        """The curvature landscape of one prompt at a time (a dropdown picks it; the longest first), deflection
+        angle per state, and patching recovery per block; legends beside their panels, the colour bar above
+        the landscape's legend-free panel."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=3, cols=1, vertical_spacing=0.08, row_heights=[0.4, 0.3, 0.3], subplot_titles=(
-            f"turning angle (degrees) per state and token: {self.landscape_prompt}",
+        fig = make_subplots(rows=3, cols=1, vertical_spacing=0.12, row_heights=[0.4, 0.3, 0.3], subplot_titles=(
+            "turning angle per state and token (position:text; pick the prompt at the top right)",
             "angle between clean and edited target states (meaning edits solid, control dotted)",
             "patching recovery of the logit difference, resid at block l (meaning edits)"))
-        fig.add_trace(go.Heatmap(z=self.landscape, x=[f"{i}:{t}" for i, t in enumerate(self.landscape_tokens)],
-                                 y=np.arange(1, self.landscape.shape[0] + 1), colorscale="RdBu_r", zmid=90,
-                                 colorbar={"title": "deg", "len": 0.35, "y": 0.82}), row=1, col=1)
+        for i, land in enumerate(self.landscapes):
+            fig.add_trace(go.Heatmap(
+                # The position keeps each label unique (a category axis merges equal ones); cut, it fits under the panel.
+                z=land.angles, x=[f"{j}:{t[:10]}" for j, t in enumerate(land.tokens)], y=np.arange(1, land.angles.shape[0] + 1),
+                colorscale="RdBu_r", zmid=90, zmin=0, zmax=180, name=land.prompt, visible=i == 0,
+                colorbar={"title": {"text": "deg", "side": "right"}, "len": 0.3, "y": 1.0, "yanchor": "top",
+                          "x": 1.02, "thickness": 14},
+                hovertemplate=f"{land.prompt}<br>state %{{y}}, token %{{x}}: %{{z:.1f}} deg<extra></extra>"), row=1, col=1)
         for d in self.deflections:
             dash = "solid" if d.kind == "meaning" else "dot"
-            fig.add_trace(go.Scatter(y=d.angle, mode="lines", line={"dash": dash}, name=f"{d.kind}: {d.label}"), row=2, col=1)
+            fig.add_trace(go.Scatter(y=d.angle, mode="lines", line={"dash": dash}, name=f"{d.kind}: {d.label}",
+                                     legend="legend"), row=2, col=1)
             if d.kind == "meaning" and "resid" in d.recovery:
-                fig.add_trace(go.Scatter(y=d.recovery["resid"], mode="lines+markers", name=f"recovery: {d.label}",
-                                         showlegend=False), row=3, col=1)
+                fig.add_trace(go.Scatter(y=d.recovery["resid"], mode="lines+markers", name=d.label,
+                                         legend="legend2"), row=3, col=1)
+        if not any(d.kind == "meaning" and "resid" in d.recovery for d in self.deflections):
+            fig.add_annotation(text="no patching recovery measured on this run", showarrow=False, row=3, col=1,
+                               x=0.5, y=0.5, xref="x3 domain", yref="y3 domain")
+        fig.update_xaxes(tickangle=-60, tickfont={"size": 9}, row=1, col=1)
+        fig.update_yaxes(title_text="state l", row=1, col=1)
         fig.update_xaxes(title_text="state l", row=2, col=1)
+        fig.update_yaxes(title_text="angle (degrees)", row=2, col=1)
         fig.update_xaxes(title_text="block l", row=3, col=1)
-        fig.update_layout(title="Curvature and deflection", template="plotly_white", height=1100)
+        fig.update_yaxes(title_text="recovered share of LD change", row=3, col=1)
+        plots.shrink_subplot_titles(fig)
+        beside = {"x": 1.02, "xanchor": "left", "yanchor": "top", "font": {"size": 10}}
+        menu = plots.prompt_menu([land.prompt for land in self.landscapes], len(fig.data), first=0,
+                                 x=1, xanchor="right", y=1.035, yanchor="bottom")
+        fig.update_layout(title=f"Curvature and deflection: {self.provenance.model} ({self.provenance.weights})",
+                          template="plotly_white", height=1250, margin={"r": 20, "t": 130},
+                          legend={**beside, "y": 0.52, "title": {"text": "edit pair (angle)"}},
+                          legend2={**beside, "y": 0.22, "title": {"text": "edit pair (recovery)"}},
+                          updatemenus=[menu] if len(self.landscapes) > 1 else [])
         return fig
 
 
-CURVATURE = "curvature paper (arXiv 2511.03060)"
+CURVATURE = citations.CURVATURE.source
 
 
 SHARP_FLOOR = 0.01  # excess sharp turns below one in a hundred turns are negligible
@@ -508,11 +539,11 @@ CLAIMS = (
     Claim(CURVATURE, "excess sharp turns",
           f"raw-stream fraction of turns >= 120 deg above the random-walk null (Holm p < 0.05), by >= {SHARP_FLOOR:.0%} "
           "of turns", _beats_walk("sharp_fraction"), p_value=_walk_p("sharp_fraction"), effect=_sharp_excess,
-          floor=SHARP_FLOOR, effect_units="share of turns above the walk's"),
+          floor=SHARP_FLOOR, effect_units="share of turns above the walk's", units="share of turns (0-1)"),
     Claim(CURVATURE, "longer length-to-chord than chance",
           f"raw-stream length-to-chord above the random-walk null (Holm p < 0.05), by >= {CHORD_FLOOR:.0%}",
           _beats_walk("length_to_chord"), p_value=_walk_p("length_to_chord"), effect=_chord_excess, floor=CHORD_FLOOR,
-          effect_units="relative excess over the walk"),
+          effect_units="relative excess over the walk", units="path length / chord (dimensionless, >= 1)"),
     Claim(CURVATURE, "meaning edits deflect more than control edits",
           "final angle between clean and edited target: Mann-Whitney meaning > control (Holm p < 0.05), "
           f"Vargha-Delaney A >= {DEFLECTION_FLOOR}", _deflects, p_value=lambda r: (r.final_angle_p, None),
@@ -562,8 +593,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
     spherical = torch.nn.functional.normalize(states, dim=-1)
     raw_steps = step_coordinates(torch.diff(states.to(torch.float64), dim=0))
-    landscape_index = int(torch.argmax(cap.mask.sum(1)))  # the longest prompt
-    keep = cap.mask[landscape_index]
+    longest = int(torch.argmax(cap.mask.sum(1)))
     deflections = _deflections(model, pairs, patch_streams)
     meaning = [d for d in deflections if d.kind == "meaning"]
     controls = [d for d in deflections if d.kind == "control"]
@@ -581,9 +611,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
         raw_token_statistics={name: values.numpy() for name, values in token_statistics(raw_steps).items()},
         token_prompt=prompt_index(cap.mask).numpy(),
         sphere=compare_with_nulls(spherical, n_draws, seed),
-        landscape=turning_angles(cap.tokens_of("resid", prompt=landscape_index)).numpy(),
-        landscape_tokens=tuple(t for t, k in zip(cap.str_tokens[landscape_index], keep.tolist()) if k),
-        landscape_prompt=cap.prompts.labels[landscape_index],
+        landscapes=tuple(_landscape(cap, i) for i in [longest, *(i for i in range(len(cap.mask)) if i != longest)]),
         deflections=deflections,
         final_angle_meaning=float(np.mean([d.final_angle for d in meaning])) if meaning else float("nan"),
         final_angle_control=float(np.mean([d.final_angle for d in controls])) if controls else float("nan"),
@@ -592,6 +620,12 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
         output_kl_control=float(np.mean([d.output_kl for d in controls])) if controls else float("nan"),
         output_kl_p=kl_stats,
     )
+
+
+def _landscape(cap: Capture, prompt: int) -> Landscape:
+    keep = cap.mask[prompt].tolist()
+    return Landscape(cap.prompts.labels[prompt], tuple(t for t, k in zip(cap.str_tokens[prompt], keep) if k),
+                     turning_angles(cap.tokens_of("resid", prompt=prompt)).numpy())
 
 
 def _one_sided(a: list[float], b: list[float]) -> float:

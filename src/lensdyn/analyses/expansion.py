@@ -54,6 +54,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
+from lensdyn import citations, plots
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import ExponentialFit, FitSpace, exponential_fit, hubble, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
@@ -498,64 +499,71 @@ class ExpansionResult(Result):
         return "\n".join(lines)
 
     def figure(self):
-        """Six panels: a(l), H(l), per-token H vs position, comoving CV vs null, post-LN norms, sublayer growth."""
+        """Six panels: a(l), H(l), per-token H vs position, comoving CV vs null, post-LN norms, sublayer growth;
+        the legend grouped by panel in the right margin (``lensdyn.plots.legend_by_panel``)."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(
-            rows=3, cols=2, vertical_spacing=0.09, horizontal_spacing=0.1,
-            subplot_titles=(
-                "scale factor a(l) (log) with exp fit", "Hubble rate H(l) = d log a / dl per block",
-                "per-token H vs position", "comoving CV reduction vs permutation null",
-                "norm of what each block reads (post-LN) vs raw residual", "growth of ||h||^2 per sublayer (mean over tokens)",
-            ),
-        )
-        runs = [(self, "#1f77b4", "#d62728")] + ([(self.control, "#7f7f7f", "#bbbbbb")] if self.control else [])
-        for r, colour, colour2 in runs:
-            tag = f"{r.provenance.model} ({r.provenance.weights})"
+        titles = ("a(l) with exponential fit (log axis)", "Hubble rate H(l) per block", "per-token H vs position",
+                  "comoving CV reduction vs null", "post-LN vs raw residual norm", "growth of ||h||^2 per sublayer")
+        fig = make_subplots(rows=3, cols=2, vertical_spacing=0.12, horizontal_spacing=0.13, subplot_titles=titles)
+        runs = [(self, plots.MODEL, plots.MODEL_2, "model")]
+        runs += [(self.control, plots.CONTROL, plots.CONTROL_2, "control")] if self.control else []
+        for r, colour, colour2, role in runs:
             states = np.arange(r.n_layers + 1)
             for track, dash in zip(r.tracks, ("solid", "dot", "dashdot")):
                 fig.add_trace(go.Scatter(x=states, y=track.scale_factor, mode="lines+markers",
-                                         line={"color": colour, "dash": dash},
-                                         name=f"{tag}: a(l) {track.metric}"), row=1, col=1)
+                                         line={"color": colour, "dash": dash}, name=f"{role}: {track.metric}"), row=1, col=1)
                 fig.add_trace(go.Scatter(x=states, y=np.exp(track.h0_intercept + track.h0 * states), mode="lines",
                                          line={"color": colour, "dash": "dash", "width": 1},
-                                         name=f"{tag}: fit {track.metric}, H0={track.h0:.4f}, R2={track.r2:.3f}"), row=1, col=1)
+                                         name=f"{role}: fit {track.metric}, H0 {track.h0:.3f}, R^2 {track.r2:.2f}"),
+                              row=1, col=1)
                 fig.add_trace(go.Scatter(x=np.arange(r.n_layers) + 0.5, y=track.hubble, mode="lines+markers",
-                                         line={"color": colour, "dash": dash}, name=f"{tag}: H {track.metric}",
-                                         showlegend=False), row=1, col=2)
+                                         line={"color": colour, "dash": dash}, name=f"{role}: {track.metric}"),
+                              row=1, col=2)
             fig.add_trace(go.Scatter(x=r.token_position, y=r.euclidean.per_token_h, mode="markers",
                                      marker={"color": colour, "size": 3, "opacity": 0.5},
-                                     name=f"{tag}: per-token H (euclidean), rho={r.euclidean.per_token_h_position_spearman:.2f}"),
+                                     name=f"{role}: euclidean, rho {r.euclidean.per_token_h_position_spearman:+.2f}"),
                           row=2, col=1)
             for x0, track in enumerate(r.tracks):
                 x = x0 + (0.2 if r is self.control else -0.2)
-                fig.add_trace(go.Box(y=track.cv_reduction_null, x=np.full(len(track.cv_reduction_null), x), marker_color=colour2,
-                                     name=f"{tag}: null ({track.metric})", showlegend=False, width=0.15), row=2, col=2)
+                fig.add_trace(go.Box(y=track.cv_reduction_null, x=np.full(len(track.cv_reduction_null), x),
+                                     marker_color=colour2, name=f"{role}: permutation null", width=0.15,
+                                     showlegend=x0 == 0), row=2, col=2)
                 fig.add_trace(go.Scatter(x=[x], y=[track.cv_reduction], mode="markers",
                                          marker={"color": colour, "size": 12, "symbol": "diamond"},
-                                         name=f"{tag}: cv_reduction {track.metric}", showlegend=False), row=2, col=2)
+                                         name=f"{role}: measured", showlegend=x0 == 0), row=2, col=2)
             blocks = np.arange(r.n_layers)
             fig.add_trace(go.Scatter(x=blocks, y=r.post_ln_norms, mode="lines+markers", line={"color": colour},
-                                     name=f"{tag}: ||attn_in|| (post-LN)"), row=3, col=1)
+                                     name=f"{role}: attn_in (post-LN)"), row=3, col=1)
             fig.add_trace(go.Scatter(x=states, y=r.euclidean.mean_norm, mode="lines", line={"color": colour, "dash": "dot"},
-                                     name=f"{tag}: ||resid|| (raw)"), row=3, col=1)
-            fig.add_trace(go.Bar(x=blocks, y=r.attn_growth, marker_color=colour, name=f"{tag}: attention"), row=3, col=2)
-            fig.add_trace(go.Bar(x=blocks, y=r.mlp_growth, marker_color=colour2, name=f"{tag}: MLP"), row=3, col=2)
-        fig.update_yaxes(type="log", row=1, col=1)
-        fig.update_yaxes(type="log", row=3, col=1)
-        fig.update_xaxes(tickvals=list(range(len(self.tracks))), ticktext=[t.metric for t in self.tracks], row=2, col=2)
-        fig.update_xaxes(title_text="state l", row=1, col=1)
-        fig.update_xaxes(title_text="block l", row=1, col=2)
-        fig.update_xaxes(title_text="position", row=2, col=1)
-        fig.update_xaxes(title_text="block l", row=3, col=1)
-        fig.update_xaxes(title_text="block l", row=3, col=2)
-        fig.update_layout(title="Residual-stream expansion (trained in colour, untrained control in grey)",
-                          template="plotly_white", height=1150, barmode="group", legend={"font": {"size": 10}})
+                                     name=f"{role}: resid (raw)"), row=3, col=1)
+            fig.add_trace(go.Bar(x=blocks, y=r.attn_growth, marker_color=colour, name=f"{role}: attention"), row=3, col=2)
+            fig.add_trace(go.Bar(x=blocks, y=r.mlp_growth, marker_color=colour2, name=f"{role}: MLP"), row=3, col=2)
+        norms = [t.scale_factor for r, *_ in runs for t in r.tracks]
+        fig.update_yaxes(type="log", title_text="a(l) = mean ||x_l|| / mean ||x_0||", row=1, col=1, **plots.log_ticks(norms))
+        fig.update_yaxes(title_text="H(l) = ln a(l+1) - ln a(l)", row=1, col=2)
+        fig.update_yaxes(title_text="per-token H0 (ln norm / block)", row=2, col=1)
+        fig.update_yaxes(title_text="1 - comoving CV / raw CV", row=2, col=2)
+        raw = [r.post_ln_norms for r, *_ in runs] + [r.euclidean.mean_norm for r, *_ in runs]
+        fig.update_yaxes(type="log", title_text="mean ||x|| (raw units)", row=3, col=1, **plots.log_ticks(raw))
+        fig.update_yaxes(title_text="||h + d||^2 - ||h||^2 (raw units^2)", row=3, col=2)
+        fig.update_xaxes(tickvals=list(range(len(self.tracks))), ticktext=[t.metric for t in self.tracks],
+                         title_text="norm (metric)", row=2, col=2)
+        for (row, col), text in {(1, 1): "state l", (1, 2): "block l", (2, 1): "token position",
+                                 (3, 1): "block l (post-LN) / state l (raw)", (3, 2): "block l"}.items():
+            fig.update_xaxes(title_text=text, row=row, col=col)
+        plots.shrink_subplot_titles(fig)
+        control = f"; control (grey): {self.control.provenance.model} ({self.control.provenance.weights})" if self.control else ""
+        plots.legend_by_panel(fig, titles)
+        fig.update_layout(title=f"Residual-stream expansion: model (colour) {self.provenance.model} "
+                          f"({self.provenance.weights}){control}", title_font_size=15,
+                          template="plotly_white", height=1150, barmode="group", margin={"r": 20})
         return fig
 
 
-FLRW = "FLRW expansion note"
+FLRW = citations.FLRW.source
+HUBBLE_UNITS = "H: natural-log units of the norm per block (ln a(l+1) - ln a(l))"
 COMOVING_FLOOR = 0.1  # the least share, of the variation the null leaves, that keeping token identity must remove
 # The write-up read its causal claims under Cov(gamma)^-1; each is judged under both metrics (field, metric name).
 CAUSAL_TRACKS = (("causal", "causal_inverse"), ("causal_dual", "causal_dual"))
@@ -590,9 +598,11 @@ def under_each_causal_metric(claim: str, rule: str, test, p_value=None, effect=N
 CLAIMS = (
     *under_each_causal_metric(
         "norms grow exponentially (R^2 0.97)", "R^2 >= 0.95 of the exponential fit to a(l) under {metric}",
-        lambda t, r: (f"H0 {t.h0:.3f}/block, R^2 {t.r2:.2f} ({r.fit_space} fit)", finite(t.r2 >= 0.95, t.r2))),
+        lambda t, r: (f"H0 {t.h0:.3f}/block, R^2 {t.r2:.2f} ({r.fit_space} fit)", finite(t.r2 >= 0.95, t.r2)),
+        units=HUBBLE_UNITS),
     Claim(FLRW, "final contraction", "H < 0 across the last block (final norm not a layer)",
-          lambda r: (f"H(last) {r.euclidean.hubble[-1]:+.3f}/block", finite(r.euclidean.hubble[-1] < 0, r.euclidean.hubble[-1]))),
+          lambda r: (f"H(last) {r.euclidean.hubble[-1]:+.3f}/block", finite(r.euclidean.hubble[-1] < 0, r.euclidean.hubble[-1])),
+          units=HUBBLE_UNITS),
     *under_each_causal_metric(
         "per-token H uniform, no position dependence",
         "per-token H under {metric}: CV <= 10% and Spearman with position p >= 0.05 (a claim of absence: not "
@@ -613,7 +623,8 @@ CLAIMS = (
                      finite(r.post_ln_cv <= 0.10, r.post_ln_cv))),
     Claim(FLRW, "1: metric shape constant across layers", "top-10 covariance subspace overlap, first vs last state >= 0.5",
           lambda r: (f"overlap {r.covariance.subspace_overlap[0, -1]:.2f} (of 1)",
-                     finite(r.covariance.subspace_overlap[0, -1] >= 0.5, r.covariance.subspace_overlap[0, -1]))),
+                     finite(r.covariance.subspace_overlap[0, -1] >= 0.5, r.covariance.subspace_overlap[0, -1])),
+          units="mean squared cosine of the principal angles, 0-1"),
     Claim(FLRW, "2: M(0) is Euclidean", "participation ratio of C_0 >= half of d_model",
           lambda r: (f"PR {r.covariance.participation_ratio[0]:.1f} of {r.d_model} dims",
                      finite(r.covariance.participation_ratio[0] >= r.d_model / 2, r.covariance.participation_ratio[0])

@@ -33,13 +33,14 @@ import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
+from lensdyn import citations, plots
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.ops import AGGREGATIONS, aggregate_ratio, last_token_mask, prompt_index, token_norms
-from lensdyn.resampling import pooled_ratio, prompt_counts, ratio_parts
+from lensdyn.resampling import pooled_ratio, prompt_counts, ratio_band, ratio_parts
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, finite
 
@@ -184,11 +185,15 @@ class GainsResult(Result):
         for r, grey in ((self, False), (self.control, True)):
             if r is None:
                 continue
-            tag = f"{r.provenance.model} ({r.provenance.weights})"
+            tag = "control" if grey else "model"
             blocks = np.arange(r.n_layers)
-            for key, values in (("attn", r.attn_gain), ("mlp", r.mlp_gain), ("resid", r.resid_gain)):
+            for k, (key, values) in enumerate((("attn", r.attn_gain), ("mlp", r.mlp_gain), ("resid", r.resid_gain))):
+                if r.prompt_parts is not None and r.provenance.n_prompts >= 2:
+                    low, high = ratio_band(r.prompt_parts[k])
+                    fig.add_trace(plots.band(blocks, low, high, "#999999" if grey else palette[key],
+                                             f"{tag}: {key}, 90% bootstrap band over prompts", legendgroup=f"{tag} {key}"))
                 fig.add_trace(go.Scatter(
-                    x=blocks, y=values, mode="lines+markers", name=f"{tag}: {key} gain",
+                    x=blocks, y=values, mode="lines+markers", name=f"{tag}: {key} gain", legendgroup=f"{tag} {key}",
                     line={"color": "#999999" if grey else palette[key], "dash": "dot" if grey else "solid"},
                     marker={"symbol": {"attn": "circle", "mlp": "square", "resid": "diamond"}[key]},
                 ))
@@ -197,20 +202,27 @@ class GainsResult(Result):
                           annotation_text=ph.label, annotation_position="top left", annotation_font_size=10)
         fig.add_hline(y=1.0, line={"color": "black", "width": 1, "dash": "dash"})
         fig.update_layout(
-            title=f"Sublayer gains (reference {self.reference!r}, tokens {self.tokens!r}); below 1 contracts",
-            xaxis_title="block l", yaxis_title="gain", yaxis_type="log", template="plotly_white", height=520,
+            title=f"Sublayer gains of {self.provenance.model} ({self.provenance.weights})"
+            + (f", control (grey): {self.control.provenance.weights} weights" if self.control else "")
+            + f"<br><sup>reference {self.reference!r}, tokens {self.tokens!r}; below 1 contracts</sup>",
+            xaxis_title="block l", yaxis_title="gain = ||sublayer out|| / ||reference|| (log axis)", yaxis_type="log",
+            yaxis=plots.log_ticks([r.attn_gain for r in (self, self.control) if r is not None]
+                                  + [r.mlp_gain for r in (self, self.control) if r is not None]),
+            template="plotly_white", height=520,
         )
         return fig
 
 
-PYTHIA = "Pythia FFN expansion note"
+PYTHIA = citations.PYTHIA.source
+GAIN_UNITS = "gain: ||sublayer output|| / ||its reference|| (a ratio of norms, dimensionless)"
 CLAIMS = (
     Claim(PYTHIA, "attention always contracts", "attention gain < 1 in every block (reference as measured)",
-          lambda r: (f"{r.attn_contracting}/{r.n_layers} blocks (min {r.attn_min:.2f})", r.attn_contracting == r.n_layers)),
+          lambda r: (f"{r.attn_contracting}/{r.n_layers} blocks (min {r.attn_min:.2f})", r.attn_contracting == r.n_layers),
+          units=GAIN_UNITS),
     Claim(PYTHIA, "MLP mostly contracts", "MLP gain < 1 in more than half the blocks",
           lambda r: (f"{r.mlp_contracting}/{r.n_layers} blocks", r.mlp_contracting > r.n_layers / 2)),
     Claim(PYTHIA, "last MLP expands", "last block's MLP gain > 1",
-          lambda r: (f"{r.last_mlp_gain:.2f}x", finite(r.last_mlp_gain > 1, r.last_mlp_gain))),
+          lambda r: (f"{r.last_mlp_gain:.2f}x", finite(r.last_mlp_gain > 1, r.last_mlp_gain)), units=GAIN_UNITS),
     Claim(PYTHIA, "last MLP gain is the maximum", "argmax of the MLP gain is the last block",
           lambda r: (f"max at block {r.mlp_argmax} of {r.n_layers}", r.mlp_argmax == r.n_layers - 1)),
     Claim(PYTHIA, "net expansion only in the last block", "residual gain > 1 in the last block and in no other",

@@ -66,6 +66,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lensdyn import citations
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.errors import ArgumentError
@@ -348,8 +349,8 @@ class LensResult(Result):
         return fig
 
 
-LOGIT_LENS = "logit lens (nostalgebraist 2020)"
-TUNED_LENS = "tuned lens (Belrose et al. 2023)"
+LOGIT_LENS = citations.LOGIT_LENS.source
+TUNED_LENS = citations.TUNED_LENS.source
 CLAIMS = (
     Claim(LOGIT_LENS, "the lens converges on the output with depth",
           "mean KL to the output falls from each state to the next over the second half of the states (l >= n_layers / 2)",

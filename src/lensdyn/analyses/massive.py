@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lensdyn import citations, plots
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.hooks.capture import Capture
@@ -201,9 +202,9 @@ class MassiveResult(Result):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                             subplot_titles=("largest |x| of a coordinate", "its ratio to its vector's median |x|"))
-        for r, colour in ((self, "#d62728"), (self.control, "#999999")):
+        for r, colour in ((self, plots.MODEL_2), (self.control, plots.CONTROL)):
             if r is None:
                 continue
             label = f"{r.provenance.model} ({r.provenance.weights})"
@@ -218,7 +219,12 @@ class MassiveResult(Result):
                 ), row=row, col=1)
         fig.add_hline(y=self.threshold, line={"color": "black", "dash": "dash", "width": 1}, row=1, col=1)
         fig.add_hline(y=self.ratio, line={"color": "black", "dash": "dash", "width": 1}, row=2, col=1)
-        fig.update_yaxes(type="log")
+        runs = [r for r in (self, self.control) if r is not None]
+        fig.update_yaxes(type="log", title_text="|x| (raw units)", row=1, col=1,
+                         **plots.log_ticks([r.top_magnitude for r in runs] + [self.threshold]))
+        fig.update_yaxes(type="log", title_text="|x| / median |x| (ratio)", row=2, col=1,
+                         **plots.log_ticks([r.top_ratio for r in runs] + [self.ratio]))
+        plots.shrink_subplot_titles(fig)
         fig.update_xaxes(title_text="state l (input of block l; last = final block output before the final norm)",
                          row=2, col=1)
         fig.update_layout(title=f"Massive activations (|x| > {self.threshold:g} and >= {self.ratio:g}x the median; "
@@ -227,7 +233,7 @@ class MassiveResult(Result):
         return fig
 
 
-SUN = "Sun et al. 2024, Massive Activations"
+SUN = citations.SUN.source
 
 
 def _run_starts_early(r: MassiveResult) -> tuple[str, bool | None]:
@@ -242,7 +248,8 @@ def _run_starts_early(r: MassiveResult) -> tuple[str, bool | None]:
 CLAIMS = (
     Claim(SUN, "massive activations exist", "some |x| > 100 and >= 1000x the median |x| of its vector, at some state",
           lambda r: (f"{int(r.count.sum())} (top |x| {r.top_magnitude.max():.0f}, "
-                     f"{r.top_ratio[int(np.argmax(r.top_magnitude))]:.0f}x)", bool(r.count.sum() > 0))),
+                     f"{r.top_ratio[int(np.argmax(r.top_magnitude))]:.0f}x)", bool(r.count.sum() > 0)),
+          units="activations counted; |x| in the residual stream's raw units; x: times the vector's median |x|"),
     Claim(SUN, "they sit on the first token and on delimiters",
           "every carrier is at position 0 or a delimiter (whitespace or punctuation only)",
           lambda r: (f"{sum(k.position == 0 or is_delimiter(k.token) for k in r.carriers)}/{len(r.carriers)} carriers",

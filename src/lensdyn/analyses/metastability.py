@@ -65,6 +65,7 @@ from scipy import linalg as sla
 from scipy import stats
 from torch import Tensor
 
+from lensdyn import citations, plots
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
@@ -460,35 +461,66 @@ class MetastabilityResult(Result):
         return "\n".join(lines)
 
     def figure(self):
-        """Mass near one, effective rank, cluster count and E_beta per state; control and repeated tokens alongside."""
+        """Mass near one, effective rank, cluster count and E_beta per state: one named line per prompt (the
+        model's in colour, the control's grey, repeated tokens red), and per run of >= 2 prompts its median
+        with the 5-95% band across prompts."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=2, cols=2, subplot_titles=(
-            f"mass near one (pairs > {self.mass_threshold})", "effective rank (log)",
+        fig = make_subplots(rows=2, cols=2, vertical_spacing=0.14, horizontal_spacing=0.12, subplot_titles=(
+            f"mass near one (pairs > {self.mass_threshold})", "effective rank (log axis)",
             f"HDBSCAN clusters (min size {self.min_cluster_size})", "interaction energy E_beta / E_beta(state 0)"))
-        runs = [(self, "#1f77b4", "model")]
-        runs += [(r, c, n) for r, c, n in ((self.control, "#7f7f7f", "control"), (self.repeated, "#d62728", "repeated")) if r]
+        panels = (("mass_near_one", 1, 1), ("effective_rank", 1, 2), ("n_clusters", 2, 1), ("energy", 2, 2))
+        runs = [(self, None, "model")]
+        runs += [(r, c, n) for r, c, n in ((self.control, plots.CONTROL, "control"),
+                                           (self.repeated, plots.MODEL_2, "repeated")) if r]
         for r, colour, role in runs:
-            tag = f"{r.provenance.model} ({r.provenance.weights}) {r.provenance.prompt_set}"
-            for i, (label, metrics) in enumerate(zip(r.prompt_labels, r.prompts)):
-                states = np.arange(len(metrics.mass_near_one))
-                common = dict(mode="lines", line={"color": colour, "width": 1}, opacity=0.5, legendgroup=role)
-                fig.add_trace(go.Scatter(x=states, y=metrics.mass_near_one, name=tag, showlegend=i == 0,
-                                         hovertext=label, **common), row=1, col=1)
-                fig.add_trace(go.Scatter(x=states, y=metrics.effective_rank, showlegend=False, hovertext=label, **common),
-                              row=1, col=2)
-                fig.add_trace(go.Scatter(x=states, y=metrics.n_clusters, showlegend=False, hovertext=label, **common),
-                              row=2, col=1)
-                fig.add_trace(go.Scatter(x=states, y=metrics.energy[-1] / metrics.energy[-1, 0], showlegend=False,
-                                         hovertext=f"{label}, beta={r.betas[-1]:g}", **common), row=2, col=2)
-        fig.update_yaxes(type="log", row=1, col=2)
+            curves = {name: np.stack([_curve(m, name) for m in r.prompts]) for name, _, _ in panels}
+            for i, label in enumerate(r.prompt_labels):
+                line = colour or PROMPT_COLOURS[i % len(PROMPT_COLOURS)]
+                # The model's prompts each get an entry; a reference run's lines one between them (hover names each).
+                entry = f"{role}: {label}" if r is self else f"{role}: one line per prompt"
+                for name, row, col in panels:
+                    fig.add_trace(go.Scatter(
+                        y=curves[name][i], mode="lines", line={"color": line, "width": 1}, opacity=0.6,
+                        name=entry, legendgroup=entry, showlegend=(row, col) == (1, 1) and (r is self or i == 0),
+                        hovertemplate=f"{role}: {label}<br>state %{{x}}: %{{y:.3g}}<extra></extra>"), row=row, col=col)
+            if len(r.prompts) >= 2:
+                for name, row, col in panels:
+                    lo, mid, hi = np.quantile(curves[name], [0.05, 0.5, 0.95], axis=0)
+                    states = np.arange(len(mid))
+                    first = (row, col) == (1, 1)
+                    fig.add_trace(plots.band(states, lo, hi, colour or plots.MODEL, f"{role}: 5-95% of prompts",
+                                             legendgroup=f"{role}: band", showlegend=first), row=row, col=col)
+                    fig.add_trace(go.Scatter(x=states, y=mid, mode="lines", line={"color": colour or plots.MODEL, "width": 3},
+                                             name=f"{role}: median of prompts", legendgroup=f"{role}: median",
+                                             showlegend=first), row=row, col=col)
+        fig.update_yaxes(title_text="share of token pairs", row=1, col=1)
+        ranks = [_curve(m, "effective_rank") for r, _, _ in runs for m in r.prompts]
+        fig.update_yaxes(type="log", title_text="effective rank (dimensions)", row=1, col=2, **plots.log_ticks(ranks))
+        fig.update_yaxes(title_text="clusters (count)", row=2, col=1)
+        fig.update_yaxes(title_text=f"E_beta ratio (beta {self.betas[-1]:g})", row=2, col=2)
         fig.update_xaxes(title_text="state l")
-        fig.update_layout(title="Metastability on the sphere (one line per prompt)", template="plotly_white", height=760)
+        plots.shrink_subplot_titles(fig)
+        p = self.provenance
+        fig.update_layout(title=f"Metastability on the sphere: {p.model} ({p.weights}), one line per prompt",
+                          template="plotly_white", height=820, margin={"r": 20},
+                          legend={"x": 1.02, "xanchor": "left", "y": 1, "font": {"size": 10}})
         return fig
 
 
-METASTABLE = "metastability sequence (Phase 1)"
+# The model's prompts in colour, none red (repeated tokens) or grey (the control): plotly's D3 palette less those.
+PROMPT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+
+
+def _curve(metrics: CloudMetrics, name: str) -> Float[np.ndarray, " state"]:
+    """One panel's curve of a prompt: the metric per state; the energy at the largest beta over state 0's."""
+    if name == "energy":
+        return metrics.energy[-1] / metrics.energy[-1, 0]
+    return np.asarray(getattr(metrics, name), dtype=np.float64)
+
+
+METASTABLE = citations.METASTABLE.source
 
 
 def _share(key: str):
@@ -519,7 +551,7 @@ CLAIMS = (
           _share("energy_falls")),
     Claim(METASTABLE, "collapse speed follows rho(V)", "Spearman(collapse speed, rho(V)) over blocks >= 0.5",
           lambda r: (f"Spearman {r.collapse_vs_v_spearman:+.2f} (OV {r.collapse_vs_ov_spearman:+.2f})",
-                     finite(r.collapse_vs_v_spearman >= 0.5, r.collapse_vs_v_spearman))),
+                     finite(r.collapse_vs_v_spearman >= 0.5, r.collapse_vs_v_spearman)), units="Spearman rho (-1 to 1)"),
 )
 MetastabilityResult.claims = CLAIMS
 

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from lensdyn import plots
 from lensdyn.analyses.registry import Analysis
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import capture_for
@@ -92,7 +93,7 @@ class NormsResult(Result):
         import plotly.graph_objects as go
 
         fig = go.Figure()
-        for result, colour, name in ((self, "#1f77b4", "trained"), (control, "#7f7f7f", "control")):
+        for result, colour, name in ((self, plots.MODEL, "trained"), (control, plots.CONTROL, "control")):
             if result is None:
                 continue
             label = f"{result.provenance.model} ({result.provenance.weights})"
@@ -121,7 +122,9 @@ class NormsResult(Result):
         fig.update_layout(
             title="Residual-stream norm per layer",
             xaxis_title="state l (input of block l; last = final block output before the final norm)",
-            yaxis_title="||x_l||_2", yaxis_type="log", template="plotly_white", height=520,
+            yaxis_title="||x_l||_2 (raw residual units, log axis)", yaxis_type="log", template="plotly_white", height=520,
+            yaxis=plots.log_ticks([r.q05 for r in (self, control) if r is not None]
+                                  + [r.q95 for r in (self, control) if r is not None]),
         )
         return fig
 

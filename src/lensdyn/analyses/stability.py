@@ -36,6 +36,7 @@ from jaxtyping import Float
 from scipy import optimize
 from torch import Tensor
 
+from lensdyn import citations
 from lensdyn.errors import ArgumentError
 from lensdyn.fits import line_fit
 from lensdyn.hooks.capture import Capture, capture
@@ -240,7 +241,7 @@ class StabilityResult(Result):
         return fig
 
 
-STATELENS = "expansion-system study (statelens)"
+STATELENS = citations.STATELENS.source
 
 
 def _layer2(r) -> tuple[str, bool | None]:
@@ -259,12 +260,12 @@ def _temperature(r) -> tuple[str, bool | None]:
 
 CLAIMS = (
     Claim(STATELENS, "block 2 expands (lambda 1.7-1.8 > 1)", "mean Jacobian spectral radius of block 2 (context, live norms) > 1",
-          _layer2),
+          _layer2, units="spectral radius of the block's Jacobian (dimensionless)"),
     Claim(STATELENS, "K-theta alignment beyond chance", "cos theta_K above the random-subspace null's 95th percentile "
           "at K = 8 in >= half the blocks",
           lambda r: (f"{r.above_null(8):.0%} of blocks", r.above_null(8) >= 0.5) if 8 in r.k_grid else ("K = 8 not run", None)),
     Claim(STATELENS, "attention temperature modulates mixing (C > 0)", "tau = tau_min + C / beta fit with C > 0 and R^2 >= 0.5",
-          _temperature),
+          _temperature, units="C: states x beta (tau counted in states); R^2 dimensionless"),
 )
 StabilityResult.claims = CLAIMS
 

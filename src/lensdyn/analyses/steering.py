@@ -71,6 +71,7 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lensdyn import citations
 from lensdyn.analyses.expansion import scale_factor
 from lensdyn.errors import ArgumentError, PromptError, UnsupportedArchitectureError
 from lensdyn.fits import hubble
@@ -690,7 +691,7 @@ def _redshift_beats(other: str, extraction: str = "mean"):
     return test
 
 
-FLRW = "FLRW expansion note"
+FLRW = citations.FLRW.source
 CLAIMS = (
     # Cohen (1988): |r| = 0.1 is a small correlation; below it, negligible.
     Claim(FLRW, "5: low-H layers steer better", "Spearman(efficacy per block, H(l)) < 0 with Holm p < 0.05, |rho| >= 0.1",
@@ -700,7 +701,7 @@ CLAIMS = (
           "spread of log10 alpha* under a(t)/a(s) below no correction's in >= 95% of bootstrap draws", _redshift_beats("none")),
     Claim(FLRW, "6: redshift beats norm matching",
           "spread under a(t)/a(s) below norm matching's in >= 95% of bootstrap draws", _redshift_beats("norm_match")),
-    Claim("lensdyn", "lens accessibility of the targets predicts steering efficacy better than H(l)",
+    Claim(citations.LENSDYN.source, "lens accessibility of the targets predicts steering efficacy better than H(l)",
           "|Spearman(efficacy, A(l))| > |Spearman(efficacy, H(l))| in >= 95% of bootstrap draws over the steered blocks",
           _access_beats_h),
     *(Claim(FLRW, f"6 ({label} vectors): redshift predicts steering transfer (vs none)",

@@ -28,6 +28,7 @@ import typing
 from pathlib import Path
 
 from lensdyn.analyses import registry
+from lensdyn.app.report import STATIC_SCALE
 from lensdyn.app.run import CONTROL_SEEDS
 from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
 from lensdyn.hooks.capture import EXCLUDE_RULES
@@ -253,6 +254,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-only", action="store_true", help="write the JSON files only, no HTML")
     p.add_argument("--static", nargs="*", default=[], metavar="FORMAT",
                    help="also export every figure as png and/or svg into OUT/figures (needs kaleido and a Chromium)")
+    p.add_argument("--static-scale", type=float, default=STATIC_SCALE, metavar="SCALE",
+                   help="device pixels per layout pixel of a --static png, each figure at its own layout size "
+                   "(2: 192 DPI when printed at that size)")
     _add_measure_options(p)
 
 
@@ -316,6 +320,7 @@ def _check_options(args) -> None:
     for analysis in registry.analyses():  # `report` has every analysis's options, whichever it runs
         for f in dataclasses.fields(analysis.parameters):
             _check_bounds(registry.flag(f), getattr(args, _dest(f), None), f.metadata)
+    _check_bounds("--static-scale", getattr(args, "static_scale", None), {"positive": True})
     static = set(getattr(args, "static", ()))
     if static - {"png", "svg"}:
         raise ArgumentError(f"--static takes png and/or svg, not {sorted(static - {'png', 'svg'})}")
@@ -699,9 +704,12 @@ def _report(args) -> int:
         written.append(path)
         files[name] = path.name
         reference = primary.references[name][0] if primary.references[name] else None
-        if registry.get(name).keeps_reference_apart and reference is not None:
+        apart = reference if registry.get(name).keeps_reference_apart else None
+        if apart is not None:
             written.append(reference.to_json(args.out / f"{name}_reference.json"))
             files[f"{name}_reference"] = written[-1].name
+        result.to_csv(args.out / "csv" / f"{name}.csv", reference=apart)
+        written.append(args.out / "csv" / f"{name}.csv")
         print(result.summary(), end="\n\n")
     if verdicts:
         print(verdict_table(verdicts, reference_label), end="\n\n")
@@ -720,7 +728,7 @@ def _report(args) -> int:
             sections=sections, verdicts=verdicts, reference_label=reference_label, other_sets=others,
         ))
         figures = {name: section.figure for name, section in zip(names, sections)}
-        written += export_figures(figures, args.out / "figures", args.static)
+        written += export_figures(figures, args.out / "figures", args.static, scale=args.static_scale)
     # Per-run steps overlap when runs go side by side; "wall" is what the whole report took.
     timings["wall"] = {"load_s": round(loaded - started, 3), "measure_s": round(done - loaded, 3),
                        "verdicts_s": round(judged - done, 3), "write_s": round(time.perf_counter() - judged, 3)}
