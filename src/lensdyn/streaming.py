@@ -462,8 +462,8 @@ class CovarianceStats(Accumulator):
 
 
 def frequent_directions_shrink(
-    rows: Float[Tensor, "state m d_model"], ell: int
-) -> tuple[Float[Tensor, "state ell d_model"], Float[Tensor, " state"]]:
+    rows: Float[np.ndarray, "state m d_model"], ell: int
+) -> tuple[Float[np.ndarray, "state ell d_model"], Float[np.ndarray, " state"]]:
     """One Frequent Directions shrink (Liberty 2013; Ghashami et al. 2016): ``m`` rows -> ``ell`` rows ``B`` and ``delta``.
 
     With ``M = U S V^T``: ``delta = s_ell^2`` (the ``ell``-th largest squared singular value, 0 when
@@ -473,19 +473,20 @@ def frequent_directions_shrink(
     with ``c = sqrt(1 - delta / s^2)``): for ``m ~ 2 ell`` rows of a wide ``d_model`` that is 15x
     faster than an SVD, and its round-off (``~1e-16 s_1^2``) is far below any ``delta`` that matters.
 
-    >>> b, delta = frequent_directions_shrink(torch.diag(torch.tensor([3., 2., 1.], dtype=torch.float64))[None], 2)
-    >>> b.abs().tolist(), delta.tolist()        # s^2 = (9, 4, 1): delta = 4, what is left of 9 is 5
+    >>> b, delta = frequent_directions_shrink(np.diag([3., 2., 1.])[None], 2)
+    >>> np.abs(b).tolist(), delta.tolist()        # s^2 = (9, 4, 1): delta = 4, what is left of 9 is 5
     ([[[2.23606797749979, 0.0, 0.0], [0.0, 0.0, 0.0]]], [4.0])
     """
     if ell < 1:
         raise ArgumentError(f"a Frequent Directions sketch needs ell >= 1 rows, not {ell}")
-    squared, u = torch.linalg.eigh(rows @ rows.mT)  # ascending
-    squared, u = squared.flip(-1).clamp(min=0.0)[:, :ell], u.flip(-1)[:, :, :ell]
-    delta = squared[:, ell - 1] if squared.shape[1] == ell else squared.new_zeros(rows.shape[0])
-    keep = torch.where(squared > 0, (1 - delta[:, None] / squared.clamp(min=torch.finfo(squared.dtype).tiny)), 0.0)
-    sketch = keep.clamp(min=0.0).sqrt()[:, :, None] * (u.mT @ rows)
+    squared, u = np.linalg.eigh(rows @ rows.transpose(0, 2, 1))  # ascending
+    squared, u = np.clip(squared[:, ::-1][:, :ell], 0.0, None), u[:, :, ::-1][:, :, :ell]
+    delta = squared[:, ell - 1].copy() if squared.shape[1] == ell else np.zeros(rows.shape[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = np.where(squared > 0, 1 - delta[:, None] / squared, 0.0)
+    sketch = np.sqrt(np.clip(keep, 0.0, None))[:, :, None] * (u.transpose(0, 2, 1) @ rows)
     if sketch.shape[1] < ell:  # fewer rows than ell so far: the sketch is exact, padded with zero rows
-        sketch = torch.cat([sketch, sketch.new_zeros(rows.shape[0], ell - sketch.shape[1], rows.shape[2])], dim=1)
+        sketch = np.concatenate([sketch, np.zeros((rows.shape[0], ell - sketch.shape[1], rows.shape[2]))], axis=1)
     return sketch, delta
 
 
@@ -521,7 +522,7 @@ class FrequentDirectionsStats(Accumulator):
     ARRAYS = ("mean", "sketch", "shrinkage")
     CONFIG = ("ell",)
 
-    def __init__(self, ell: int = 64) -> None:
+    def __init__(self, ell: int | np.ndarray = 64) -> None:  # from_dict restores CONFIG as 0-d float64 arrays
         super().__init__()
         if float(ell) != int(ell) or int(ell) < 2:
             raise ArgumentError(f"a Frequent Directions sketch needs an integer ell >= 2 rows, not {ell}")
@@ -534,24 +535,25 @@ class FrequentDirectionsStats(Accumulator):
             return self
         x = tokens.to(torch.float64)
         mean = x.mean(dim=1)
-        centred = x - mean[:, None, :]
-        sketch, shrinkage = centred.new_zeros(x.shape[0], 0, x.shape[2]), centred.new_zeros(x.shape[0])
+        centred = _numpy(x - mean[:, None, :])
+        sketch, shrinkage = np.zeros((x.shape[0], 0, x.shape[2])), np.zeros(x.shape[0])
         for start in range(0, x.shape[1], self.ell):
-            sketch, delta = frequent_directions_shrink(torch.cat([sketch, centred[:, start: start + self.ell]], 1), self.ell)
+            sketch, delta = frequent_directions_shrink(
+                np.concatenate([sketch, centred[:, start: start + self.ell]], axis=1), self.ell)
             shrinkage = shrinkage + delta
         batch = FrequentDirectionsStats(self.ell)
         batch.n_layers, batch.d_model, batch.count = tokens.shape[0], tokens.shape[2], tokens.shape[1]
-        batch.mean, batch.sketch, batch.shrinkage = _numpy(mean), _numpy(sketch), _numpy(shrinkage)
+        batch.mean, batch.sketch, batch.shrinkage = _numpy(mean), sketch, shrinkage
         return self._absorb(batch)
 
     def _combine(self, other: FrequentDirectionsStats) -> dict[str, np.ndarray]:
         na, nb = self.count, other.count
         delta = other.mean - self.mean
         correction = np.sqrt(na * nb / (na + nb)) * delta[:, None, :]
-        stacked = torch.from_numpy(np.concatenate([self.sketch, other.sketch, correction], axis=1))
-        sketch, shrink = frequent_directions_shrink(stacked, self.ell)
-        return {"mean": self.mean + delta * (nb / (na + nb)), "sketch": _numpy(sketch),
-                "shrinkage": self.shrinkage + other.shrinkage + _numpy(shrink)}
+        sketch, shrink = frequent_directions_shrink(np.concatenate([self.sketch, other.sketch, correction], axis=1),
+                                                    self.ell)
+        return {"mean": self.mean + delta * (nb / (na + nb)), "sketch": sketch,
+                "shrinkage": self.shrinkage + other.shrinkage + shrink}
 
     @property
     def eigenvalues(self) -> Float[np.ndarray, "state ell"]:
@@ -560,8 +562,8 @@ class FrequentDirectionsStats(Accumulator):
         self._require()
         if self.count < 2:
             raise ArgumentError("a covariance needs at least 2 tokens")
-        gram = torch.from_numpy(self.sketch) @ torch.from_numpy(self.sketch).mT  # ell x ell: B B^T shares B^T B's spectrum
-        return np.clip(_numpy(torch.linalg.eigvalsh(gram)).copy()[:, ::-1], 0.0, None) / (self.count - 1)
+        gram = self.sketch @ self.sketch.transpose(0, 2, 1)  # ell x ell: B B^T shares B^T B's nonzero spectrum
+        return np.clip(np.linalg.eigvalsh(gram)[:, ::-1], 0.0, None) / (self.count - 1)
 
     @property
     def error_bound(self) -> Float[np.ndarray, " state"]:
