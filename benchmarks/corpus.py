@@ -1,6 +1,16 @@
 """Corpus streaming at 10, 100 and 1,000 prompts: peak memory stays flat, throughput against a bare forward pass.
 
     python benchmarks/corpus.py [--sizes 10 100 1000] [--chunk 16]
+    python benchmarks/corpus.py --memory [--ell 64]       the covariance accumulators' bytes, no model
+
+The memory table: the bytes the covariance accumulator holds, exact (``CovarianceStats``), on a
+few chosen states (``--covariance-states``) and as a Frequent Directions sketch
+(``--covariance-sketch ELL``), at smollm2's d_model 576 with 31 states and at a synthetic d_model
+4096 with 33 states. Every array has a leading state axis, so each row is one state's
+accumulator, filled with a small synthetic batch and measured by its arrays' ``nbytes``, times
+the states (an exact d_model 4096 accumulator of 33 states would itself take 4.4 GB to measure).
+The last line streams synthetic batches through the sketch at d_model 4096 and 33 states and
+reports the process's peak resident memory above what it held before.
 
 Each size runs in a fresh process on smollm2-135m. The corpus is built offline from the sentences
 of the built-in sets (prompt k joins two different ones: every prompt is distinct, 15-80 tokens long).
@@ -76,12 +86,58 @@ def measure_one(n: int, chunk: int) -> dict:
             "peak_mib": (_rss_kib("VmHWM:") - baseline) / 1024}
 
 
+def covariance_bytes(d_model: int, n_states: int, ell: int, chosen: int) -> dict[str, int]:
+    """Bytes of the covariance accumulator: exact, exact on ``chosen`` states, and a sketch of ``ell`` rows."""
+    import torch
+
+    from lensdyn.streaming import CovarianceStats, FrequentDirectionsStats
+
+    batch = torch.randn(1, ell + 1, d_model)  # one state, enough rows to fill the sketch
+    exact = CovarianceStats().update(batch).nbytes
+    sketch = FrequentDirectionsStats(ell).update(batch).nbytes
+    return {"exact": exact * n_states, "chosen": exact * chosen, "sketch": sketch * n_states}
+
+
+def sketch_peak(d_model: int, n_states: int, ell: int, batches: int, tokens: int) -> dict:
+    """Stream ``batches`` synthetic batches of ``tokens`` tokens through the sketch; peak RSS above the start."""
+    import torch
+
+    from lensdyn.streaming import FrequentDirectionsStats
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = _rss_kib("VmRSS:")
+    sketch, gen = FrequentDirectionsStats(ell), torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for _ in range(batches):
+        sketch.update(torch.randn(n_states, tokens, d_model, generator=gen))
+    return {"peak_mib": (_rss_kib("VmHWM:") - baseline) / 1024, "held_mib": sketch.nbytes / 2**20,
+            "batch_mib": n_states * tokens * d_model * 4 / 2**20, "s": time.perf_counter() - started}
+
+
+def memory_table(ell: int) -> None:
+    print(f"covariance accumulator bytes (float64): exact vs 3 chosen states vs a Frequent Directions sketch of {ell} rows")
+    print(f"{'model':>22} {'states':>7} {'d_model':>8} {'exact MB':>10} {'3 states MB':>12} {'sketch MB':>10} {'exact/sketch':>13}")
+    for name, d_model, n_states in (("smollm2-135m", 576, 31), ("synthetic", 4096, 33)):
+        b = covariance_bytes(d_model, n_states, ell, chosen=3)
+        print(f"{name:>22} {n_states:>7} {d_model:>8} {b['exact'] / 1e6:>10.1f} {b['chosen'] / 1e6:>12.1f} "
+              f"{b['sketch'] / 1e6:>10.1f} {b['exact'] / b['sketch']:>13.1f}")
+    peak = sketch_peak(4096, 33, ell, batches=2, tokens=128)
+    print(f"sketch streamed at d_model 4096, 33 states, 2 batches of 128 tokens ({peak['batch_mib']:.0f} MiB float32 "
+          f"each): peak {peak['peak_mib']:.0f} MiB above the start, {peak['held_mib']:.0f} MiB held, {peak['s']:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[10, 100, 1000])
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help="print the covariance memory table only (no model)")
+    parser.add_argument("--ell", type=int, default=64, help="rows per state of the sketch in the memory table")
     args = parser.parse_args()
+    if args.memory:
+        memory_table(args.ell)
+        return
     if args.one is not None:
         print(json.dumps(measure_one(args.one, args.chunk)))
         return

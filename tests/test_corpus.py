@@ -12,7 +12,7 @@ import torch
 import lensdyn as ld
 from lensdyn import load_result
 from lensdyn.app.cli import main
-from lensdyn.app.corpus import corpus_result, merge_shards, parse_shard, run_corpus
+from lensdyn.app.corpus import corpus_result, merge_shards, parse_shard, parse_states, run_corpus
 from lensdyn.errors import ArgumentError
 
 CORPUS = [
@@ -278,3 +278,119 @@ def test_damaged_shard_files_are_one_line_naming_the_file_and_the_way_out(smollm
     assert "is missing" in error(corpus)
     assert main([*corpus, "--restart"]) == 0  # the way out the messages name
     assert main(merge) == 0
+
+
+# --- torchrun; chosen covariance states; the Frequent Directions sketch --------------------------------------------
+
+WORDS = [" ".join(f"w{(7 * i + 3 * j) % 57 + 3}" for j in range(4 + i)) for i in range(5)]  # the tiny tokenizer's words
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """A 2-block Llama checkpoint (d_model 32, random weights) and a directory of five short prompts."""
+    from conftest import tiny_checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    config = LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    checkpoint = tiny_checkpoint(root / "ckpt", config, LlamaForCausalLM)
+    (root / "corpus").mkdir()
+    for i, text in enumerate(WORDS):
+        (root / "corpus" / f"{i}.txt").write_text(text)
+    return checkpoint, root / "corpus"
+
+
+def test_two_torchrun_ranks_equal_one_process(tiny_corpus, tmp_path):
+    """``torchrun --standalone --nproc-per-node 2 -m lensdyn.app.cli corpus`` (a free port): two gloo ranks, each its shard, reduced with
+    torch.distributed, rank 0 writing corpus.json; equal to one process to float64 round-off (RTOL 1e-12).
+
+    torchrun gives each rank one thread (OMP_NUM_THREADS=1): the single run uses one too, so every prompt's
+    float32 activations are bitwise the same (at two threads they move by ~1e-8, matmul splits), and the only
+    difference left is the order of float64 sums and merges, ~1e-16 per operation.
+    """
+    checkpoint, corpus = tiny_corpus
+    out = tmp_path / "ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "lensdyn.app.cli", "corpus", "--model", checkpoint, "--prompts", str(corpus), "--out", str(out),
+               "--batch-size", "1", "--subsample", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("shard-*.json")) == ["shard-0-of-2.json", "shard-1-of-2.json"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = corpus_result(*run_corpus(ld.load_model(checkpoint), str(corpus), tmp_path / "one", batch_size=1,
+                                           progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    ranks = load_result(out / "corpus.json")
+    assert ranks.n_shards == 2 and ranks.provenance.n_prompts == len(WORDS)
+    assert_same_statistics(ranks, single)
+    # The shard records are those of `--shard i/2`: `lensdyn merge` over them gives the same result again.
+    assert_same_statistics(corpus_result(*merge_shards(sorted(out.glob("shard-*.json")))), ranks)
+
+
+def test_ranks_that_disagree_or_fail_raise_on_every_rank(monkeypatch):
+    """What every rank runs after gathering: another rank's other corpus, or its failure, is an error here too."""
+    import torch.distributed as dist
+
+    from lensdyn.app import corpus
+
+    record = {k: 0 for k in corpus.SETTINGS} | {"n_prompts_total": 5, "fingerprint": "abc"}
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+
+    def gathered(*others):
+        monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None),
+                                                                                                     [obj, *others]))
+
+    gathered(dict(record, fingerprint="xyz"))
+    with pytest.raises(ArgumentError, match="rank 1 of 2 runs another corpus or settings than rank 0 "
+                                            r"\(fingerprint differ\)"):
+        corpus._same_on_every_rank(record)
+    gathered(dict(record))
+    corpus._same_on_every_rank(record)
+    gathered("PromptError: prompt 3 is too short")
+    with pytest.raises(ArgumentError, match=r"rank 1 failed \(PromptError: prompt 3 is too short\): nothing was reduced"):
+        corpus._no_rank_failed(None)
+
+
+def test_covariance_states_and_the_sketch_cover_what_they_say(tiny_corpus, tmp_path):
+    checkpoint, corpus = tiny_corpus
+    model = ld.load_model(checkpoint)
+    full = corpus_result(*run_corpus(model, str(corpus), tmp_path / "full", batch_size=1, progress=False))
+    chosen = corpus_result(*run_corpus(model, str(corpus), tmp_path / "chosen", batch_size=1, progress=False,
+                                       covariance_states=[0, 2]))
+    assert chosen.covariance_states.tolist() == [0, 2] and full.covariance_states.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(chosen.top_eigenvalues[[0, 2]], full.top_eigenvalues[[0, 2]])
+    assert np.isnan(chosen.participation_ratio[1]) and np.isnan(chosen.top_eigenvalues[1]).all()
+    assert "at states [0, 2] only, NaN at the others" in chosen.conventions.aggregation
+    np.testing.assert_array_equal(chosen.mean_norm, full.mean_norm)  # nothing else changes
+    back = load_result(chosen.to_json(tmp_path / "chosen.json"))
+    assert back.covariance_states.tolist() == [0, 2] and np.isnan(back.participation_ratio[1])
+    # A sketch of more rows than d_model (32) is the exact spectrum; the participation ratio is not claimed.
+    sketched = corpus_result(*run_corpus(model, str(corpus), tmp_path / "sketch", batch_size=1, progress=False,
+                                         covariance_sketch=40))
+    np.testing.assert_allclose(sketched.top_eigenvalues, full.top_eigenvalues, rtol=1e-9,
+                               atol=1e-12 * full.top_eigenvalues.max())
+    assert np.isnan(sketched.participation_ratio).all() and sketched.covariance_sketch == 40
+    assert (sketched.eigenvalue_error <= 1e-12 * full.top_eigenvalues.max()).all()
+    # Settings of the record: a resume or a merge under other states is refused; bad states are one line.
+    with pytest.raises(ArgumentError, match="covariance_states differ"):
+        run_corpus(model, str(corpus), tmp_path / "chosen", batch_size=1, progress=False, covariance_states=[0, 1])
+    with pytest.raises(ArgumentError, match="covariance_sketch differ"):
+        run_corpus(model, str(corpus), tmp_path / "full", batch_size=1, progress=False, covariance_sketch=40)
+    for bad, message in (([0, 3], r"the model has states 0\.\.2"), ([1, 1], "once, in increasing order"),
+                         ([2, 0], "increasing"), ([], "at least one")):
+        with pytest.raises(ArgumentError, match=message):
+            run_corpus(model, str(corpus), tmp_path / "bad", covariance_states=bad, progress=False)
+    with pytest.raises(ArgumentError, match="comma-separated"):
+        parse_states("0;8")
+    with pytest.raises(ArgumentError, match="above 10"):
+        run_corpus(model, str(corpus), tmp_path / "bad", covariance_sketch=5, progress=False)
+    assert main(["corpus", "--model", checkpoint, "--prompts", str(corpus), "--out", str(tmp_path / "cli"),
+                 "--covariance-states", "0,2", "--covariance-sketch", "12", "--subsample", "0", "--batch-size", "1"]) == 0
+    cli = load_result(tmp_path / "cli" / "corpus.json")
+    assert cli.covariance_sketch == 12 and cli.covariance_states.tolist() == [0, 2]
+    assert np.isnan(cli.top_eigenvalues[1]).all() and (cli.top_eigenvalues[[0, 2]] >= 0).all()

@@ -417,3 +417,97 @@ def test_smollm2_capture_through_the_container_matches_covariance_and_metastabil
         assert_roundoff(stats["hist"].histogram, np.mean([m.histogram for m in metrics], axis=0))
         assert_roundoff(stats["energy"].mean_energy, np.mean([m.energy for m in metrics], axis=0))
     np.testing.assert_array_equal(whole["hist"].pair_counts, streamed["hist"].pair_counts)
+
+
+# --- Frequent Directions: the covariance spectrum in ell rows per state ---------------------------------------------
+
+
+def planted_spectrum(n, d, decay, shift, seed):
+    """``n`` rows per state with covariance ``Q diag(lam) Q^T`` (``lam_i = decay^i``, a random rotation ``Q`` per state)
+    about a mean of size ``shift``: a spectrum known in advance, and a mean the sketch must handle exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    lam = decay ** torch.arange(d, dtype=torch.float64)
+    states = []
+    for _ in range(2):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        states.append(z * lam.sqrt() @ q.T + shift * torch.randn(d, generator=gen, dtype=torch.float64))
+    return torch.stack(states)
+
+
+def assert_frequent_directions_bound(sketch: streaming.FrequentDirectionsStats, exact: CovarianceStats):
+    """``0 <= x^T (C - B^T B) x <= shrinkage <= tail_k(C) / (ell - k)`` for every unit x and every k < ell, per state."""
+    ell = sketch.ell
+    for state in range(exact.n_layers):
+        c, b = exact.comoment[state], sketch.sketch[state]
+        gap = np.linalg.eigvalsh(c - b.T @ b)  # every x^T (C - B^T B) x over unit x lies in [gap.min, gap.max]
+        lam = np.linalg.eigvalsh(c)[::-1]
+        roundoff = 1e-10 * lam[0]
+        assert gap.min() >= -roundoff and gap.max() <= sketch.shrinkage[state] + roundoff
+        tails = np.array([lam[k:].sum() / (ell - k) for k in range(ell)])
+        assert sketch.shrinkage[state] <= tails.min() + roundoff, (sketch.shrinkage[state], tails.min())
+        assert sketch.shrinkage[state] > 0  # the bound is exercised: rows were shrunk
+        # Each eigenvalue, as the class reports it, is at most error_bound below the exact one (Weyl).
+        under = np.linalg.eigvalsh(exact.covariance[state])[::-1][:ell] - sketch.eigenvalues[state]
+        assert under.min() >= -roundoff / exact.count and under.max() <= sketch.error_bound[state] + roundoff
+
+
+def test_frequent_directions_obeys_its_bound_on_a_known_spectrum_in_any_batches():
+    x = planted_spectrum(n=500, d=24, decay=0.7, shift=5.0, seed=0)
+    exact = CovarianceStats().update(x)
+    for sizes in ((500,), (7, 93, 400), (250, 250)):  # one batch; uneven batches (rows enter ell at a time)
+        sketch = streaming.FrequentDirectionsStats(ell=8)
+        for part in torch.split(x, list(sizes), dim=1):
+            sketch.update(part)
+        assert sketch.count == 500 and sketch.sketch.shape == (2, 8, 24)
+        np.testing.assert_allclose(sketch.mean, exact.mean, rtol=1e-12)  # the mean is streamed, not sketched
+        assert_frequent_directions_bound(sketch, exact)
+
+
+def test_merged_sketches_obey_the_bound_for_the_union():
+    a = planted_spectrum(n=300, d=20, decay=0.6, shift=0.0, seed=1)
+    b = planted_spectrum(n=200, d=20, decay=0.6, shift=0.0, seed=2) + 3.0  # another mean: the correction row counts
+    left, right = streaming.FrequentDirectionsStats(ell=6).update(a), streaming.FrequentDirectionsStats(ell=6).update(b)
+    merged = left.merge(right)
+    union = torch.cat([a, b], dim=1)
+    assert merged.count == 500 and left.count == 300  # neither operand changed
+    assert_frequent_directions_bound(merged, CovarianceStats().update(union))
+    assert_frequent_directions_bound(left, CovarianceStats().update(a))
+
+
+def test_a_sketch_with_more_rows_than_d_model_is_the_exact_spectrum_and_survives_save(tmp_path):
+    x = planted_spectrum(n=60, d=5, decay=0.5, shift=2.0, seed=3)
+    sketch = streaming.FrequentDirectionsStats(ell=6).update(x[:, :25]).merge(streaming.FrequentDirectionsStats(ell=6).update(x[:, 25:]))
+    exact = np.linalg.eigvalsh(CovarianceStats().update(x).covariance)[:, ::-1]
+    assert_roundoff(sketch.eigenvalues[:, :5], exact)
+    assert np.all(sketch.error_bound <= 1e-12 * exact[:, 0]) and np.all(sketch.eigenvalues[:, 5] <= 1e-12 * exact[:, 0])
+    back = load(save(sketch, tmp_path / "fd.npz"))
+    assert back.ell == 6 and np.array_equal(back.sketch, sketch.sketch)
+    with pytest.raises(ArgumentError, match="different ell"):
+        sketch.merge(streaming.FrequentDirectionsStats(ell=7).update(x))
+    with pytest.raises(ArgumentError, match="ell >= 2"):
+        streaming.FrequentDirectionsStats(ell=1)
+
+
+def test_plain_accumulators_merge_by_their_declared_reductions_the_others_by_their_own_rule():
+    assert [cls.plain() for cls in (GainStats, HistogramStats, EnergyStats)] == [True] * 3
+    assert [cls.plain() for cls in (NormStats, CovarianceStats, streaming.FrequentDirectionsStats)] == [False] * 3
+    assert all(op in ("sum", "min", "max") for cls in streaming._KINDS.values() for op in cls.REDUCTIONS.values())
+
+
+def test_reduce_across_one_rank_is_the_identity(tmp_path):
+    """The collective path on a one-process gloo group (two processes: tests/test_corpus.py, under torchrun)."""
+    import torch.distributed as dist
+
+    x = planted_spectrum(n=40, d=6, decay=0.8, shift=1.0, seed=4).float()
+    stats = StreamingStats({"norms": (NormStats(), "resid"), "gain": (GainStats(), ("resid", "resid")),
+                            "fd": (streaming.FrequentDirectionsStats(ell=4), "resid")})
+    stats.update_from({"resid": x})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        reduced = streaming.reduce_across_ranks(stats)
+    finally:
+        dist.destroy_process_group()
+    for name in stats:
+        for array in stats[name].ARRAYS:
+            assert np.array_equal(getattr(reduced[name], array), getattr(stats[name], array)), (name, array)

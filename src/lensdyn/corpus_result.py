@@ -5,14 +5,17 @@ The workflow that fills it (chunks, checkpoints, shard locks, merging shards) is
 (``lensdyn.streaming``) and their record into one of these. ``state`` indexes ``0..n_layers``,
 ``block`` the blocks; ``scale_factor`` and the gains are ratios of means over every included
 token, ``histogram`` and ``energy`` means over prompts of each prompt's cloud on the sphere
-(``lensdyn.sphere``).
+(``lensdyn.sphere``). The covariance's participation ratio and top eigenvalues are NaN at any
+state outside ``covariance_states`` (``--covariance-states``), and under a Frequent Directions sketch
+(``--covariance-sketch``) the participation ratio is NaN and each eigenvalue is at most
+``eigenvalue_error`` below the exact one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from lensdyn.results import Result
 
@@ -36,6 +39,12 @@ class CorpusResult(Result):
     bins: Float[np.ndarray, " edge"]
     energy: Float[np.ndarray, "beta state"]
     betas: Float[np.ndarray, " beta"]
+    # The states the covariance covered (participation ratio and top eigenvalues are NaN at the others; a file
+    # without the field covered every state), and under --covariance-sketch its rows per state and the largest
+    # under-estimate of each eigenvalue (0 where exact).
+    covariance_states: Int[np.ndarray, " cstate"] | None = None
+    covariance_sketch: int | None = None
+    eigenvalue_error: Float[np.ndarray, " state"] | None = None
 
     def summary(self) -> str:
         p = self.provenance

@@ -155,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
                         "token at once (0: none)")
     corpus.add_argument("--skip-short", action="store_true",
                         help="leave out prompts with fewer than 2 tokens after --exclude (recorded) instead of failing")
+    corpus.add_argument("--covariance-states", default=None, metavar="L,L,...",
+                        help="the states whose residual covariance is accumulated, e.g. 0,8,16 (default: every state)")
+    corpus.add_argument("--covariance-sketch", type=int, default=None, metavar="ELL",
+                        help="a Frequent Directions sketch of ELL rows per state instead of the exact covariance "
+                        "(memory states x ELL x d_model; top eigenvalues with a stated error bound)")
+    corpus.add_argument("--distributed", action="store_true",
+                        help="one rank of a torchrun job (implied by WORLD_SIZE > 1): rank r streams shard r/world, "
+                        "the ranks reduce with torch.distributed, rank 0 writes the result")
     _add_threads_option(corpus)
     corpus.set_defaults(command="corpus", run=_corpus)
 
@@ -551,9 +559,18 @@ def supported_analyses(model) -> dict[str, str]:
 
 
 def _corpus(args) -> int:
-    from lensdyn.app.corpus import parse_shard, shard_lock
+    from lensdyn.app.corpus import check_sketch, parse_shard, parse_states, shard_lock, world_size
 
     shard = parse_shard(args.shard)
+    args.distributed = args.distributed or world_size() > 1
+    if args.distributed:
+        if args.shard != "0/1":
+            raise ArgumentError("--shard and a distributed run do not mix: each rank takes shard RANK/WORLD_SIZE")
+        shard = (int(os.environ.get("RANK", "0")), world_size())
+        if args.device == "cuda":  # one GPU per rank, the one torchrun numbers LOCAL_RANK
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    args.covariance_states = None if args.covariance_states is None else parse_states(args.covariance_states)
+    check_sketch(args.covariance_sketch)
     _check_options(args)
     prompts = _prompts(args.prompts)  # a bad corpus fails before the model loads
     _set_threads(args)
@@ -575,9 +592,11 @@ def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
     if shard[0] == 0 and args.subsample > 0:  # checked now: it runs only after the whole shard
         sample = usable_subsample(model, prompts, args.subsample, args.seed, exclude=exclude, truncate=args.truncate,
                                   skip_short=args.skip_short)
-    stats, record = run_corpus(model, prompts, args.out, shard=shard, chunk=args.chunk, batch_size=args.batch_size,
-                               exclude=exclude, truncate=args.truncate, resume=not args.restart,
-                               skip_short=args.skip_short)
+    stats, record = run_corpus(model, prompts, args.out, shard=(0, 1) if args.distributed else shard, chunk=args.chunk,
+                               batch_size=args.batch_size, exclude=exclude, truncate=args.truncate,
+                               resume=not args.restart, skip_short=args.skip_short,
+                               covariance_states=args.covariance_states, covariance_sketch=args.covariance_sketch,
+                               distributed=args.distributed)
     print(f"shard {shard[0]}/{shard[1]}: {record['prompts_done']} prompts, {record['n_tokens']} tokens -> {args.out}")
     if record["skipped"]:
         print(f"lensdyn: left out {len(record['skipped'])} prompt(s) with fewer than 2 tokens after excluding "
@@ -589,9 +608,9 @@ def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
         result = metastability.measure(model, sample, control=None, repeated=False, exclude=exclude,
                                        truncate=args.truncate, batch_size=args.batch_size, progress=True)
         print(f"wrote {result.to_json(args.out / SUBSAMPLE_FILE)} ({sample.name})")
-    if shard[1] == 1:
+    if shard[1] == 1 or (args.distributed and shard[0] == 0):  # rank 0 holds the reduced accumulators
         _write_corpus(stats, record, args.out)
-    else:
+    elif not args.distributed:
         print(f"when every shard is done: lensdyn merge {args.out}/shard-*-of-{shard[1]}.json --out {args.out}")
     return 0
 

@@ -43,7 +43,7 @@ import sys
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +61,14 @@ from lensdyn.results import Conventions, Provenance
 from lensdyn.streaming import (
     CovarianceStats,
     EnergyStats,
+    FrequentDirectionsStats,
     GainStats,
     HistogramStats,
     NormStats,
     StreamingStats,
     load,
     merge_all,
+    reduce_across_ranks,
 )
 
 STREAMS = ("resid", "attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -76,17 +78,64 @@ CAUSAL_METRIC = "causal_inverse"  # the metric of resid_causal and causal_scale_
 MIN_TOKENS = 2  # per prompt: the histogram and energy accumulators read each prompt's cloud of included tokens
 
 
-def new_stats() -> StreamingStats:
-    """The accumulators one corpus run fills (``resid_causal`` is the residual seen through the causal metric's whitener)."""
+def new_stats(covariance_states: Sequence[int] | None = None, covariance_sketch: int | None = None) -> StreamingStats:
+    """The accumulators one corpus run fills (``resid_causal`` is the residual seen through the causal metric's whitener).
+
+    The covariance reads every state (``resid``) or only ``covariance_states`` (``resid_covariance``:
+    those states of the residual), exactly (``CovarianceStats``) or as a Frequent Directions sketch of
+    ``covariance_sketch`` rows per state (``FrequentDirectionsStats``).
+    """
+    covariance = CovarianceStats() if covariance_sketch is None else FrequentDirectionsStats(covariance_sketch)
     return StreamingStats({
         "norms": (NormStats(), "resid"),
         "causal_norms": (NormStats(), "resid_causal"),
         "attn_gain": (GainStats(), ("attn_out", "attn_in")),
         "mlp_gain": (GainStats(), ("mlp_out", "mlp_in")),
-        "covariance": (CovarianceStats(), "resid"),
+        "covariance": (covariance, "resid" if covariance_states is None else "resid_covariance"),
         "histogram": (HistogramStats(), "resid"),
         "energy": (EnergyStats(), "resid"),
     })
+
+
+def parse_states(text: str) -> list[int]:
+    """``"0,8,16"`` -> ``[0, 8, 16]``: unique and increasing (the range is checked once the model's depth is known).
+
+    >>> parse_states("0, 8,16")
+    [0, 8, 16]
+    """
+    try:
+        states = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ArgumentError(f"--covariance-states takes comma-separated state numbers (e.g. 0,8,16), not {text!r}") from None
+    return check_states(states)
+
+
+def check_states(states: Sequence[int], n_states: int | None = None) -> list[int]:
+    """``states`` as a list, once it is non-empty, unique, increasing and (given ``n_states``) within ``0..n_states - 1``.
+
+    >>> check_states([0, 31], 31)
+    Traceback (most recent call last):
+    ...
+    lensdyn.errors.ArgumentError: covariance states [0, 31]: the model has states 0..30
+    """
+    states = [int(s) for s in states]
+    if not states:
+        raise ArgumentError("covariance states: give at least one state")
+    if len(set(states)) != len(states) or states != sorted(states):
+        raise ArgumentError(f"covariance states {states}: give each state once, in increasing order")
+    if states[0] < 0:
+        raise ArgumentError(f"covariance states {states}: states are numbered from 0 (the embeddings)")
+    if n_states is not None and states[-1] >= n_states:
+        raise ArgumentError(f"covariance states {states}: the model has states 0..{n_states - 1}")
+    return states
+
+
+def check_sketch(ell: int | None) -> int | None:
+    """A sketch needs more rows than the ``TOP_K`` eigenvalues it reports (after a shrink it holds ``ell - 1``)."""
+    if ell is not None and not (isinstance(ell, int) and ell > TOP_K):
+        raise ArgumentError(f"--covariance-sketch takes a number of rows above {TOP_K} (the top {TOP_K} eigenvalues "
+                            f"it reports), not {ell!r}")
+    return ell
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -279,11 +328,14 @@ def run_corpus(
     progress: bool = True,
     resume: bool = True,
     skip_short: bool = False,
-) -> tuple[StreamingStats, dict]:
+    covariance_states: Sequence[int] | None = None,
+    covariance_sketch: int | None = None,
+    distributed: bool | None = None,
+) -> tuple[StreamingStats | None, dict]:
     """Stream this shard's prompts through ``model`` chunk by chunk; returns ``(accumulators, record)``.
 
     Resumes from ``out/shard-i-of-n.json`` when that record matches this run (model, weights,
-    corpus fingerprint, exclusions); a record that does not match is an error, not silently
+    corpus fingerprint, exclusions, covariance settings); a record that does not match is an error, not silently
     overwritten (pass ``resume=False`` to start again). ``batch_size`` is the capture's: with more than
     one prompt per forward pass, which prompts share a batch changes the float32 activations themselves
     (matmul shapes and summation order, about 1e-7 relative), so shards of a batched run agree with the
@@ -293,38 +345,84 @@ def run_corpus(
     Every prompt of the shard is tokenised first: one that keeps fewer than ``MIN_TOKENS`` tokens
     after ``exclude`` is an error naming it, or with ``skip_short`` is left out (its index in the
     record's ``"skipped"``). The record's ``"truncated"`` lists the prompts cut to the context.
+
+    ``covariance_states`` (increasing state numbers) limits the covariance to those states
+    (``len(states) x d_model^2`` floats); ``covariance_sketch`` (``ell`` rows) replaces it by a
+    Frequent Directions sketch (``states x ell x d_model``; ``FrequentDirectionsStats`` states its
+    error bound). Both are settings of the record, like the exclusions.
+
+    ``distributed`` (default: ``WORLD_SIZE > 1``, as under ``torchrun``): this process is rank ``r``
+    of ``w`` and streams shard ``(r, w)`` exactly as ``shard=(r, w)`` would (its own record and lock,
+    so each rank resumes); the ranks then reduce their accumulators with ``torch.distributed``
+    (``lensdyn.streaming.reduce_across_ranks``), and rank 0 returns the merged accumulators and the
+    record ``merge_shards`` would give; the other ranks return ``(None, their shard's record)``.
+    The process group (gloo, or nccl when the model is on CUDA) is started here unless one is
+    already, and then destroyed here. A rank whose corpus or settings differ from rank 0's, or
+    whose shard fails, is an error raised on every rank.
     """
     if chunk < 1:
         raise ArgumentError(f"chunk must be at least 1 prompt, not {chunk}")
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be at least 1, not {batch_size}")
+    states = None if covariance_states is None else check_states(covariance_states, model_n_states(model))
+    settings = dict(exclude=tuple(exclude), truncate=truncate, skip_short=skip_short, covariance_states=states,
+                    covariance_sketch=check_sketch(covariance_sketch))
     prompt_set = resolve_prompts(prompts)
+    if distributed is None:
+        distributed = world_size() > 1
+    if distributed:
+        if shard != (0, 1):
+            raise ArgumentError(f"a distributed run takes its shard from its rank: give no shard (got {shard[0]}/{shard[1]})")
+        return _run_distributed(model, prompt_set, Path(out), chunk, batch_size, progress, resume, settings)
     with shard_lock(out, shard):
-        return _run_locked(model, prompt_set, Path(out), shard, chunk, batch_size, tuple(exclude), truncate, progress,
-                           resume, skip_short)
+        return _run_locked(model, prompt_set, Path(out), shard, chunk, batch_size, progress, resume, settings)
 
 
-def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_size, exclude, truncate, progress, resume,
-                skip_short) -> tuple[StreamingStats, dict]:
-    from lensdyn.hooks.capture import capture
-    from lensdyn.hooks.circuits import model_causal_metric
+def model_n_states(model) -> int:
+    """The residual states a capture holds: the embeddings and each block's output."""
+    return int(model.cfg.n_layers) + 1
+
+
+def world_size() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 outside torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ArgumentError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def _new_record(model, prompt_set: PromptSet, shard, settings: dict) -> dict:
+    """What a record says of the run before any prompt is streamed (the settings every shard and rank share)."""
     from lensdyn.models import model_info
 
     info = model_info(model)
+    return {
+        "format": RECORD_FORMAT, "model": info.name, "weights": info.weights, "seed": info.seed, "layout": info.layout,
+        "n_params": info.n_params, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "prompt_set": prompt_set.name, "fingerprint": fingerprint(prompt_set), "n_prompts_total": len(prompt_set),
+        "shard": list(shard), "exclude": list(settings["exclude"]), "truncate": settings["truncate"],
+        "skip_short": settings["skip_short"], "covariance_states": settings["covariance_states"],
+        "covariance_sketch": settings["covariance_sketch"],
+    }
+
+
+def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_size, progress, resume,
+                settings: dict) -> tuple[StreamingStats, dict]:
+    from lensdyn.hooks.capture import capture
+    from lensdyn.hooks.circuits import model_causal_metric
+
+    exclude, truncate, skip_short = settings["exclude"], settings["truncate"], settings["skip_short"]
+    states = settings["covariance_states"]
     mine = list(range(shard[0], len(prompt_set), shard[1]))
     short = short_prompts(model, prompt_set, mine, exclude, truncate)
     if skip_short:
         mine = [i for i in mine if i not in set(short)]
-    record = {
-        "format": RECORD_FORMAT, "model": info.name, "weights": info.weights, "seed": info.seed, "layout": info.layout,
-        "n_params": info.n_params, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "prompt_set": prompt_set.name, "fingerprint": fingerprint(prompt_set), "n_prompts_total": len(prompt_set),
-        "shard": list(shard), "n_prompts": len(mine), "exclude": list(exclude), "truncate": truncate,
-        "skip_short": skip_short, "skipped": short if skip_short else [],
+    record = _new_record(model, prompt_set, shard, settings) | {
+        "n_prompts": len(mine), "skipped": short if skip_short else [],
         "prompts_done": 0, "n_tokens": 0, "truncated": [], "stats_file": None,
     }
     path = record_path(out, shard)
-    stats = new_stats()
+    stats = new_stats(states, settings["covariance_sketch"])
     if resume and path.exists():
         redo = f"run again with --restart (resume=False) to redo shard {shard[0]}/{shard[1]} from its start"
         previous = read_record(path, redo)
@@ -342,7 +440,10 @@ def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_siz
             cap = capture(model, texts[start: start + chunk], streams=STREAMS, exclude=exclude, truncate=truncate,
                           batch_size=batch_size)
             resid = cap.tokens_of("resid")
-            stats.update_from_capture(cap, extra={"resid_causal": resid @ whitener.to(resid.dtype)})
+            extra = {"resid_causal": resid @ whitener.to(resid.dtype)}
+            if states is not None:
+                extra["resid_covariance"] = resid[states]
+            stats.update_from_capture(cap, extra=extra)
             record["prompts_done"] = min(start + chunk, len(mine))
             record["n_tokens"] += cap.n_tokens
             record["truncated"] += [mine[start + i] for i in cap.truncated]
@@ -351,9 +452,76 @@ def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_siz
     return stats, record
 
 
-SETTINGS = ("format", "model", "weights", "seed", "dtype", "fingerprint", "shard", "exclude", "truncate", "skip_short")
+REDUCE_TIMEOUT = timedelta(days=2)  # a rank waits for the slowest (a resumed one may be done hours before the rest)
+
+
+def _run_distributed(model, prompt_set: PromptSet, out: Path, chunk, batch_size, progress, resume,
+                     settings: dict) -> tuple[StreamingStats | None, dict]:
+    import torch
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        if not all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+            raise ArgumentError("a distributed run needs torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, "
+                                "MASTER_PORT): launch it with torchrun, or run without --distributed")
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=REDUCE_TIMEOUT)
+    try:
+        shard = (dist.get_rank(), dist.get_world_size())
+        _same_on_every_rank(_new_record(model, prompt_set, shard, settings))
+        stats, record, failure = None, None, None
+        try:
+            with shard_lock(out, shard):
+                stats, record = _run_locked(model, prompt_set, out, shard, chunk, batch_size, progress, resume, settings)
+        except Exception as err:  # every rank must hear of it, or the others would wait for this one forever
+            failure = err
+        _no_rank_failed(failure)
+        records = [None] * shard[1]
+        dist.all_gather_object(records, record)
+        merged = reduce_across_ranks(stats)
+        if shard[0] != 0:
+            return None, record
+        return merged, merged_record(records)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _same_on_every_rank(record: dict) -> None:
+    """Refuse, on every rank, a run whose ranks differ in corpus or settings (before any of them streams)."""
+    import torch.distributed as dist
+
+    mine = {k: record[k] for k in SETTINGS if k != "shard"} | {"n_prompts_total": record["n_prompts_total"]}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every[1:], start=1):
+        changed = [k for k in mine if theirs[k] != every[0][k]]
+        if changed:
+            raise ArgumentError(f"rank {rank} of {len(every)} runs another corpus or settings than rank 0 "
+                                f"({', '.join(changed)} differ): give every rank the same arguments and files")
+
+
+def _no_rank_failed(failure: Exception | None) -> None:
+    """After every rank's shard: a failure anywhere is raised everywhere (its own error on the rank it came from)."""
+    import torch.distributed as dist
+
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(every):
+        if message is not None:
+            raise ArgumentError(f"rank {rank} failed ({message.splitlines()[0]}): nothing was reduced")
+
+
+SETTINGS = ("format", "model", "weights", "seed", "dtype", "fingerprint", "shard", "exclude", "truncate", "skip_short",
+            "covariance_states", "covariance_sketch")
 # What a record written before a field existed meant by it.
-RECORD_DEFAULTS = {"skip_short": False, "skipped": [], "truncated": []}
+RECORD_DEFAULTS = {"skip_short": False, "skipped": [], "truncated": [], "covariance_states": None,
+                   "covariance_sketch": None}
 
 
 def _check_same_run(previous: dict, record: dict, path: Path) -> None:
@@ -391,7 +559,7 @@ def read_record(path: Path, redo: str) -> dict:
 def _load_stats(path: Path, record: dict, redo: str) -> StreamingStats:
     """The accumulators a record names; a missing or damaged file is an error naming it and the way out."""
     if record["stats_file"] is None:  # a shard with no prompts (or none left by --skip-short)
-        return new_stats()
+        return new_stats(record.get("covariance_states"), record.get("covariance_sketch"))
     stats_path = path.parent / record["stats_file"]
     if not stats_path.exists():
         raise ArgumentError(f"{stats_path}, which {path.name} names, is missing: {redo}")
@@ -443,11 +611,16 @@ def merge_shards(paths: Sequence[str | Path]) -> tuple[StreamingStats, dict]:
     if found != list(range(count)) or any(rec["shard"][1] != count for rec in records):
         raise ArgumentError(f"need shards 0..{count - 1} of {count} exactly once, got {found}")
     merged = merge_all(_load_stats(path, rec, _redo(path)) for path, rec in zip(paths, records))
+    return merged, merged_record(records)
+
+
+def merged_record(records: Sequence[dict]) -> dict:
+    """The record of every shard of one run taken together (what a single run's would say, ``merged_from`` shards)."""
     n_prompts = sum(rec["n_prompts"] for rec in records)  # the total less the prompts --skip-short left out
-    record = first | {"shard": [0, 1], "n_prompts": n_prompts, "prompts_done": n_prompts,
-                      "n_tokens": sum(rec["n_tokens"] for rec in records), "merged_from": count, "stats_file": None,
-                      **{k: sorted(i for rec in records for i in rec.get(k, [])) for k in ("skipped", "truncated")}}
-    return merged, record
+    return records[0] | {"shard": [0, 1], "n_prompts": n_prompts, "prompts_done": n_prompts,
+                         "n_tokens": sum(rec["n_tokens"] for rec in records), "merged_from": len(records),
+                         "stats_file": None,
+                         **{k: sorted(i for rec in records for i in rec.get(k, [])) for k in ("skipped", "truncated")}}
 
 
 def _redo(path: Path) -> str:
@@ -468,12 +641,12 @@ def corpus_result(stats: StreamingStats, record: dict) -> CorpusResult:
     """The final statistics of (merged) accumulators and their record."""
     from lensdyn import __version__
 
-    norms, cov = stats["norms"], stats["covariance"].covariance
-    eigenvalues = np.clip(np.linalg.eigvalsh(cov)[:, ::-1], 0.0, None)
+    norms = stats["norms"]
+    spectrum = covariance_spectrum(stats["covariance"], record, len(norms.mean_norm))
     return CorpusResult(
         conventions=Conventions(
             aggregation="streamed over every included token of every prompt (float64 accumulators); a(l) and gains as "
-            "ratio of means; histogram and energy averaged over prompts" + _skipped_note(record),
+            "ratio of means; histogram and energy averaged over prompts" + _skipped_note(record) + spectrum["note"],
             excluded_positions=tuple(record["exclude"]),
             causal_metrics=(CAUSAL_METRIC,),
         ),
@@ -492,11 +665,41 @@ def corpus_result(stats: StreamingStats, record: dict) -> CorpusResult:
         causal_scale_factor=stats["causal_norms"].scale_factor("ratio_of_means"),
         attn_gain=stats["attn_gain"].gain("ratio_of_means"),
         mlp_gain=stats["mlp_gain"].gain("ratio_of_means"),
-        participation_ratio=eigenvalues.sum(1) ** 2 / (eigenvalues**2).sum(1),
-        top_eigenvalues=eigenvalues[:, :TOP_K],
+        participation_ratio=spectrum["participation_ratio"],
+        top_eigenvalues=spectrum["top_eigenvalues"],
         histogram=stats["histogram"].histogram,
         bins=np.asarray(stats["histogram"].bins, dtype=np.float64),
         energy=stats["energy"].mean_energy,
         betas=np.asarray(stats["energy"].betas, dtype=np.float64),
+        covariance_states=np.asarray(spectrum["states"], dtype=np.int64),
+        covariance_sketch=record.get("covariance_sketch"),
+        eigenvalue_error=spectrum["eigenvalue_error"],
     )
 
+
+def covariance_spectrum(covariance: CovarianceStats | FrequentDirectionsStats, record: dict, n_states: int) -> dict:
+    """Participation ratio, top eigenvalues and their error bound per state, NaN at the states the covariance did not
+    cover (``record["covariance_states"]``); under a sketch the participation ratio is NaN too (it needs every
+    eigenvalue) and the error bound is the sketch's (``FrequentDirectionsStats.error_bound``), 0 where exact."""
+    states = record.get("covariance_states") or list(range(n_states))
+    sketch = isinstance(covariance, FrequentDirectionsStats)
+    if sketch:
+        eigenvalues, error = covariance.eigenvalues, covariance.error_bound
+    else:
+        eigenvalues = np.clip(np.linalg.eigvalsh(covariance.covariance)[:, ::-1], 0.0, None)
+        error = np.zeros(len(states))
+    out = {"states": states, "participation_ratio": np.full(n_states, np.nan), "top_eigenvalues": np.full(
+        (n_states, min(TOP_K, eigenvalues.shape[1])), np.nan), "eigenvalue_error": np.full(n_states, np.nan)}
+    out["top_eigenvalues"][states] = eigenvalues[:, :TOP_K]
+    out["eigenvalue_error"][states] = error
+    if not sketch:
+        out["participation_ratio"][states] = eigenvalues.sum(1) ** 2 / (eigenvalues**2).sum(1)
+    notes = []
+    if len(states) < n_states:
+        notes.append(f"covariance (participation ratio, top eigenvalues) at states {states} only, NaN at the others")
+    if sketch:
+        notes.append(f"covariance spectrum from a Frequent Directions sketch of {record['covariance_sketch']} rows per "
+                     "state: each top eigenvalue under-estimated by at most eigenvalue_error; participation ratio NaN "
+                     "(it needs every eigenvalue)")
+    out["note"] = "".join(f"; {note}" for note in notes)
+    return out
