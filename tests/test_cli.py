@@ -95,7 +95,13 @@ def test_compare_json_only_and_bad_static_formats(tmp_path, capsys):
     assert code == 0
     gains = load_result(out / "gains.json")
     assert gains.provenance.model == "minilm-l6" and gains.control.provenance.model == "smollm2-135m"
-    assert json.loads((out / "report.json").read_text())["reference"] == "smollm2-135m (compare)"
+    # Which weights each number is of: the default model is a dequantised Q4_1 GGUF, minilm the original float32.
+    assert "original float32" in gains.provenance.weights_source
+    assert "Q4_1 GGUF, dequantised to float32" in gains.control.provenance.weights_source
+    index = json.loads((out / "report.json").read_text())
+    assert index["reference"] == "smollm2-135m (compare)"
+    assert index["weights_source"] == {"model": gains.provenance.weights_source,
+                                       "reference": gains.control.provenance.weights_source}
     assert not list(out.glob("*.html"))
     assert main(["report", "--static", "gif", "--out", str(tmp_path / "x")]) == 2
     assert "png and/or svg" in capsys.readouterr().err

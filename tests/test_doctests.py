@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lensdyn import fits, metric, ops, resampling, results, spectra, sphere, verdicts
+from lensdyn import fits, metric, models, ops, resampling, results, spectra, sphere, verdicts
 from lensdyn.analyses import idealized
 from lensdyn.analyses.registry import analyses
 
-MODULES = [ops, fits, metric, verdicts, resampling, sphere, spectra, idealized, results]
+MODULES = [ops, fits, metric, verdicts, resampling, sphere, spectra, idealized, results, models]
 MODULES += [importlib.import_module(analysis.measure.__module__) for analysis in analyses()]  # every analysis
 MODULES += [importlib.import_module(f"lensdyn.hooks.{name}")
             for name in ("capture", "external", "patching", "jacobian", "steering", "heads")]

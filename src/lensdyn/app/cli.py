@@ -631,7 +631,7 @@ def _report(args) -> int:
     from lensdyn.app import run
     from lensdyn.app.report import analysis_section, export_figures, write_html
     from lensdyn.app.study import split_causal
-    from lensdyn.models import load_model
+    from lensdyn.models import load_model, model_info, weights_note
     from lensdyn.verdicts import verdict_table
 
     names = _analysis_names(args.analyses)
@@ -645,7 +645,8 @@ def _report(args) -> int:
     runs = run.reference_runs(args.model, args.weights, control=args.control, compare=args.compare,
                               control_seeds=tuple(dict.fromkeys(args.control_seeds)))
     timings: dict[str, dict[str, float]] = {r.role: {} for r in runs}
-    models = {}
+    models, sources = {}, {}
+    note = weights_note(args.model, args.weights)
     # A default analysis that needs a causal LM is left out for an encoder, with its reason; one asked for by name is an error.
     by_default = args.analyses == ",".join(a.name for a in registry.analyses() if not a.opt_in)
     skipped: dict[str, str] = {}
@@ -654,6 +655,7 @@ def _report(args) -> int:
         began = time.perf_counter()
         models[r.role] = load_model(r.model, weights=r.weights, seed=r.seed, device=args.device)
         timings[r.role]["load_s"] = round(time.perf_counter() - began, 3)
+        sources[r.role] = model_info(models[r.role]).weights_source
         if by_default:
             chosen, left_out = split_causal(chosen, models[r.role])
             skipped.update(left_out)
@@ -715,8 +717,8 @@ def _report(args) -> int:
         written.append(write_html(
             args.out / page,
             title=f"lensdyn: {', '.join(names)} of {args.model}",
-            subtitle=f"prompts {sets}, excluded positions {args.exclude}, raw weights; "
-            f"reference: {reference_label} (grey)",
+            subtitle=f"prompts {sets}, excluded positions {args.exclude}; weights: {sources['model']} (raw: no fold_ln, "
+            f"no centering){'; ' + note if note else ''}; reference: {reference_label} (grey)",
             sections=sections, verdicts=verdicts, reference_label=reference_label, other_sets=others,
         ))
         figures = {name: section.figure for name, section in zip(names, sections)}
@@ -725,7 +727,7 @@ def _report(args) -> int:
     timings["wall"] = {"load_s": round(loaded - started, 3), "measure_s": round(done - loaded, 3),
                        "verdicts_s": round(judged - done, 3), "write_s": round(time.perf_counter() - judged, 3)}
     index = {
-        "model": args.model, "weights": args.weights, "reference": reference_label,
+        "model": args.model, "weights": args.weights, "weights_source": sources, "reference": reference_label,
         "prompts": prompt_sets[0].name, "n_prompts": len(prompt_sets[0]), "excluded_positions": list(args.exclude),
         "analyses": names, "files": files,
         "seeds": {"nulls_and_bootstrap": args.seed,
