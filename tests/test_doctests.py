@@ -14,8 +14,8 @@ MODULES = [ops, fits, metric, verdicts, resampling, sphere, spectra, idealized, 
 MODULES += [importlib.import_module(analysis.measure.__module__) for analysis in analyses()]  # every analysis
 MODULES += [importlib.import_module(f"lensdyn.hooks.{name}")
             for name in ("capture", "external", "patching", "jacobian", "steering", "heads")]
-MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.app.corpus", "lensdyn.app.run",
-                                                            "lensdyn.app.study")]
+MODULES += [importlib.import_module(name) for name in ("lensdyn.streaming", "lensdyn.progress", "lensdyn.app.parsing",
+                                                            "lensdyn.app.corpus", "lensdyn.app.run", "lensdyn.app.study")]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -51,6 +51,7 @@ from lensdyn.errors import (
     UnsupportedArchitectureError,
 )
 from lensdyn.layouts import BlockLayout, LayoutName, detect_layout
+from lensdyn.paths import cache_dir  # models.cache_dir, as before it moved
 
 DEFAULT_MODEL = "smollm2-135m"
 Weights = Literal["pretrained", "random"]
@@ -173,15 +174,6 @@ def available_models() -> list[dict[str, object]]:
         }
         for m in EMBEDDED_MODELS.values()
     ]
-
-
-def cache_dir() -> Path:
-    """Where dequantised weights are cached: ``$LENSDYN_CACHE``, else ``$XDG_CACHE_HOME/lensdyn``,
-    else ``~/.cache/lensdyn``."""
-    if os.environ.get("LENSDYN_CACHE"):
-        return Path(os.environ["LENSDYN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lensdyn"
 
 
 def load_model(

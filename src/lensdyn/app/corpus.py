@@ -47,7 +47,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 try:
     import fcntl
@@ -56,6 +55,7 @@ except ImportError:  # not POSIX (Windows): shards go unlocked
 
 from lensdyn.corpus_result import CorpusResult
 from lensdyn.errors import ArgumentError, PromptError
+from lensdyn.progress import Progress
 from lensdyn.prompts import PromptSet, resolve_prompts
 from lensdyn.results import Conventions, Provenance
 from lensdyn.streaming import (
@@ -336,8 +336,8 @@ def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_siz
         raise short_prompt_error(prompt_set, short, exclude)
     whitener = model_causal_metric(model, name=CAUSAL_METRIC).whitener
     texts = [prompt_set.texts[i] for i in mine]
-    with tqdm(total=len(mine), initial=record["prompts_done"], unit="prompt", desc=f"corpus shard {shard[0]}/{shard[1]}",
-              disable=not progress) as bar:
+    with Progress(len(mine), f"corpus shard {shard[0]}/{shard[1]}", unit="prompt", initial=record["prompts_done"],
+                  enabled=progress) as bar:
         for start in range(record["prompts_done"], len(mine), chunk):
             cap = capture(model, texts[start: start + chunk], streams=STREAMS, exclude=exclude, truncate=truncate,
                           batch_size=batch_size)
