@@ -1,6 +1,7 @@
 """The lensdyn command: exit codes, files written, a self-contained HTML page."""
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -305,3 +306,16 @@ def test_quiet_prints_only_the_main_file(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [str(out / "report.json")]
     assert "report:" not in captured.err and "loaded in" not in captured.err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ipywidgets") is not None, reason="the warning needs ipywidgets absent")
+def test_no_iprogress_warning_in_a_notebook():
+    """In a Jupyter kernel without ipywidgets, tqdm.auto (which huggingface_hub imports) warns on import."""
+    kernel = ("import sys, types, warnings\nwarnings.simplefilter('always')\n"
+              "sys.modules['ipykernel.zmqshell'] = types.ModuleType('ipykernel.zmqshell')\n"
+              "class ZMQInteractiveShell: pass\n"
+              "sys.modules['IPython'] = types.SimpleNamespace(get_ipython=ZMQInteractiveShell)\n")
+    runs = {name: subprocess.run([sys.executable, "-c", kernel + first + "import tqdm.auto\n"], capture_output=True,
+                                 text=True) for name, first in (("bare", ""), ("lensdyn", "import lensdyn\n"))}
+    assert "IProgress not found" in runs["bare"].stderr  # the simulated kernel shows it
+    assert "IProgress" not in runs["lensdyn"].stderr and runs["lensdyn"].returncode == 0
