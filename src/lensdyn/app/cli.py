@@ -145,19 +145,20 @@ def _parser(table: dict | None = None) -> argparse.ArgumentParser:
                         help="print the versions of lensdyn, torch, transformers and transformer-lens, and exit")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+    def command(name: str, quiet: bool = True, **kwargs) -> argparse.ArgumentParser:
         p = sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
-        p.add_argument("--quiet", action="store_true",
-                       help="no progress and no summaries: only errors and the path of the main file written")
+        if quiet:  # every command that measures or writes
+            p.add_argument("--quiet", action="store_true",
+                           help="no progress and no summaries: only errors and the path of the main file written")
         return p
 
-    models = command("models", help="list the embedded offline models (or --check one checkpoint)",
+    models = command("models", quiet=False, help="list the embedded offline models (or --check one checkpoint)",
                      description="List the embedded offline models, or check that a model opens in lensdyn: "
                      "its block layout, the self-test of its hook points, and the analyses it supports.")
     models.add_argument("--check", metavar="PATH_OR_ID", help="an embedded name, a checkpoint directory or a hub id to check")
     models.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
                         help="check the checkpoint's weights or a random initialisation of its architecture")
-    models.set_defaults(command="models", run=_models)
+    models.set_defaults(command="models", run=_models, quiet=False)  # what it prints is what it is for
 
     report = command(
         "report",
