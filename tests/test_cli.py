@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -248,6 +247,7 @@ def test_every_help_shows_each_default_once_and_every_option_its_help():
 @pytest.mark.parametrize("argv, reason", [
     (["corpus", "--prompts", "diverse", "--shard", "-1/2"], "shard '-1/2': need 0 <= i < n"),
     (["norms", "--exclude", "first,bos"], "list options take space-separated values"),
+    (["stability", "--layers", "0,2"], "invalid int value: '0,2'; list options take space-separated values"),
     (["norms", "--exclude", "none", "first"], "--exclude none is the empty list: give it alone"),
     (["report", "--analyses", "norms", "cosmology"], "unknown analysis ['cosmology']"),
     (["norms", "--control-seeds", "0", "-2"], "--control-seeds must be at least 0, not -2"),

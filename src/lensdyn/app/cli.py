@@ -22,6 +22,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -119,7 +120,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are the CLI's one line (exit 2), pointing to the command's --help for the usage."""
 
     def error(self, message: str):
-        if "invalid" in message and "," in message.split("invalid", 1)[1]:  # a comma-separated list
+        given = re.search(r"invalid [\w ]+?: '([^']*)'", message)
+        if given and "," in given.group(1):  # a comma-separated list
             message += "; list options take space-separated values (e.g. --exclude first bos)"
         self.exit(2, f"lensdyn: error: {message} (see {self.prog} --help)\n")
 
