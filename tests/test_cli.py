@@ -87,6 +87,9 @@ def test_report_runs_every_analysis_from_one_capture_per_model(minilm_report):
     assert all(v["reference"].count(" | ") == 2 for v in verdicts)
     assert all(v["robustness"] == "not testable" and "fewer than 5" in v["note"] for v in verdicts)
     assert 'id="verdicts"' in html and html.index('id="verdicts"') < html.index("Plotly.newPlot")
+    # The header says which weights: minilm's are the original float32 ones (no quantisation note).
+    assert index["weights_source"]["model"].startswith("model.safetensors") and "original float32" in html
+    assert "quantised weights" not in html
 
 
 def test_compare_json_only_and_bad_static_formats(tmp_path, capsys):

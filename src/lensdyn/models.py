@@ -251,6 +251,8 @@ def weights_note(name_or_path: str, weights: str) -> str:
 
     >>> weights_note("minilm-l6", "pretrained"), weights_note("smollm2-135m", "random")
     ('', '')
+    >>> weights_note("smollm2-135m", "pretrained")[:70]
+    'quantised weights: every weight carries the quantisation noise, so nor'
     """
     spec = EMBEDDED_MODELS.get(name_or_path)
     return QUANTISED_NOTE if weights == "pretrained" and spec is not None and spec.quantised else ""
