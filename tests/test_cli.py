@@ -1,4 +1,7 @@
 """The lensdyn command: exit codes, files written, a self-contained HTML page."""
+import argparse
+import contextlib
+import importlib.util
 import json
 import re
 import subprocess
@@ -7,7 +10,7 @@ import sys
 import pytest
 
 from lensdyn import load_result
-from lensdyn.app.cli import main
+from lensdyn.app.cli import _analysis_names, main
 
 
 def test_models_lists_embedded_models(capsys):
@@ -84,6 +87,9 @@ def test_report_runs_every_analysis_from_one_capture_per_model(minilm_report):
     assert all(v["reference"].count(" | ") == 2 for v in verdicts)
     assert all(v["robustness"] == "not testable" and "fewer than 5" in v["note"] for v in verdicts)
     assert 'id="verdicts"' in html and html.index('id="verdicts"') < html.index("Plotly.newPlot")
+    # The header says which weights: minilm's are the original float32 ones (no quantisation note).
+    assert index["weights_source"]["model"].startswith("model.safetensors") and "original float32" in html
+    assert "quantised weights" not in html
 
 
 def test_compare_json_only_and_bad_static_formats(tmp_path, capsys):
@@ -95,7 +101,13 @@ def test_compare_json_only_and_bad_static_formats(tmp_path, capsys):
     assert code == 0
     gains = load_result(out / "gains.json")
     assert gains.provenance.model == "minilm-l6" and gains.control.provenance.model == "smollm2-135m"
-    assert json.loads((out / "report.json").read_text())["reference"] == "smollm2-135m (compare)"
+    # Which weights each number is of: the default model is a dequantised Q4_1 GGUF, minilm the original float32.
+    assert "original float32" in gains.provenance.weights_source
+    assert "Q4_1 GGUF, dequantised to float32" in gains.control.provenance.weights_source
+    index = json.loads((out / "report.json").read_text())
+    assert index["reference"] == "smollm2-135m (compare)"
+    assert index["weights_source"] == {"model": gains.provenance.weights_source,
+                                       "reference": gains.control.provenance.weights_source}
     assert not list(out.glob("*.html"))
     assert main(["report", "--static", "gif", "--out", str(tmp_path / "x")]) == 2
     assert "png and/or svg" in capsys.readouterr().err
@@ -191,3 +203,128 @@ def test_models_check_prints_layout_self_test_and_supported_analyses(tmp_path, c
     assert re.search(r"gains +yes \(MLP measured against the block input", out)
     assert main(["models", "--check", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def _commands():
+    """Every subcommand's parser, the analyses' ones generated from the registry."""
+    from lensdyn.app.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_help_shows_each_default_once_and_every_option_its_help():
+    from lensdyn.analyses.registry import analyses
+    from lensdyn.app.parsing import HelpFormatter, Values
+
+    parser, commands = _commands()
+    assert {a.name for a in analyses()} | {"models", "report", "corpus", "merge", "study"} == set(commands)
+    for name, command in [("lensdyn", parser), *commands.items()]:
+        text = command.format_help()
+        assert "default: None" not in text and "default: []" not in text, name
+        formatter = HelpFormatter(name)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help"
+            shown = formatter._get_help_string(action)
+            assert shown.count("default") <= 1, f"{where}: {shown}"
+            if action.required:
+                assert shown.endswith("(required)") and "default" not in shown, where
+            if action.nargs in ("+", "*") and action.option_strings:  # one syntax for every list option
+                assert isinstance(action, Values) and "comma" not in shown, where
+        if command is not parser and name != "models":  # models prints a listing: what it is run for
+            assert "--quiet" in text, name
+    assert "--static [FORMAT ...]" in commands["report"].format_help()
+    # Lists as typed, the empty one as `none`; the analysis's empty list is accepted as the word its help names.
+    report = " ".join(commands["report"].format_help().split())
+    assert "(default: 0 1 2)" in report and "(default: none)" in report
+    args = parser.parse_args(["report", "--out", "x", "--patch-streams", "none", "--exclude", "none",
+                              "--analyses", "norms,gains", "curvature"])
+    assert args.patch_streams == [] and args.exclude == []
+    assert _analysis_names(args.analyses) == ["norms", "gains", "curvature"]  # the old comma form still reads
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["corpus", "--prompts", "diverse", "--shard", "-1/2"], "shard '-1/2': need 0 <= i < n"),
+    (["norms", "--exclude", "first,bos"], "list options take space-separated values"),
+    (["stability", "--layers", "0,2"], "invalid int value: '0,2'; list options take space-separated values"),
+    (["norms", "--exclude", "none", "first"], "--exclude none is the empty list: give it alone"),
+    (["report", "--analyses", "norms", "cosmology"], "unknown analysis ['cosmology']"),
+    (["norms", "--control-seeds", "0", "-2"], "--control-seeds must be at least 0, not -2"),
+    (["corpus", "--prompts", "diverse", "--chunk", "0"], "--chunk must be at least 1, not 0"),
+])
+def test_bad_values_are_one_line(argv, reason, tmp_path, capsys):
+    try:
+        code = main([*argv, "--out", str(tmp_path / "out")])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and reason in err, err
+
+
+def test_help_imports_no_torch(tmp_path, monkeypatch):
+    """--help reads the analyses' options from the cache that a run (here, this process) writes: no torch imported,
+    and the same help as the registry's."""
+    from lensdyn.app import parsing
+    from lensdyn.app.cli import _parser
+
+    monkeypatch.setenv("LENSDYN_CACHE", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "100")
+    parsing.option_table()  # the registry's table, written to the cache
+    assert len(list((tmp_path / "cli").glob("options-*.json"))) == 1
+    check = ("import sys\nfrom lensdyn.app.cli import main\ntry:\n    main(['report', '--help'])\nexcept SystemExit:\n"
+             "    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\n")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    _, commands = _commands()
+    assert run.stdout == commands["report"].format_help()
+    assert run.stderr.strip().splitlines()[-1] == "no torch"
+
+
+def _tiny_report(tmp_path, *flags):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import tiny_checkpoint
+
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tiny_checkpoint(tmp_path / "llama", config, LlamaForCausalLM)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w3 w4 w5 w6 w7 w8 w9 w10")
+    out = tmp_path / "out"
+    return main(["report", "--analyses", "norms", "gains", "--model", model, "--prompts", str(prompts),
+                 "--control-seeds", "0", "--json-only", "--out", str(out), *flags]), out
+
+
+def test_progress_in_a_log_is_plain_lines_weighted_by_work(tmp_path):
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr, contextlib.redirect_stderr(stderr):
+        code, _ = _tiny_report(tmp_path)
+    assert code == 0
+    text = log.read_text()
+    assert "\r" not in text and "\x1b" not in text
+    # Two runs (model, one control), each a capture (1) + norms (cost 0.01) + gains (0.05), in captures.
+    assert re.search(r"^report: 100% \(2\.12/2\.12 captures\) \d+ s: (model|reference) gains$", text, re.M), text
+
+
+def test_quiet_prints_only_the_main_file(tmp_path, capsys):
+    code, out = _tiny_report(tmp_path, "--quiet")
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [str(out / "report.json")]
+    assert "report:" not in captured.err and "loaded in" not in captured.err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ipywidgets") is not None, reason="the warning needs ipywidgets absent")
+def test_no_iprogress_warning_in_a_notebook():
+    """In a Jupyter kernel without ipywidgets, tqdm.auto (which huggingface_hub imports) warns on import."""
+    kernel = ("import sys, types, warnings\nwarnings.simplefilter('always')\n"
+              "sys.modules['ipykernel.zmqshell'] = types.ModuleType('ipykernel.zmqshell')\n"
+              "class ZMQInteractiveShell: pass\n"
+              "sys.modules['IPython'] = types.SimpleNamespace(get_ipython=ZMQInteractiveShell)\n")
+    runs = {name: subprocess.run([sys.executable, "-c", kernel + first + "import tqdm.auto\n"], capture_output=True,
+                                 text=True) for name, first in (("bare", ""), ("lensdyn", "import lensdyn\n"))}
+    assert "IProgress not found" in runs["bare"].stderr  # the simulated kernel shows it
+    assert "IProgress" not in runs["lensdyn"].stderr and runs["lensdyn"].returncode == 0

@@ -12,7 +12,7 @@ import torch
 import lensdyn as ld
 from lensdyn import load_result
 from lensdyn.app.cli import main
-from lensdyn.app.corpus import corpus_result, merge_shards, parse_shard, parse_states, run_corpus
+from lensdyn.app.corpus import corpus_result, merge_shards, parse_shard, run_corpus
 from lensdyn.errors import ArgumentError
 
 CORPUS = [
@@ -385,12 +385,10 @@ def test_covariance_states_and_the_sketch_cover_what_they_say(tiny_corpus, tmp_p
                          ([2, 0], "increasing"), ([], "at least one")):
         with pytest.raises(ArgumentError, match=message):
             run_corpus(model, str(corpus), tmp_path / "bad", covariance_states=bad, progress=False)
-    with pytest.raises(ArgumentError, match="comma-separated"):
-        parse_states("0;8")
     with pytest.raises(ArgumentError, match="above 10"):
         run_corpus(model, str(corpus), tmp_path / "bad", covariance_sketch=5, progress=False)
     assert main(["corpus", "--model", checkpoint, "--prompts", str(corpus), "--out", str(tmp_path / "cli"),
-                 "--covariance-states", "0,2", "--covariance-sketch", "12", "--subsample", "0", "--batch-size", "1"]) == 0
+                 "--covariance-states", "0", "2", "--covariance-sketch", "12", "--subsample", "0", "--batch-size", "1"]) == 0
     cli = load_result(tmp_path / "cli" / "corpus.json")
     assert cli.covariance_sketch == 12 and cli.covariance_states.tolist() == [0, 2]
     assert np.isnan(cli.top_eigenvalues[1]).all() and (cli.top_eigenvalues[[0, 2]] >= 0).all()

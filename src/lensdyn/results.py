@@ -83,6 +83,8 @@ class Provenance:
     # model whose residual stream they were found in (the trained model's for an untrained control).
     massive_positions: tuple[tuple[int, int], ...] = ()
     massive_source: str = ""
+    # Which weights (lensdyn.models.weights_source): "Q4_1 GGUF, dequantised to float32" for the default model.
+    weights_source: str = ""
 
     @classmethod
     def from_capture(cls, capture) -> "Provenance":
@@ -103,6 +105,7 @@ class Provenance:
             truncated=tuple(capture.truncated),
             massive_positions=tuple(capture.massive_positions),
             massive_source=capture.massive_source,
+            weights_source=capture.model_info.weights_source,
         )
 
 

@@ -697,7 +697,7 @@ class CurvatureParameters:
     """The options of ``measure()`` (its defaults) as the command line offers them."""
 
     patch_streams: tuple[str, ...] = option(("resid",), "what to patch from the edited run into the clean one "
-                                            "(none: no patching)", choices=tuple(PATCH_HOOKS))
+                                            "(none: no patching)", choices=tuple(PATCH_HOOKS), empty=True)
     n_draws: int = option(20, "draws of each curvature null", flag="--null-draws", at_least=1)
 
 

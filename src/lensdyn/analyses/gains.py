@@ -404,6 +404,7 @@ ANALYSIS = Analysis(
     help="attention / MLP / residual gain per block, with MLP phases",
     heading="Sublayer gains",
     order=30,
+    cost=0.05,
     streams=STREAMS,
     result=GainsResult,
     measure=measure,

@@ -348,6 +348,7 @@ ANALYSIS = Analysis(
     help="massive activations (Sun et al. 2024): which tokens, dims and states carry |x| > 100 and 1000x the median",
     heading="Massive activations",
     order=15,
+    cost=0.03,
     streams=STREAMS,
     result=MassiveResult,
     measure=measure,

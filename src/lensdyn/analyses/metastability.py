@@ -692,6 +692,7 @@ ANALYSIS = Analysis(
     help="clustering on the sphere, CKA plateaus, interaction energy and its violations, V/OV spectra",
     heading="Metastability",
     order=40,
+    cost=0.7,
     streams=STREAMS,
     result=MetastabilityResult,
     measure=measure,

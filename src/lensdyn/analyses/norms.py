@@ -159,6 +159,7 @@ ANALYSIS = Analysis(
     help="per-layer residual-stream norms",
     heading="Residual norms",
     order=10,
+    cost=0.01,
     streams=STREAMS,
     result=NormsResult,
     measure=measure,

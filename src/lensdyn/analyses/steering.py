@@ -69,7 +69,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from scipy import stats
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lensdyn import citations
 from lensdyn.analyses.expansion import scale_factor
@@ -84,6 +83,7 @@ from lensdyn.analyses.registry import Analysis, option
 from lensdyn.metric import metric_norms
 from lensdyn.models import text_token_ids
 from lensdyn.ops import masked_mean, masked_tokens, token_norms
+from lensdyn.progress import track
 from lensdyn.prompts import PromptSet
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim
@@ -918,7 +918,7 @@ def steering_sweep(
     effect = np.zeros((len(pairs), len(relative), n_prompts))
     kl = np.zeros_like(effect)
     baseline_ld = logit_difference(baseline, positive_ids, negative_ids)
-    for start in tqdm(range(0, len(rows), batch_rows), desc="steering", unit="batch", disable=not progress, leave=False):
+    for start in track(range(0, len(rows), batch_rows), "steering", unit="batch", enabled=progress, leave=False):
         chunk = rows[start:start + batch_rows]
         prompt = torch.tensor([k for _, _, k in chunk])
         additions: dict[int, Tensor] = {}

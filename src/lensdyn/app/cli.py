@@ -17,21 +17,23 @@ after, before any forward pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import math
 import os
+import re
 import sys
 import tempfile
 import time
-import types
-import typing
 from pathlib import Path
 
 from lensdyn.analyses import registry
+from lensdyn.app import parsing
+from lensdyn.app.parsing import HelpFormatter, Values
 from lensdyn.app.report import STATIC_SCALE
 from lensdyn.app.run import CONTROL_SEEDS
 from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
-from lensdyn.hooks.capture import EXCLUDE_RULES
 from lensdyn.verdicts import N_BOOTSTRAP
 
 EPILOG = """examples:
@@ -46,17 +48,27 @@ EPILOG = """examples:
 Prompts are a built-in set (diverse, varied, repeated), a .txt file (one prompt), a .jsonl
 file (one {"text": ...} per line) or a directory of .txt files. Models are the embedded names shown
 by `lensdyn models`, a local Hugging Face checkpoint directory, or a hub id (needs the hub).
+List options take space-separated values (--analyses norms gains, --exclude first bos); where an
+empty list means something, `none` gives it (--exclude none).
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Help and --version read the analyses' options from a cache: no torch imported (lensdyn.app.parsing).
+    quick = not argv or any(a in ("-h", "--help", "--version") for a in argv)
+    parser = _parser(parsing.option_table(cached=quick))
+    args = parser.parse_args(_joined_values(argv))
     if args.command is None:
         parser.print_help()
         return 2
+    from lensdyn.progress import set_quiet
+
+    set_quiet(args.quiet)
+    args.stdout = sys.stdout  # --quiet: where the main file's path goes, while what else the libraries print is dropped
     try:
-        return args.run(args)
+        with contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext():
+            return args.run(args)
     except LensdynError as err:
         return _fail(str(err))
     except OSError as err:
@@ -72,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         resume = ": run the same command again to resume" if args.command == "corpus" else ""
         print(f"lensdyn: interrupted{resume}", file=sys.stderr)
         return 130
+    finally:
+        set_quiet(False)
+
+
+def _joined_values(argv: list[str]) -> list[str]:
+    """``--shard -1/2`` as ``--shard=-1/2``: argparse takes a value that starts with ``-`` (and is not a plain
+    number) for an option, and would say ``--shard`` has no value instead of what is wrong with it."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--shard" and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"--shard={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _fail(reason: str) -> int:
@@ -95,59 +121,82 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are the CLI's one line (exit 2), pointing to the command's --help for the usage."""
 
     def error(self, message: str):
+        given = re.search(r"invalid [\w ]+?: '([^']*)'", message)
+        if given and "," in given.group(1):  # a comma-separated list
+            message += "; list options take space-separated values (e.g. --exclude first bos)"
         self.exit(2, f"lensdyn: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _writes(*files: str) -> str:
+    """A command's epilog: the files it writes into --out."""
+    return "writes into OUT: " + "; ".join(files)
+
+
+def _parser(table: dict | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``table``: the analyses' options (``parsing.option_table``; default: the registry's)."""
+    table = parsing.option_table() if table is None else table
+    defaults = ",".join(a["name"] for a in table["analyses"] if not a["opt_in"])
+    names = ", ".join(a["name"] for a in table["analyses"])
     parser = _Parser(
         prog="lensdyn",
         description="Measure how token representations move through a transformer, layer by layer.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.set_defaults(command=None)
     parser.add_argument("--version", action="version", version=_versions(),
                         help="print the versions of lensdyn, torch, transformers and transformer-lens, and exit")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
-    models = sub.add_parser("models", help="list the embedded offline models (or --check one checkpoint)",
-                            description="List the embedded offline models, or check that a model opens in lensdyn: "
-                            "its block layout, the self-test of its hook points, and the analyses it supports.")
+    def command(name: str, quiet: bool = True, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+        if quiet:  # every command that measures or writes
+            p.add_argument("--quiet", action="store_true",
+                           help="no progress and no summaries: only errors and the path of the main file written")
+        return p
+
+    models = command("models", quiet=False, help="list the embedded offline models (or --check one checkpoint)",
+                     description="List the embedded offline models, or check that a model opens in lensdyn: "
+                     "its block layout, the self-test of its hook points, and the analyses it supports.")
     models.add_argument("--check", metavar="PATH_OR_ID", help="an embedded name, a checkpoint directory or a hub id to check")
     models.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
                         help="check the checkpoint's weights or a random initialisation of its architecture")
-    models.set_defaults(command="models", run=_models)
+    models.set_defaults(command="models", run=_models, quiet=False)  # what it prints is what it is for
 
-    report = sub.add_parser(
+    report = command(
         "report",
         help="every analysis from one capture per model: one JSON per analysis + report.html",
         description="Run several analyses on a model (and its untrained control) from one forward pass per batch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_writes("ANALYSIS.json per analysis (ANALYSIS_reference.json: its reference run, where kept apart)",
+                       "report.html (not with --json-only)", "report.json (verdicts, seeds, weights, timings, files)",
+                       "figures/ANALYSIS.png|svg with --static"),
     )
-    _add_run_options(report)
-    report.add_argument("--analyses", default=",".join(a.name for a in registry.analyses() if not a.opt_in),
-                        help=f"comma-separated subset of {', '.join(a.name for a in registry.analyses())}")
+    _add_run_options(report, table)
+    report.add_argument("--analyses", action=Values, type=str, default=defaults.split(","), metavar="ANALYSIS",
+                        help=f"the analyses to run, of {names}")
     report.set_defaults(command="report", run=_report)
 
-    corpus = sub.add_parser(
+    corpus = command(
         "corpus", help="stream a corpus through the model: per-layer statistics in float64 accumulators, resumable, sharded",
         description="Corpus-scale statistics (lensdyn.app.corpus): resumable; --shard i/n writes one shard, `lensdyn merge` "
         "combines them into what a single run gives.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_writes("shard-I-of-N.json (the shard's record, resumable)", "corpus.json and corpus.html (one shard: "
+                       "at once; several: by lensdyn merge)", "metastability_subsample.json (shard 0, --subsample)"),
     )
-    corpus.add_argument("--model", default=None, help="embedded name, local checkpoint dir, or hub id (default: smollm2-135m)")
+    corpus.add_argument("--model", default=table["default_model"], help="embedded name, local checkpoint dir, or hub id")
     corpus.add_argument("--prompts", required=True, help="built-in set, .txt/.jsonl file, or directory of .txt files")
     corpus.add_argument("--out", required=True, type=Path, help="directory for shard records and the result")
     corpus.add_argument("--shard", default="0/1", help="i/n: this process takes prompts i, i+n, i+2n, ...")
     corpus.add_argument("--chunk", type=int, default=16, help="prompts per capture (peak memory grows with it)")
     corpus.add_argument("--batch-size", type=int, default=8,
                         help="prompts per forward pass; 1 makes every shard's activations identical to a single run's")
-    corpus.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
+    corpus.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
+                        help="the checkpoint's weights or a random initialisation of its architecture (under --seed)")
     corpus.add_argument("--seed", type=int, default=0, help="seed of random weights")
     corpus.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="forward-pass dtype (statistics are float64 whatever it is)")
     corpus.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
-    corpus.add_argument("--exclude", nargs="*", default=["first"], choices=EXCLUDE_RULES)
+    _add_exclude(corpus, table)
     corpus.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
     corpus.add_argument("--restart", action="store_true", help="ignore this shard's saved progress and start again")
     corpus.add_argument("--subsample", type=int, default=32,
@@ -155,8 +204,8 @@ def _parser() -> argparse.ArgumentParser:
                         "token at once (0: none)")
     corpus.add_argument("--skip-short", action="store_true",
                         help="leave out prompts with fewer than 2 tokens after --exclude (recorded) instead of failing")
-    corpus.add_argument("--covariance-states", default=None, metavar="L,L,...",
-                        help="the states whose residual covariance is accumulated, e.g. 0,8,16 (default: every state)")
+    corpus.add_argument("--covariance-states", type=int, nargs="+", default=None, metavar="L",
+                        help="the states whose residual covariance is accumulated, e.g. 0 8 16 (default: every state)")
     corpus.add_argument("--covariance-sketch", type=int, default=None, metavar="ELL",
                         help="a Frequent Directions sketch of ELL rows per state instead of the exact covariance "
                         "(memory states x ELL x d_model; top eigenvalues with a stated error bound)")
@@ -166,18 +215,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_threads_option(corpus)
     corpus.set_defaults(command="corpus", run=_corpus)
 
-    merge = sub.add_parser("merge", help="merge corpus shards (their shard-*.json records) into one result",
-                           description="Merge every shard of a `lensdyn corpus --shard i/n` run into corpus.json + corpus.html.")
+    merge = command("merge", help="merge corpus shards (their shard-*.json records) into one result",
+                    description="Merge every shard of a `lensdyn corpus --shard i/n` run into corpus.json + corpus.html.",
+                    epilog=_writes("corpus.json", "corpus.html"))
     merge.add_argument("records", nargs="+", type=Path, help="shard-i-of-n.json files (all n of them)")
-    merge.add_argument("--out", required=True, type=Path)
+    merge.add_argument("--out", required=True, type=Path, help="directory for corpus.json and corpus.html")
     merge.set_defaults(command="merge", run=_merge)
 
-    study = sub.add_parser(
+    study = command(
         "study", help="several models, each measured as `report` does: one claims x models table (study.json + study.html)",
         description="Measure each model and its untrained controls on one prompt set, one model at a time, and judge "
         "the claims per model and across models (H(l) invariance, last-MLP gain scaling, temperature response by "
-        "attention type).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    study.add_argument("--models", nargs="+", required=True, help="embedded names, local checkpoint dirs or hub ids")
+        "attention type).", epilog=_writes("study.json", "study.html (not with --json-only)"))
+    study.add_argument("--models", action=Values, required=True, metavar="MODEL",
+                       help="embedded names, local checkpoint dirs or hub ids")
     study.add_argument("--prompts", default="diverse", help="built-in set name, .txt/.jsonl file, or directory of .txt")
     study.add_argument("--out", required=True, type=Path, help="output directory")
     study.add_argument("--control", choices=("random", "none"), default="random",
@@ -185,53 +236,42 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--no-temperature", action="store_true",
                        help="skip the temperature sweep (the attention-type claim is then not testable)")
     study.add_argument("--json-only", action="store_true", help="write study.json only, no HTML")
-    _add_measure_options(study)
-    study.add_argument("--analyses", default=report.get_default("analyses"),
-                       help=f"comma-separated subset of {', '.join(a.name for a in registry.analyses())}")
+    _add_measure_options(study, table)
+    study.add_argument("--analyses", action=Values, type=str, default=defaults.split(","), metavar="ANALYSIS",
+                       help=f"the analyses to run, of {names}")
     study.set_defaults(command="study", run=_study, weights="pretrained", compare=None, static=[])
 
-    for analysis in registry.analyses():  # each analysis's options go on its own command and on `report`
-        p = sub.add_parser(analysis.name, help=analysis.help, description=analysis.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        _add_run_options(p)
-        p.set_defaults(command=analysis.name, run=_report, analyses=analysis.name)
+    for analysis in table["analyses"]:  # each analysis's options go on its own command and on `report`
+        name = analysis["name"]
+        p = command(name, help=analysis["help"], description=analysis["help"],
+                    epilog=_writes(f"{name}.json (the result)", f"{name}_reference.json (its reference run, where "
+                                   "kept apart)", f"{name}.html (not with --json-only)",
+                                   f"{name}_report.json (verdicts, seeds, weights, timings, files)",
+                                   f"figures/{name}.png|svg with --static"))
+        _add_run_options(p, table)
+        p.set_defaults(command=name, run=_report, analyses=[name])
         _add_parameters(p, analysis)
         _add_parameters(report, analysis)
         _add_parameters(study, analysis)
     return parser
 
 
-def _add_parameters(p: argparse.ArgumentParser, analysis) -> None:
-    """``analysis.parameters`` as options of ``p``, in a group named after it (how each reads: ``registry.option``).
+def _add_parameters(p: argparse.ArgumentParser, analysis: dict) -> None:
+    """An analysis's options (``parsing.describe``) on ``p``, in a group named after it (how each reads:
+    ``registry.option``).
 
     An option another analysis already put on ``p`` (``report`` holds every analysis's) is shared:
     one value for both, so the two declarations must agree (the contract test holds them to it).
     """
-    group = p.add_argument_group(analysis.name)
+    group = p.add_argument_group(analysis["name"])
     taken = {action.dest: action for action in p._actions}
-    hints = typing.get_type_hints(analysis.parameters)
-    for f in dataclasses.fields(analysis.parameters):
-        if _dest(f) in taken:
-            taken[_dest(f)].help += f"; {analysis.name}: {f.metadata['help']}"
+    for option in analysis["options"]:
+        dest = option["flag"][2:].replace("-", "_")
+        if dest in taken:
+            taken[dest].help += f"; {analysis['name']}: {option['help']}"
             continue
-        group.add_argument(registry.flag(f), dest=_dest(f), default=f.default, help=f.metadata["help"],
-                           **_reading(hints[f.name], f.metadata))
-
-
-def _reading(hint, metadata) -> dict:
-    """How argparse reads a parameter of type ``hint``: a switch (bool), values (tuple), choices (Literal)."""
-    if hint is bool:
-        return {"action": "store_true"}
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: None is the default, not a value
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    many = typing.get_origin(hint) is tuple
-    element = typing.get_args(hint)[0] if many else hint
-    choices = metadata.get("choices")
-    if typing.get_origin(element) is typing.Literal:
-        choices = typing.get_args(element)
-        element = type(choices[0])
-    reading = {"type": element} if element in (int, float) else {}
-    return reading | ({"nargs": "*"} if many else {}) | ({"choices": choices} if choices else {})
+        group.add_argument(option["flag"], dest=dest, default=option["default"], help=option["help"],
+                           **parsing.argument(option["reading"]))
 
 
 def _dest(f: dataclasses.Field) -> str:
@@ -244,15 +284,14 @@ def _parameters(analysis, args):
     return analysis.parameters(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    from lensdyn.models import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, local checkpoint dir, or hub id")
-    p.add_argument("--prompts", nargs="+", default=["diverse"],
+def _add_run_options(p: argparse.ArgumentParser, table: dict) -> None:
+    p.add_argument("--model", default=table["default_model"], help="embedded name, local checkpoint dir, or hub id")
+    p.add_argument("--prompts", action=Values, default=["diverse"], metavar="PROMPTS",
                    help="built-in set name, .txt/.jsonl file, or directory of .txt; several: the first is the report's, "
                    "and the verdict table shows whether the others agree")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
+    p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
+                   help="the checkpoint's weights or a random initialisation of its architecture")
     p.add_argument(
         "--control", choices=("random", "none"), default="random",
         help="also measure the same architecture with random weights, side by side",
@@ -260,31 +299,34 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", default=None, metavar="MODEL",
                    help="measure a second (pretrained) model instead of the control and put it beside the first everywhere")
     p.add_argument("--json-only", action="store_true", help="write the JSON files only, no HTML")
-    p.add_argument("--static", nargs="*", default=[], metavar="FORMAT",
+    p.add_argument("--static", action=Values, empty=True, default=[], metavar="FORMAT",
                    help="also export every figure as png and/or svg into OUT/figures (needs kaleido and a Chromium)")
     p.add_argument("--static-scale", type=float, default=STATIC_SCALE, metavar="SCALE",
                    help="device pixels per layout pixel of a --static png, each figure at its own layout size "
                    "(2: 192 DPI when printed at that size)")
-    _add_measure_options(p)
+    _add_measure_options(p, table)
 
 
-def _add_measure_options(p: argparse.ArgumentParser) -> None:
+def _add_measure_options(p: argparse.ArgumentParser, table: dict) -> None:
     """How each model is measured and judged: the options ``report`` and ``study`` share."""
     p.add_argument("--seed", type=int, default=0, help="seed of the nulls and of the verdicts' bootstrap")
-    p.add_argument("--control-seeds", nargs="+", type=int, default=list(CONTROL_SEEDS), metavar="SEED",
+    p.add_argument("--control-seeds", action=Values, type=int, default=list(CONTROL_SEEDS), metavar="SEED",
                    help="one untrained control per seed (random weights); the first is drawn in the figures")
     p.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP, metavar="N",
                    help="bootstrap resamples of the prompts behind each verdict's robustness (0: none)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--exclude", nargs="*", default=["first"], choices=EXCLUDE_RULES,
-        help="positions left out of aggregates (none: pass --exclude with no value)",
-    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (peak memory grows with it)")
+    _add_exclude(p, table)
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--serial", action="store_true",
                    help="measure the reference and the model one after the other, not side by side (half the peak memory)")
     _add_threads_option(p)
+
+
+def _add_exclude(p: argparse.ArgumentParser, table: dict) -> None:
+    p.add_argument("--exclude", action=Values, empty=True, default=["first"], choices=table["exclude_rules"],
+                   metavar="RULE", help=f"positions left out of aggregates, of {', '.join(table['exclude_rules'])} "
+                   "(none: keep every position)")
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
@@ -559,7 +601,7 @@ def supported_analyses(model) -> dict[str, str]:
 
 
 def _corpus(args) -> int:
-    from lensdyn.app.corpus import check_sketch, parse_shard, parse_states, shard_lock, world_size
+    from lensdyn.app.corpus import check_sketch, check_states, parse_shard, shard_lock, world_size
 
     shard = parse_shard(args.shard)
     args.distributed = args.distributed or world_size() > 1
@@ -569,7 +611,7 @@ def _corpus(args) -> int:
         shard = (int(os.environ.get("RANK", "0")), world_size())
         if args.device == "cuda":  # one GPU per rank, the one torchrun numbers LOCAL_RANK
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    args.covariance_states = None if args.covariance_states is None else parse_states(args.covariance_states)
+    args.covariance_states = None if args.covariance_states is None else check_states(args.covariance_states)
     check_sketch(args.covariance_sketch)
     _check_options(args)
     prompts = _prompts(args.prompts)  # a bad corpus fails before the model loads
@@ -582,7 +624,7 @@ def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
     import torch
 
     from lensdyn.analyses import metastability
-    from lensdyn.app.corpus import run_corpus, usable_subsample
+    from lensdyn.app.corpus import record_path, run_corpus, usable_subsample
     from lensdyn.models import DEFAULT_MODEL, load_model
 
     model = load_model(args.model or DEFAULT_MODEL, weights=args.weights, seed=args.seed,
@@ -597,7 +639,7 @@ def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
                                resume=not args.restart, skip_short=args.skip_short,
                                covariance_states=args.covariance_states, covariance_sketch=args.covariance_sketch,
                                distributed=args.distributed)
-    print(f"shard {shard[0]}/{shard[1]}: {record['prompts_done']} prompts, {record['n_tokens']} tokens -> {args.out}")
+    _say(args, f"shard {shard[0]}/{shard[1]}: {record['prompts_done']} prompts, {record['n_tokens']} tokens -> {args.out}")
     if record["skipped"]:
         print(f"lensdyn: left out {len(record['skipped'])} prompt(s) with fewer than 2 tokens after excluding "
               f"{list(exclude)} (--skip-short): {record['skipped'][:10]}", file=sys.stderr)
@@ -607,11 +649,12 @@ def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
     if sample is not None:
         result = metastability.measure(model, sample, control=None, repeated=False, exclude=exclude,
                                        truncate=args.truncate, batch_size=args.batch_size, progress=True)
-        print(f"wrote {result.to_json(args.out / SUBSAMPLE_FILE)} ({sample.name})")
+        _say(args, f"wrote {result.to_json(args.out / SUBSAMPLE_FILE)} ({sample.name})")
     if shard[1] == 1 or (args.distributed and shard[0] == 0):  # rank 0 holds the reduced accumulators
-        _write_corpus(stats, record, args.out)
+        _write_corpus(stats, record, args.out, args)
     elif not args.distributed:
-        print(f"when every shard is done: lensdyn merge {args.out}/shard-*-of-{shard[1]}.json --out {args.out}")
+        _wrote(args, [], main=record_path(args.out, shard))
+        _say(args, f"when every shard is done: lensdyn merge {args.out}/shard-*-of-{shard[1]}.json --out {args.out}")
     return 0
 
 
@@ -619,19 +662,19 @@ def _merge(args) -> int:
     from lensdyn.app.corpus import merge_shards
 
     _check_out(args.out)
-    _write_corpus(*merge_shards(args.records), args.out)
+    _write_corpus(*merge_shards(args.records), args.out, args)
     return 0
 
 
 SUBSAMPLE_FILE = "metastability_subsample.json"
 
 
-def _write_corpus(stats, record, out: Path) -> None:
+def _write_corpus(stats, record, out: Path, args) -> None:
     from lensdyn.app.corpus import corpus_result
     from lensdyn.app.report import Section, write_html
 
     result = corpus_result(stats, record)
-    print(result.summary())
+    _say(args, result.summary())
     sections = [Section("Streamed statistics", result.figure(), result.summary())]
     if (out / SUBSAMPLE_FILE).exists():
         try:
@@ -640,22 +683,21 @@ def _write_corpus(stats, record, out: Path) -> None:
             raise ArgumentError(f"{out / SUBSAMPLE_FILE} is damaged ({type(err).__name__}): delete it, or run shard 0 "
                                 "again with --restart to write it again") from None
         sections.append(Section(f"Metastability on {sample.provenance.prompt_set}", sample.figure(), sample.summary()))
-    for path in (result.to_json(out / "corpus.json"),
-                 write_html(out / "corpus.html", title=f"lensdyn: corpus statistics of {record['model']}",
-                            subtitle=f"prompts {record['prompt_set']!r} ({record['n_prompts']}), {record['n_tokens']} tokens",
-                            sections=sections)):
-        print(f"wrote {path}")
+    written = [result.to_json(out / "corpus.json"),
+               write_html(out / "corpus.html", title=f"lensdyn: corpus statistics of {record['model']}",
+                          subtitle=f"prompts {record['prompt_set']!r} ({record['n_prompts']}), {record['n_tokens']} tokens",
+                          sections=sections)]
+    _wrote(args, written, main=written[-1])
 
 
 def _report(args) -> int:
     import json
 
-    from tqdm.auto import tqdm
-
     from lensdyn.app import run
     from lensdyn.app.report import analysis_section, export_figures, write_html
     from lensdyn.app.study import split_causal
-    from lensdyn.models import load_model
+    from lensdyn.models import load_model, model_info, weights_note
+    from lensdyn.progress import Progress
     from lensdyn.verdicts import verdict_table
 
     names = _analysis_names(args.analyses)
@@ -669,30 +711,32 @@ def _report(args) -> int:
     runs = run.reference_runs(args.model, args.weights, control=args.control, compare=args.compare,
                               control_seeds=tuple(dict.fromkeys(args.control_seeds)))
     timings: dict[str, dict[str, float]] = {r.role: {} for r in runs}
-    models = {}
+    models, sources = {}, {}
+    note = weights_note(args.model, args.weights)
     # A default analysis that needs a causal LM is left out for an encoder, with its reason; one asked for by name is an error.
-    by_default = args.analyses == ",".join(a.name for a in registry.analyses() if not a.opt_in)
+    by_default = names == [a.name for a in registry.analyses() if not a.opt_in]
     skipped: dict[str, str] = {}
     started = time.perf_counter()
     for r in runs:  # one after the other: random weights are drawn from the global RNG
         began = time.perf_counter()
         models[r.role] = load_model(r.model, weights=r.weights, seed=r.seed, device=args.device)
         timings[r.role]["load_s"] = round(time.perf_counter() - began, 3)
+        sources[r.role] = model_info(models[r.role]).weights_source
         if by_default:
             chosen, left_out = split_causal(chosen, models[r.role])
             skipped.update(left_out)
         for prompts in prompt_sets:
             _check_for_model(models[r.role], prompts, args, chosen)
     for name, why in skipped.items():
-        print(f"{name}: {why}", file=sys.stderr)
+        _say(args, f"{name}: {why}", file=sys.stderr)
     names = [analysis.name for analysis, _ in chosen]
     loaded = time.perf_counter()
     truncation: dict[str, str | None] = {}
-    bar = tqdm(total=len(prompt_sets) * len(runs) * (1 + len(chosen)), desc="report", unit="step", disable=None)
+    costs = _step_costs(chosen)
+    bar = Progress(len(prompt_sets) * len(runs) * sum(costs.values()), "report", unit="captures")
 
     def step(role: str, analysis: str) -> None:
-        bar.set_postfix_str(f"{role} {analysis}")
-        bar.update(1)
+        bar.update(costs.get(analysis, 1.0), f"{role} {analysis}")
 
     measured = {prompts.name: run.measure_prompt_set(
         runs, models, prompts, chosen, exclude=tuple(args.exclude), batch_size=args.batch_size, truncate=args.truncate,
@@ -708,7 +752,7 @@ def _report(args) -> int:
     judged = time.perf_counter()
     primary = measured[prompt_sets[0].name]
     verdicts = verdicts_by_set[prompt_sets[0].name]
-    print(f"loaded in {loaded - started:.1f} s, measured in {done - loaded:.1f} s"
+    _say(args, f"loaded in {loaded - started:.1f} s, measured in {done - loaded:.1f} s"
           + (" (two runs side by side)" if len(runs) > 1 and not args.serial else "")
           + f", verdicts and their bootstrap in {judged - done:.1f} s", file=sys.stderr)
     for line in dict.fromkeys(line for line in truncation.values() if line):  # the control cuts what its model cuts
@@ -729,9 +773,9 @@ def _report(args) -> int:
             files[f"{name}_reference"] = written[-1].name
         result.to_csv(args.out / "csv" / f"{name}.csv", reference=apart)
         written.append(args.out / "csv" / f"{name}.csv")
-        print(result.summary(), end="\n\n")
+        _say(args, result.summary(), end="\n\n")
     if verdicts:
-        print(verdict_table(verdicts, reference_label), end="\n\n")
+        _say(args, verdict_table(verdicts, reference_label), end="\n\n")
     others = {k: v for k, v in verdicts_by_set.items() if k != prompt_sets[0].name}
     if not args.json_only:
         sections = [analysis_section(registry.get(name), model=primary.results[name],
@@ -742,8 +786,8 @@ def _report(args) -> int:
         written.append(write_html(
             args.out / page,
             title=f"lensdyn: {', '.join(names)} of {args.model}",
-            subtitle=f"prompts {sets}, excluded positions {args.exclude}, raw weights; "
-            f"reference: {reference_label} (grey)",
+            subtitle=f"prompts {sets}, excluded positions {args.exclude}; weights: {sources['model']} (raw: no fold_ln, "
+            f"no centering){'; ' + note if note else ''}; reference: {reference_label} (grey)",
             sections=sections, verdicts=verdicts, reference_label=reference_label, other_sets=others,
         ))
         figures = {name: section.figure for name, section in zip(names, sections)}
@@ -752,7 +796,7 @@ def _report(args) -> int:
     timings["wall"] = {"load_s": round(loaded - started, 3), "measure_s": round(done - loaded, 3),
                        "verdicts_s": round(judged - done, 3), "write_s": round(time.perf_counter() - judged, 3)}
     index = {
-        "model": args.model, "weights": args.weights, "reference": reference_label,
+        "model": args.model, "weights": args.weights, "weights_source": sources, "reference": reference_label,
         "prompts": prompt_sets[0].name, "n_prompts": len(prompt_sets[0]), "excluded_positions": list(args.exclude),
         "analyses": names, "files": files,
         "seeds": {"nulls_and_bootstrap": args.seed,
@@ -766,14 +810,32 @@ def _report(args) -> int:
     report_json = args.out / ("report.json" if len(names) > 1 else f"{names[0]}_report.json")
     report_json.write_text(json.dumps(index, indent=1, allow_nan=False), encoding="utf-8")
     written.append(report_json)
-    for path in written:
-        print(f"wrote {path}")
+    _wrote(args, written, main=written[-1] if args.json_only else args.out / page)
     return 0
 
 
-def _analysis_names(spec: str) -> list[str]:
-    """The --analyses list, each a registered analysis."""
-    names = [a.strip() for a in spec.split(",") if a.strip()]
+def _step_costs(chosen) -> dict[str, float]:
+    """Each step of a run (its capture, then each chosen analysis) -> its cost in captures (``Analysis.cost``)."""
+    return {"capture": 1.0} | {analysis.name: analysis.cost for analysis, _ in chosen}
+
+
+def _say(args, *text, **kwargs) -> None:
+    """``print``, unless --quiet."""
+    if not args.quiet:
+        print(*text, **kwargs)
+
+
+def _wrote(args, paths, main: Path) -> None:
+    """Every file written; with --quiet only ``main``, the one a caller opens."""
+    if args.quiet:
+        print(main, file=args.stdout)
+    for path in [] if args.quiet else paths:
+        print(f"wrote {path}")
+
+
+def _analysis_names(values: list[str]) -> list[str]:
+    """The --analyses list, each a registered analysis (the old comma-separated form too)."""
+    names = parsing.split_commas(values)
     known = [a.name for a in registry.analyses()]
     unknown = sorted(set(names) - set(known))
     if unknown or not names:
@@ -798,25 +860,26 @@ def _study(args) -> int:
         exclude=tuple(args.exclude), batch_size=args.batch_size, truncate=args.truncate, seed=args.seed,
         control=args.control, control_seeds=tuple(dict.fromkeys(args.control_seeds)), n_bootstrap=args.bootstrap,
         device=args.device, side_by_side=not args.serial, temperature=not args.no_temperature)
-    from tqdm.auto import tqdm
+    from lensdyn.progress import Progress
 
     columns = []
     for name in dict.fromkeys(args.models):
         began = time.perf_counter()
         n_runs = len(options.control_seeds) + 1 if args.control == "random" else 1
-        with tqdm(total=n_runs * (1 + len(chosen)), desc=name, unit="step", disable=None) as bar:
+        costs = _step_costs(chosen)
+        with Progress(n_runs * sum(costs.values()), name, unit="captures") as bar:
             columns.append(study.measure_model(
                 name, prompts, chosen, options,
                 check=lambda model, runnable, name=name: _check_for_model(
                     model, prompts, argparse.Namespace(**vars(args), model=name), runnable),
-                on_step=lambda role, step, bar=bar: (bar.set_postfix_str(f"{role} {step}"), bar.update(1))))
-        print(f"{name}: measured in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+                on_step=lambda role, step, bar=bar: bar.update(costs.get(step, 1.0), f"{role} {step}")))
+        _say(args, f"{name}: measured in {time.perf_counter() - began:.1f} s", file=sys.stderr)
     models = [c.model for c in columns]
     rows = study.verdict_matrix(columns, names)
     cross = study.cross_model_verdicts(columns)
-    print(study.matrix_text(rows, models), end="\n\n")
+    _say(args, study.matrix_text(rows, models), end="\n\n")
     for v in cross:
-        print(f"{v.claim}: {v.verdict}: {v.measured}")
+        _say(args, f"{v.claim}: {v.verdict}: {v.measured}")
     args.out.mkdir(parents=True, exist_ok=True)
     index = study.study_index(columns, names, rows, cross, prompts=prompts.name, n_prompts=len(prompts),
                               excluded_positions=list(args.exclude), bootstrap_resamples=args.bootstrap,
@@ -834,8 +897,7 @@ def _study(args) -> int:
             subtitle=f"prompts {prompts.name!r} ({len(prompts)}), excluded positions {args.exclude}, raw weights",
             sections=sections,
             tables=[("Across models", verdict_html(cross, "reference")), ("Claims x models", matrix_html(rows, models))]))
-    for path in written:
-        print(f"wrote {path}")
+    _wrote(args, written, main=written[-1])
     return 0
 
 

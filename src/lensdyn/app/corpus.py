@@ -47,7 +47,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 try:
     import fcntl
@@ -56,6 +55,7 @@ except ImportError:  # not POSIX (Windows): shards go unlocked
 
 from lensdyn.corpus_result import CorpusResult
 from lensdyn.errors import ArgumentError, PromptError
+from lensdyn.progress import Progress
 from lensdyn.prompts import PromptSet, resolve_prompts
 from lensdyn.results import Conventions, Provenance
 from lensdyn.streaming import (
@@ -95,19 +95,6 @@ def new_stats(covariance_states: Sequence[int] | None = None, covariance_sketch:
         "histogram": (HistogramStats(), "resid"),
         "energy": (EnergyStats(), "resid"),
     })
-
-
-def parse_states(text: str) -> list[int]:
-    """``"0,8,16"`` -> ``[0, 8, 16]``: unique and increasing (the range is checked once the model's depth is known).
-
-    >>> parse_states("0, 8,16")
-    [0, 8, 16]
-    """
-    try:
-        states = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ArgumentError(f"--covariance-states takes comma-separated state numbers (e.g. 0,8,16), not {text!r}") from None
-    return check_states(states)
 
 
 def check_states(states: Sequence[int], n_states: int | None = None) -> list[int]:
@@ -434,8 +421,8 @@ def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_siz
         raise short_prompt_error(prompt_set, short, exclude)
     whitener = model_causal_metric(model, name=CAUSAL_METRIC).whitener
     texts = [prompt_set.texts[i] for i in mine]
-    with tqdm(total=len(mine), initial=record["prompts_done"], unit="prompt", desc=f"corpus shard {shard[0]}/{shard[1]}",
-              disable=not progress) as bar:
+    with Progress(len(mine), f"corpus shard {shard[0]}/{shard[1]}", unit="prompt", initial=record["prompts_done"],
+                  enabled=progress) as bar:
         for start in range(record["prompts_done"], len(mine), chunk):
             cap = capture(model, texts[start: start + chunk], streams=STREAMS, exclude=exclude, truncate=truncate,
                           batch_size=batch_size)

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lensdyn.errors import (
     ArgumentError,
@@ -61,6 +60,7 @@ from lensdyn.errors import (
 from lensdyn.layouts import BlockLayout
 from lensdyn.models import ModelInfo, block_layout, model_info
 from lensdyn.ops import massive_mask
+from lensdyn.progress import track
 from lensdyn.hooks.selftest import ensure_self_tested
 from lensdyn.prompts import PromptSet, resolve_prompts
 
@@ -349,7 +349,7 @@ def capture(
     device = next(model.parameters()).device
     batches = _length_batches([len(t) for t in token_lists], batch_size)
     with torch.inference_mode():
-        for rows in tqdm(batches, desc="capture", unit="batch", disable=not progress):
+        for rows in track(batches, "capture", unit="batch", enabled=progress):
             length = max(len(token_lists[i]) for i in rows)
             row_index = torch.tensor(rows, dtype=torch.long)
             batch_tokens = tokens[row_index, :length].to(device)
