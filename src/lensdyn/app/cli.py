@@ -204,7 +204,7 @@ def _parser(table: dict | None = None) -> argparse.ArgumentParser:
                         "token at once (0: none)")
     corpus.add_argument("--skip-short", action="store_true",
                         help="leave out prompts with fewer than 2 tokens after --exclude (recorded) instead of failing")
-    corpus.add_argument("--covariance-states", type=int, nargs="+", default=None, metavar="L",
+    corpus.add_argument("--covariance-states", action=Values, type=int, default=None, metavar="L",
                         help="the states whose residual covariance is accumulated, e.g. 0 8 16 (default: every state)")
     corpus.add_argument("--covariance-sketch", type=int, default=None, metavar="ELL",
                         help="a Frequent Directions sketch of ELL rows per state instead of the exact covariance "
