@@ -53,9 +53,10 @@ def test_energy_violations_are_found_with_the_pairs_that_drive_them():
 def test_effective_rank_of_isotropic_and_rank_k_clouds():
     g = torch.Generator().manual_seed(0)
     iso = ms.sphere(torch.randn(4000, 8, generator=g, dtype=torch.float64))
-    assert ms.effective_rank(iso @ iso.T) == pytest.approx(8.0, rel=0.02)
+    assert ms.effective_rank(iso.T @ iso) == pytest.approx(8.0, rel=0.02)  # the d x d Gram: 8 x 8, not 4000 x 4000
     low = ms.sphere(torch.randn(500, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 8, generator=g, dtype=torch.float64))
     assert ms.effective_rank(low @ low.T) <= 3.0 + 1e-9
+    assert ms.effective_rank(low.T @ low) == pytest.approx(ms.effective_rank(low @ low.T), rel=1e-12)  # one spectrum
 
 
 def test_cka_is_one_for_a_copy_and_a_rotated_copy_and_less_for_another_cloud():
