@@ -89,7 +89,8 @@ def main() -> None:
                 except subprocess.CalledProcessError as error:
                     sys.exit(f"{analysis} on {n_tokens} tokens failed:\n{error.stderr[-2000:]}")
             if row is None:
-                print(f"{analysis:<14} {n_tokens:>6} {'-':>8} {'-':>8}  not run: past the {args.budget:g} s budget")
+                why = "stopped at" if left > 5 else "not run: past"
+                print(f"{analysis:<14} {n_tokens:>6} {'-':>8} {'-':>8}  {why} the {args.budget:g} s budget")
             else:
                 print(f"{analysis:<14} {n_tokens:>6} {row['seconds']:>8.1f} {row['peak_gb']:>8.2f}  {row['note']}",
                       flush=True)
