@@ -3,15 +3,18 @@ import argparse
 import time
 
 
-def benchmark_options(doc: str, repeats: int) -> argparse.Namespace:
+def benchmark_options(doc: str, repeats: int, more=None) -> argparse.Namespace:
     """The options every benchmark takes (``--repeats``, defaulting to ``repeats``), parsed; torch's threads set
-    from ``lensdyn.app.cli.thread_count`` (OMP_NUM_THREADS, else the CPUs this process was given)."""
+    from ``lensdyn.app.cli.thread_count`` (OMP_NUM_THREADS, else the CPUs this process was given).
+    ``more(parser)`` adds a benchmark's own options."""
     import torch
 
     from lensdyn.app.cli import thread_count
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=repeats)
+    if more is not None:
+        more(parser)
     args = parser.parse_args()
     torch.set_num_threads(thread_count())
     return args

@@ -53,9 +53,10 @@ def test_energy_violations_are_found_with_the_pairs_that_drive_them():
 def test_effective_rank_of_isotropic_and_rank_k_clouds():
     g = torch.Generator().manual_seed(0)
     iso = ms.sphere(torch.randn(4000, 8, generator=g, dtype=torch.float64))
-    assert ms.effective_rank(iso @ iso.T) == pytest.approx(8.0, rel=0.02)
+    assert ms.effective_rank(iso.T @ iso) == pytest.approx(8.0, rel=0.02)  # the d x d Gram: 8 x 8, not 4000 x 4000
     low = ms.sphere(torch.randn(500, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 8, generator=g, dtype=torch.float64))
     assert ms.effective_rank(low @ low.T) <= 3.0 + 1e-9
+    assert ms.effective_rank(low.T @ low) == pytest.approx(ms.effective_rank(low @ low.T), rel=1e-12)  # one spectrum
 
 
 def test_cka_is_one_for_a_copy_and_a_rotated_copy_and_less_for_another_cloud():
@@ -238,3 +239,81 @@ def test_smollm2_repeated_tokens_are_one_point_at_every_state_and_their_counts_i
                                                            dtype=torch.float64)
         counts = [ms.clusters(g)[0] for g in ms.cloud_grams(jittered)]
         np.testing.assert_array_equal(counts, metrics.n_clusters)
+
+
+def all_grams_reference(states, betas, max_cluster_tokens=None):
+    """The metrics as measured before the state-by-state loop: every state's Gram at once, the n x n eigenvalues,
+    the energy-drop pairs through triu_indices."""
+    grams = ms.cloud_grams(states)
+    energy = np.array([[ms.interaction_energy(g, b) for g in grams] for b in betas])
+    violations = []
+    for bi, beta in enumerate(betas):
+        for l in range(len(grams) - 1):
+            i, j = torch.triu_indices(len(grams[l]), len(grams[l]), offset=1)
+            change = torch.exp(beta * grams[l + 1][i, j]) - torch.exp(beta * grams[l][i, j])
+            order = torch.topk(change, min(5, change.numel()), largest=False).indices
+            violations.append((l, (energy[bi, l] - energy[bi, l + 1]) / energy[bi, l],
+                               [(int(i[o]), int(j[o]), float(change[o])) for o in order]))
+    return dict(
+        grams=grams, energy=energy, violations=violations,
+        histogram=np.stack([ms.inner_product_histogram(g) for g in grams]),
+        mass=np.array([ms.mass_near_one(g) for g in grams]),
+        rank=np.array([ms.effective_rank(g) for g in grams]),
+        clusters=[ms.clusters(g)[:2] for g in grams],
+        cka=np.array([ms.linear_cka(a, b) for a, b in zip(grams[:-1], grams[1:])]),
+        nn=np.array([ms.nearest_neighbour_stability(a, b) for a, b in zip(grams[:-1], grams[1:])]),
+    )
+
+
+def drifting_clusters(n_states=4, d=8, seed=0):
+    """Planted clusters on the sphere drifting apart state by state: 60 tokens in 8 dimensions (n > d)."""
+    g = torch.Generator().manual_seed(seed)
+    x = planted_clusters(k=3, per_cluster=20, d=d, spread=0.1, seed=seed)
+    return torch.stack([x + 0.3 * t * torch.randn(x.shape, generator=g, dtype=torch.float64) for t in range(n_states)])
+
+
+@pytest.mark.parametrize("d", [8, 96])  # n = 60 > d: the d x d Gram's eigenvalues; n <= d: the n x n Gram's
+def test_state_by_state_metrics_equal_the_all_grams_reference(d):
+    states = drifting_clusters(d=d)
+    betas = (0.5, 2.0)
+    ref = all_grams_reference(states, betas)
+    got = ms.cloud_metrics(states, betas, rtol=-np.inf)  # every block a "violation": every block's pairs compared
+    np.testing.assert_array_equal(got.histogram, ref["histogram"])
+    np.testing.assert_array_equal(got.mass_near_one, ref["mass"])
+    np.testing.assert_array_equal(got.energy, ref["energy"])
+    np.testing.assert_allclose(got.effective_rank, ref["rank"], rtol=1e-12)  # one spectrum, two eigensolvers
+    assert [(int(c), float(f)) for c, f in zip(got.n_clusters, got.noise_fraction)] == ref["clusters"]
+    assert got.clustered_tokens == 60 and got.n_clusters[0] == 3
+    np.testing.assert_array_equal(got.cka, ref["cka"])
+    np.testing.assert_array_equal(got.nn_stability, ref["nn"])
+    assert len(got.energy_violations) == len(betas) * (len(states) - 1)
+    for v, (block, drop, pairs) in zip(got.energy_violations, ref["violations"]):
+        assert (v.block, v.relative_drop) == (block, drop)
+        assert [(i, j) for i, j, _ in v.pairs] == [(i, j) for i, j, _ in pairs]
+        np.testing.assert_array_equal([c for _, _, c in v.pairs], [c for _, _, c in pairs])
+
+
+def test_a_cloud_past_max_cluster_tokens_is_clustered_on_one_seeded_subsample_and_nothing_else_changes():
+    states = drifting_clusters()
+    full = ms.cloud_metrics(states)
+    sub = ms.cloud_metrics(states, max_cluster_tokens=30)
+    sample = ms.cluster_subsample(60, 30)
+    assert ms.cluster_subsample(60, 60) is None and len(sample) == len(set(sample.tolist())) == 30
+    np.testing.assert_array_equal(sample, ms.cluster_subsample(60, 30))  # seeded: the same tokens every time
+    assert sub.clustered_tokens == 30 and full.clustered_tokens == 60
+    expected = [ms.clusters(g[sample][:, sample])[:2] for g in ms.cloud_grams(states)]
+    assert [(int(c), float(f)) for c, f in zip(sub.n_clusters, sub.noise_fraction)] == expected
+    assert sub.n_clusters[0] == 3  # ~10 tokens of each planted cluster are still three clusters
+    for name in ("histogram", "mass_near_one", "effective_rank", "energy", "cka", "nn_stability", "tied_fraction"):
+        np.testing.assert_array_equal(getattr(sub, name), getattr(full, name))
+    with pytest.raises(ArgumentError, match="at least 2"):
+        ms.cluster_subsample(60, 1)
+
+
+def test_the_result_states_the_cluster_subsample_rule(tiny_model):
+    cap = ld.capture(tiny_model, torch.randint(0, 50, (1, 16)), streams=("resid",))
+    result = ms.measure(cap, model=tiny_model, control=None, repeated=False)
+    assert f"more than {ms.MAX_CLUSTER_TOKENS} tokens" in result.conventions.clustering
+    assert "default_rng(0)" in result.conventions.clustering
+    assert result.prompts[0].clustered_tokens == int(cap.mask[0].sum())
+    assert ms.MetastabilityResult.from_dict(result.to_dict()).prompts[0].clustered_tokens == result.prompts[0].clustered_tokens

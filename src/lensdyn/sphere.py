@@ -5,7 +5,8 @@ streaming accumulators ``lensdyn.streaming.HistogramStats`` / ``EnergyStats`` (o
 both call these functions, so a streamed statistic bins and weighs every pair exactly as the
 analysis does. All in float64:
 
-- ``sphere``: ``x_i = h_i / ||h_i||``; ``cloud_grams``: per state the Gram matrix ``<x_i, x_j>``.
+- ``sphere``: ``x_i = h_i / ||h_i||``; ``state_gram``: one state's Gram matrix ``<x_i, x_j>``, and
+  ``cloud_grams`` every state's (``n^2`` float64 each: a long prompt's analysis takes one state at a time).
 - ``inner_product_histogram``: fractions of pairs ``i < j`` with ``<x_i, x_j>`` in each bin of
   ``BINS`` (40 equal bins on [-1, 1]).
 - ``interaction_energy``: ``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``, for the
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
@@ -47,15 +48,34 @@ def sphere(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
     return torch.nn.functional.normalize(x.to(torch.float64), dim=-1)
 
 
+def state_gram(tokens: Float[Tensor, "n d_model"]) -> Float[Tensor, "n n"]:
+    """The Gram matrix ``<x_i, x_j>`` of one state's sphere-projected tokens ``x_i = h_i / ||h_i||``.
+
+    >>> state_gram(torch.tensor([[2., 0.], [0., 3.]])).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    # One expression for every Gram: the analysis (state by state) and the accumulators (cloud_grams) form
+    # bitwise-equal Grams, so every pair lands in the same histogram bin in both.
+    x = sphere(tokens)
+    return x @ x.T
+
+
 def cloud_grams(cloud: Float[Tensor, "state n d_model"]) -> list[Float[Tensor, "n n"]]:
-    """Per state, the Gram matrix ``<x_i, x_j>`` of the sphere-projected cloud.
+    """Per state, ``state_gram`` of the cloud.
 
     >>> [g.tolist() for g in cloud_grams(torch.tensor([[[2., 0.], [0., 3.]]]))]
     [[[1.0, 0.0], [0.0, 1.0]]]
     """
-    # One matmul per state: the analysis and the accumulators form bitwise-equal Grams through this one
-    # expression, so every pair lands in the same histogram bin in both.
-    return [x @ x.T for x in sphere(cloud)]
+    return [state_gram(tokens) for tokens in cloud]
+
+
+def upper_pairs(n: int) -> Bool[Tensor, "n n"]:
+    """``[n, n]`` bool, True where ``i < j``: each pair once (1 byte a pair where index pairs take 16).
+
+    >>> upper_pairs(3).int().tolist()
+    [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
+    """
+    return torch.ones(n, n, dtype=torch.bool).triu(diagonal=1)
 
 
 def pair_values(gram: Float[Tensor, "n n"]) -> Float[Tensor, " pair"]:
@@ -64,8 +84,7 @@ def pair_values(gram: Float[Tensor, "n n"]) -> Float[Tensor, " pair"]:
     >>> pair_values(torch.tensor([[1., .5, .2], [.5, 1., .3], [.2, .3, 1.]]))
     tensor([0.5000, 0.2000, 0.3000])
     """
-    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1)
-    return gram[i, j]
+    return gram[upper_pairs(gram.shape[0])]
 
 
 def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS) -> Float[np.ndarray, " bin"]:

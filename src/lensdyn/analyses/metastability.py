@@ -11,6 +11,10 @@ capture's included tokens of that prompt:
   (40 equal bins on [-1, 1]); ``mass_near_one``: fraction of pairs above ``threshold`` (0.9).
 - ``effective_rank``: ``exp(H(p))``, ``p_k = s_k^2 / sum s^2`` from the singular values of the
   token matrix (uncentred): ``d`` for an isotropic cloud with many tokens, at most ``k`` for rank k.
+- long prompts: the metrics take one state at a time (its ``n x n`` Gram and the previous state's);
+  HDBSCAN clusters at most ``MAX_CLUSTER_TOKENS`` (2,048) tokens of a prompt, a seeded subsample of a
+  longer one (``cluster_subsample``), recorded in ``Conventions.clustering`` and
+  ``CloudMetrics.clustered_tokens``; every other metric reads every token.
 - ``clusters``: HDBSCAN on the precomputed cosine distances ``1 - <x_i, x_j>`` (float64): number
   of clusters and fraction of tokens left as noise. The library is the ``hdbscan`` package
   (scikit-learn-contrib), called with ``hdbscan_settings(min_cluster_size)``: ``min_cluster_size``
@@ -73,15 +77,19 @@ from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.resampling import prompt_counts
 from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.sphere import (BETAS, TIE_TOLERANCE, cloud_grams, inner_product_histogram, interaction_energy, pair_values,
-                            tie_representatives, tied_fraction)
-from lensdyn.sphere import BINS, sphere  # noqa: F401 - still metastability.BINS and .sphere, as before they moved
+from lensdyn.sphere import (BETAS, TIE_TOLERANCE, inner_product_histogram, interaction_energy, pair_values, sphere,
+                            state_gram, tie_representatives, tied_fraction, upper_pairs)
+from lensdyn.sphere import BINS, cloud_grams  # noqa: F401 - still metastability.BINS and .cloud_grams, as before they moved
 from lensdyn.verdicts import Claim, finite, judge
 
 STREAMS = ("resid",)
 MASS_THRESHOLD = 0.9
 CKA_PLATEAU = 0.95
 MIN_CLUSTER_SIZE = 5
+# HDBSCAN's precomputed distances and its time grow as n^2: past this many tokens a prompt's clusters are
+# those of a seeded subsample (cluster_subsample). Measured on 2 busy cores: 0.2-0.6 s a state at 2,048 tokens, 1.5 s at 4,096.
+MAX_CLUSTER_TOKENS = 2048
+CLUSTER_SEED = 0
 
 
 # --- pure functions of one token cloud ----------------------------------------------------
@@ -98,8 +106,11 @@ def mass_near_one(gram: Float[Tensor, "n n"], threshold: float = MASS_THRESHOLD)
     return float((pair_values(gram) > threshold).to(torch.float64).mean())
 
 
-def effective_rank(gram: Float[Tensor, "n n"]) -> float:
+def effective_rank(gram: Float[Tensor, "m m"]) -> float:
     """``exp(-sum p log p)`` with ``p`` the normalised eigenvalues of the Gram matrix (= squared singular values).
+
+    ``gram`` is the tokens' ``X X^T`` (``n x n``) or the features' ``X^T X`` (``d x d``): both hold the squared
+    singular values of ``X``, so the smaller one gives the same rank (``cloud_metrics`` passes it).
 
     >>> round(effective_rank(torch.eye(4, dtype=torch.float64)), 6)
     4.0
@@ -134,7 +145,8 @@ def sklearn_settings(min_cluster_size: int = MIN_CLUSTER_SIZE) -> dict[str, obje
     return {**settings, "min_samples": settings["min_samples"] + 1}
 
 
-def clustering_convention(min_cluster_size: int = MIN_CLUSTER_SIZE, tie_tolerance: float = TIE_TOLERANCE) -> str:
+def clustering_convention(min_cluster_size: int = MIN_CLUSTER_SIZE, tie_tolerance: float = TIE_TOLERANCE,
+                          max_cluster_tokens: int = MAX_CLUSTER_TOKENS) -> str:
     """How ``clusters`` clusters, in words a reader can rerun with either library (``Conventions.clustering``)."""
     import importlib.metadata
 
@@ -144,7 +156,9 @@ def clustering_convention(min_cluster_size: int = MIN_CLUSTER_SIZE, tie_toleranc
             f"min_samples={settings['min_samples']}) on float64 cosine distances 1 - <x_i, x_j>; min_samples counts "
             f"neighbours without the point itself: sklearn.cluster.HDBSCAN min_samples={settings['min_samples'] + 1}; "
             f"ties: tokens within chord distance {tie_tolerance:g} (chained) take their group's lowest-index token's "
-            "distances, 0 among themselves")
+            "distances, 0 among themselves; a prompt of more than "
+            f"{max_cluster_tokens} tokens is clustered on {max_cluster_tokens} of them, drawn without replacement by "
+            f"numpy.random.default_rng({CLUSTER_SEED}), the same tokens at every state (CloudMetrics.clustered_tokens)")
 
 
 def clusters(
@@ -179,6 +193,24 @@ def clusters(
     return int(labels.max() + 1), float((labels < 0).mean()), labels.astype(np.int64)
 
 
+def nearest_neighbours(gram: Float[Tensor, "n n"]) -> Int[Tensor, " n"]:
+    """Each token's nearest neighbour by inner product, itself excluded: ``argmax_{j != i} <x_i, x_j>``.
+
+    >>> nearest_neighbours(torch.tensor([[1., .9, .1], [.9, 1., .2], [.1, .2, 1.]], dtype=torch.float64)).tolist()
+    [1, 0, 1]
+    """
+    return (gram - 3.0 * torch.eye(gram.shape[0], dtype=gram.dtype)).argmax(dim=1)
+
+
+def neighbour_stability(nearest_a: Int[Tensor, " n"], nearest_b: Int[Tensor, " n"]) -> float:
+    """Fraction of tokens with the same nearest neighbour (``nearest_neighbours``) in both clouds.
+
+    >>> neighbour_stability(torch.tensor([1, 0, 1]), torch.tensor([1, 0, 0]))
+    0.6666666666666666
+    """
+    return float((nearest_a == nearest_b).to(torch.float64).mean())
+
+
 def nearest_neighbour_stability(gram_a: Float[Tensor, "n n"], gram_b: Float[Tensor, "n n"]) -> float:
     """Fraction of tokens whose nearest neighbour (itself excluded) is the same in both clouds.
 
@@ -186,10 +218,7 @@ def nearest_neighbour_stability(gram_a: Float[Tensor, "n n"], gram_b: Float[Tens
     >>> nearest_neighbour_stability(g, g)
     1.0
     """
-    def nearest(g: Tensor) -> Tensor:
-        return (g - 3.0 * torch.eye(g.shape[0], dtype=g.dtype)).argmax(dim=1)
-
-    return float((nearest(gram_a) == nearest(gram_b)).to(torch.float64).mean())
+    return neighbour_stability(nearest_neighbours(gram_a), nearest_neighbours(gram_b))
 
 
 def _centred(gram: Tensor) -> Tensor:
@@ -230,11 +259,34 @@ def plateaus(values: Float[np.ndarray, " n"], threshold: float = CKA_PLATEAU, mi
 def energy_drop_pairs(
     gram_a: Float[Tensor, "n n"], gram_b: Float[Tensor, "n n"], beta: float, k: int = 5
 ) -> list[tuple[int, int, float]]:
-    """The ``k`` pairs ``i < j`` whose term ``exp(beta <x_i, x_j>)`` fell most from ``a`` to ``b``: ``(i, j, change)``."""
-    i, j = torch.triu_indices(gram_a.shape[0], gram_a.shape[0], offset=1)
-    change = torch.exp(beta * gram_b[i, j]) - torch.exp(beta * gram_a[i, j])
-    order = torch.topk(change, min(k, change.numel()), largest=False).indices
-    return [(int(i[o]), int(j[o]), float(change[o])) for o in order]
+    """The ``k`` pairs ``i < j`` whose term ``exp(beta <x_i, x_j>)`` fell most from ``a`` to ``b``: ``(i, j, change)``.
+
+    >>> a = torch.eye(3, dtype=torch.float64)
+    >>> b = a.clone(); b[0, 2] = b[2, 0] = -1.0
+    >>> [(i, j, round(c, 4)) for i, j, c in energy_drop_pairs(a, b, 1.0, k=1)]
+    [(0, 2, -0.6321)]
+    """
+    n = gram_a.shape[0]
+    # The n x n change with the pairs i >= j out of the running: flat index o is the pair (o // n, o % n).
+    change = (torch.exp(beta * gram_b) - torch.exp(beta * gram_a)).masked_fill_(~upper_pairs(n), torch.inf)
+    order = torch.topk(change.view(-1), min(k, n * (n - 1) // 2), largest=False).indices
+    return [(int(o) // n, int(o) % n, float(change.view(-1)[o])) for o in order]
+
+
+def cluster_subsample(n: int, max_tokens: int = MAX_CLUSTER_TOKENS, seed: int = CLUSTER_SEED) -> Int[np.ndarray, " m"] | None:
+    """The tokens HDBSCAN clusters: all of them (None) up to ``max_tokens``, else ``max_tokens`` indices drawn
+    without replacement by ``numpy.random.default_rng(seed)``, sorted: the same tokens at every state.
+
+    >>> cluster_subsample(10, 20) is None
+    True
+    >>> cluster_subsample(10, 4).tolist() == cluster_subsample(10, 4).tolist()
+    True
+    """
+    if max_tokens < 2:
+        raise ArgumentError(f"max_tokens must be at least 2 (HDBSCAN needs a pair), not {max_tokens}")
+    if n <= max_tokens:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_tokens, replace=False)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -324,6 +376,7 @@ class CloudMetrics:
     plateaus: tuple[tuple[int, int], ...]
     timescales: Timescales
     tied_fraction: Float[np.ndarray, " state"] | None = None  # None: written before ties were collapsed
+    clustered_tokens: int | None = None  # tokens HDBSCAN saw (cluster_subsample); None: written before the subsample
 
 
 def cloud_metrics(
@@ -334,35 +387,63 @@ def cloud_metrics(
     rtol: float = 1e-6,
     cka_threshold: float = CKA_PLATEAU,
     tie_tolerance: float = TIE_TOLERANCE,
+    max_cluster_tokens: int = MAX_CLUSTER_TOKENS,
 ) -> CloudMetrics:
-    """All metrics of a trajectory ``states[t]`` of ``n`` tokens, each state projected to the sphere."""
-    grams = cloud_grams(states)
-    energy = np.array([[interaction_energy(g, b) for g in grams] for b in betas])
-    ties = [tie_representatives(g, tie_tolerance) for g in grams]
-    cluster_info = [clusters(g, min_cluster_size, representatives=r)[:2] for g, r in zip(grams, ties)]
-    n_clusters = np.array([c for c, _ in cluster_info], dtype=np.int64)
-    noise = np.array([f for _, f in cluster_info])
-    cka = np.array([linear_cka(a, b) for a, b in zip(grams[:-1], grams[1:])])
-    violations = []
-    for bi, beta in enumerate(betas):
-        for l in range(len(grams) - 1):
-            drop = (energy[bi, l] - energy[bi, l + 1]) / energy[bi, l]
-            if drop > rtol:
-                pairs = tuple(energy_drop_pairs(grams[l], grams[l + 1], beta))
-                violations.append(EnergyViolation(beta=float(beta), block=l, relative_drop=float(drop), pairs=pairs))
+    """All metrics of a trajectory ``states[t]`` of ``n`` tokens, each state projected to the sphere.
+
+    State by state: one ``n x n`` Gram and the previous state's (for the block metrics: CKA, neighbour
+    stability, the pairs of an energy violation) are held at a time, ``2 n^2`` float64 whatever the depth.
+    HDBSCAN clusters ``cluster_subsample(n, max_cluster_tokens)``: every token up to that many.
+    """
+    n_states, n, d = states.shape
+    sample = cluster_subsample(n, max_cluster_tokens)
+    energy = np.zeros((len(betas), n_states))
+    histogram, mass, rank, n_clusters, noise, tied, cka, stability, violations = ([] for _ in range(9))
+    previous = previous_nearest = None
+    for t in range(n_states):
+        gram = state_gram(states[t])
+        energy[:, t] = [interaction_energy(gram, b) for b in betas]
+        ties = tie_representatives(gram, tie_tolerance)
+        tied.append(tied_fraction(ties))
+        if sample is None:
+            count, fraction, _ = clusters(gram, min_cluster_size, representatives=ties)
+        else:
+            count, fraction, _ = clusters(gram[sample][:, sample], min_cluster_size, tie_tolerance)
+        n_clusters.append(count)
+        noise.append(fraction)
+        histogram.append(inner_product_histogram(gram))
+        mass.append(mass_near_one(gram, threshold))
+        if n <= d:
+            rank.append(effective_rank(gram))
+        else:  # the d x d Gram of the features: the same spectrum, d^3 not n^3 to decompose
+            x = sphere(states[t])
+            rank.append(effective_rank(x.T @ x))
+        nearest = nearest_neighbours(gram)
+        if previous is not None:
+            cka.append(linear_cka(previous, gram))
+            stability.append(neighbour_stability(previous_nearest, nearest))
+            for bi, beta in enumerate(betas):
+                drop = (energy[bi, t - 1] - energy[bi, t]) / energy[bi, t - 1]
+                if drop > rtol:
+                    pairs = tuple(energy_drop_pairs(previous, gram, beta))
+                    violations.append((bi, EnergyViolation(beta=float(beta), block=t - 1, relative_drop=float(drop),
+                                                            pairs=pairs)))
+        previous, previous_nearest = gram, nearest
+    n_clusters, noise, cka = np.array(n_clusters, dtype=np.int64), np.array(noise), np.array(cka)
     return CloudMetrics(
-        histogram=np.stack([inner_product_histogram(g) for g in grams]),
-        mass_near_one=np.array([mass_near_one(g, threshold) for g in grams]),
-        effective_rank=np.array([effective_rank(g) for g in grams]),
+        histogram=np.stack(histogram),
+        mass_near_one=np.array(mass),
+        effective_rank=np.array(rank),
         n_clusters=n_clusters,
         noise_fraction=noise,
-        nn_stability=np.array([nearest_neighbour_stability(a, b) for a, b in zip(grams[:-1], grams[1:])]),
+        nn_stability=np.array(stability),
         cka=cka,
         energy=energy,
-        energy_violations=tuple(violations),
+        energy_violations=tuple(v for _, v in sorted(violations, key=lambda bv: (bv[0], bv[1].block))),  # by beta, block
         plateaus=tuple(plateaus(cka, cka_threshold)),
         timescales=two_timescales(n_clusters, noise),
-        tied_fraction=np.array([tied_fraction(r) for r in ties]),
+        tied_fraction=np.array(tied),
+        clustered_tokens=n if sample is None else len(sample),
     )
 
 
