@@ -32,6 +32,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
+from lensdyn.ops import to_numpy
 
 BINS = np.linspace(-1.0, 1.0, 41)
 BETAS = (0.1, 1.0, 2.0, 5.0)
@@ -74,7 +75,7 @@ def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS)
     >>> inner_product_histogram(torch.eye(3, dtype=torch.float64), np.array([-1.0, 0.5, 1.0]))
     array([1., 0.])
     """
-    values = pair_values(gram).clamp(-1.0, 1.0).numpy()
+    values = to_numpy(pair_values(gram).clamp(-1.0, 1.0))
     counts, _ = np.histogram(values, bins=bins)
     return counts / max(len(values), 1)
 
@@ -102,7 +103,7 @@ def tie_representatives(gram: Float[Tensor, "n n"], tolerance: float = TIE_TOLER
     """
     if not 0.0 <= tolerance < np.inf:
         raise ArgumentError(f"tie tolerance must be a finite chord distance >= 0, not {tolerance!r}")
-    tied = ((2.0 - 2.0 * gram) <= tolerance * tolerance).numpy()
+    tied = to_numpy((2.0 - 2.0 * gram) <= tolerance * tolerance)
     if tied.sum() <= len(tied):  # each point tied only to itself, the usual case: no graph to search
         return np.arange(len(tied), dtype=np.int64)
     _, group = connected_components(csr_matrix(tied), directed=False)

@@ -68,6 +68,7 @@ from torch import Tensor
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
+from lensdyn.ops import to_numpy
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.resampling import prompt_counts
@@ -172,8 +173,8 @@ def clusters(
         representatives = tie_representatives(gram, tie_tolerance)
     rep = torch.from_numpy(representatives)
     untied = bool((rep == torch.arange(n)).all())
-    distance = (1.0 - (gram if untied else gram[rep][:, rep])).clamp(min=0.0).numpy().astype(np.float64)
-    distance[(rep[:, None] == rep[None, :]).numpy()] = 0.0
+    distance = to_numpy((1.0 - (gram if untied else gram[rep][:, rep])).clamp(min=0.0)).astype(np.float64)
+    distance[to_numpy(rep[:, None] == rep[None, :])] = 0.0
     labels = hdbscan.HDBSCAN(**hdbscan_settings(min_cluster_size)).fit_predict(distance)
     return int(labels.max() + 1), float((labels < 0).mean()), labels.astype(np.int64)
 
@@ -186,7 +187,7 @@ def nearest_neighbour_stability(gram_a: Float[Tensor, "n n"], gram_b: Float[Tens
     1.0
     """
     def nearest(g: Tensor) -> Tensor:
-        return (g - 3.0 * torch.eye(g.shape[0], dtype=g.dtype)).argmax(dim=1)
+        return (g - 3.0 * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)).argmax(dim=1)
 
     return float((nearest(gram_a) == nearest(gram_b)).to(torch.float64).mean())
 
@@ -288,7 +289,7 @@ def fiedler(attention: Float[Tensor, "query key"]) -> float:
     """
     s = sinkhorn((attention + attention.T) / 2.0)
     laplacian = torch.eye(s.shape[0], dtype=s.dtype) - s
-    return float(sla.eigh(laplacian.numpy(), eigvals_only=True, subset_by_index=[1, 1])[0])
+    return float(sla.eigh(to_numpy(laplacian), eigvals_only=True, subset_by_index=[1, 1])[0])
 
 
 def mask_only_attention(n: int, causal: bool) -> Float[Tensor, "n n"]:
