@@ -48,6 +48,7 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError, NonFiniteActivationError
 from lensdyn.fits import hubble
+from lensdyn.ops import to_numpy as _numpy  # every batch is reduced on its own device; only the sums leave it
 from lensdyn.ops import token_norms
 from lensdyn.sphere import BETAS, BINS, cloud_grams, inner_product_histogram, interaction_energy
 
@@ -223,10 +224,6 @@ class Accumulator:
     def save(self, path: str | Path) -> Path:
         """Write this shard to ``path`` (``.npz`` or ``.json``, both exact); see the module's ``save``."""
         return save(self, path)
-
-
-def _numpy(x: Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy()
 
 
 # --- norms ----------------------------------------------------------------------------------

@@ -242,7 +242,8 @@ def prompt_means(states: Float[Tensor, "state prompt pos d_model"], mask: Bool[T
     """
     if not bool(mask.any(1).all()):
         raise ArgumentError("a contrast prompt has no included token: its mean state is undefined")
-    weights = mask.to(torch.float64) / mask.sum(1, keepdim=True)
+    weights = mask.to(states.device, torch.float64)
+    weights = weights / weights.sum(1, keepdim=True)
     return torch.einsum("lptd,pt->lpd", states.to(torch.float64), weights)
 
 
@@ -923,7 +924,8 @@ def steering_sweep(
         additions: dict[int, Tensor] = {}
         for row, (i, j, _) in enumerate(chunk):
             source, target = pairs[i]
-            added = additions.setdefault(target, torch.zeros(len(chunk), vectors.shape[-1], dtype=torch.float64))
+            added = additions.setdefault(target, torch.zeros(len(chunk), vectors.shape[-1], dtype=torch.float64,
+                                                             device=vectors.device))
             added[row] = relative[j] * norms[target] * directions[source]
         logits = steered_last_logits(model, tokens[prompt], last[prompt], additions)
         index = tuple(torch.tensor(c) for c in zip(*chunk))

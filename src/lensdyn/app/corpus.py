@@ -342,7 +342,7 @@ def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_siz
             cap = capture(model, texts[start: start + chunk], streams=STREAMS, exclude=exclude, truncate=truncate,
                           batch_size=batch_size)
             resid = cap.tokens_of("resid")
-            stats.update_from_capture(cap, extra={"resid_causal": resid @ whitener.to(resid.dtype)})
+            stats.update_from_capture(cap, extra={"resid_causal": resid @ whitener.to(resid.device, resid.dtype)})
             record["prompts_done"] = min(start + chunk, len(mine))
             record["n_tokens"] += cap.n_tokens
             record["truncated"] += [mine[start + i] for i in cap.truncated]
