@@ -6,8 +6,8 @@ read as numpy, is refused), so the capture, the default analyses and the corpus 
 device mistakes here, and for numbers equal to the plain CPU run's (the arithmetic is the CPU's).
 With a CUDA device, the same runs on the real one must agree with the CPU to float32 round-off.
 """
-import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -49,11 +49,9 @@ def small(analysis: registry.Analysis, model) -> dict:
     return keywords | {"expansion": {"n_permutations": 5}, "curvature": {"n_draws": 5, "pairs": PAIRS}}.get(analysis.name, {})
 
 
-def undated(result) -> dict:
-    """A result's plain data but its creation time."""
-    data = result.to_dict()
-    data["provenance"].pop("created")
-    return data
+def undated(result) -> str:
+    """A result's plain data but its creation times (a nested result has its own)."""
+    return re.sub(r'"created": "[^"]*"', "", json.dumps(result.to_dict(), sort_keys=True))
 
 
 # --- what runs everywhere -----------------------------------------------------------------
@@ -113,6 +111,15 @@ def test_a_capture_on_the_device_stays_there_equals_the_cpu_one_and_syncs_per_ba
     with FakeDevice():
         on_cpu = ld.capture(model, tokens, store_device="cpu")
     assert on_cpu.packed["resid"].device.type == "cpu"
+
+
+def test_a_cache_from_the_device_is_checked_against_the_models_own_pass(tiny_model):
+    tokens = torch.randint(0, tiny_model.cfg.d_vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = fake_device_model(tiny_model)
+    with FakeDevice():
+        _, cache = model.run_with_cache(on_fake_device(tokens))  # the user's tokens, on the model's device
+        cap = ld.Capture.from_activation_cache(cache, model, on_fake_device(tokens))  # check=True: capture() runs prompt 0 again
+    assert cap.packed["resid"].device.type == "cpu"  # a cache the user holds is copied to the host once
 
 
 def test_the_default_analyses_run_on_the_device_and_equal_the_cpu_ones(llama_path):

@@ -273,7 +273,7 @@ def _assemble(model, padded: Mapping[str, Tensor], tokens, attention_mask, *, ex
 
 def _check_against_model(cap: Capture, model, ids: list[int], source: str) -> None:
     """Run prompt 0 through ``model`` with ``capture()``; every stream of ``cap`` must agree (``CHECK_RTOL``)."""
-    ref = capture(model, [ids], streams=tuple(cap.packed), exclude=())
+    ref = capture(model, [ids], streams=tuple(cap.packed), exclude=(), store_device="cpu")  # where cap's streams are
     for stream in cap.packed:
         mine, theirs = cap.prompt_of(stream, 0).double(), ref.prompt_of(stream, 0).double()
         gap, scale = float((mine - theirs).abs().max()), float(theirs.abs().max())
