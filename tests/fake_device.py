@@ -11,7 +11,8 @@ computed on the CPU as usual. What a CUDA run would refuse is refused here, with
 ``.cpu()`` and ``.to("cpu")`` unmark; ``x.device`` of a marked tensor reads ``meta``, and a tensor made
 or moved there (``torch.zeros(..., device=x.device)``, ``y.to(x.device)``) is a marked CPU tensor.
 Every read of a marked value into Python (``.item()``, ``float()``, ``bool()``, ``.tolist()``) is a host
-sync on a GPU: they are counted in ``FakeDevice.syncs``.
+sync on a GPU, and so is every op whose output size depends on the data (``nonzero``, ``unique``, a
+boolean mask on the device as an index): they are counted in ``FakeDevice.syncs``.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def fake_device_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__, torch.Tensor.__int__,
-         torch.Tensor.__index__}
+         torch.Tensor.__index__, torch.nonzero, torch.Tensor.nonzero, torch.unique, torch.Tensor.unique,
+         torch.masked_select, torch.Tensor.masked_select, torch.argwhere}
 NUMPY = {torch.Tensor.numpy, torch.Tensor.__array__}
 INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 
@@ -91,7 +93,8 @@ class FakeDevice(TorchFunctionMode):
         marked = any(isinstance(x, OnFakeDevice) for x in leaves)
         if func in NUMPY and marked:
             raise DeviceMixError(f"{func.__name__}() of a tensor on the device: move it to the CPU first")
-        if func in SYNCS and marked:
+        if marked and (func in SYNCS or (func in INDEXING and any(
+                isinstance(i, OnFakeDevice) and i.dtype == torch.bool for i in tree_flatten(args[1])[0]))):
             self.syncs += 1
         if marked:
             self._check_one_device(func, args, kwargs)

@@ -91,7 +91,8 @@ def test_the_fake_device_refuses_what_cuda_refuses():
         assert (cpu.to(x.device) + x).device == x.device
         assert x.sum().cpu().numpy() == 15.0                      # moved first: fine
         assert float(x.sum()) == 15.0
-    assert mode.syncs == 2  # the .tolist() and the float(): each a host sync on a GPU
+        assert x[x > 2].shape == (3,)                             # its size is known once the mask is read
+    assert mode.syncs == 3  # the .tolist(), the float() and the device mask: each a host sync on a GPU
 
 
 def test_a_capture_on_the_device_stays_there_equals_the_cpu_one_and_syncs_per_batch_not_per_token(tiny_model):
