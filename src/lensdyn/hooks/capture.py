@@ -291,10 +291,10 @@ def capture(
             model's device (``resolve_store_device``), so that on a GPU the analyses reduce the
             activations where they were computed and only reduced arrays cross to the host; on a
             CPU model nothing changes. A capture holds ``states x tokens x d_model`` values per
-            stream (SmolLM2-135M, every stream, 1,331 tokens: 0.5 GB in float32), next to the
-            model in GPU memory: pass ``"cpu"`` when that would not fit (many prompts, every
-            stream, a big model). The corpus workflow reduces each chunk on the device, so it
-            holds one chunk at a time whatever the corpus size.
+            stream, next to the model in GPU memory (SmolLM2-135M, every stream, the diverse set's
+            1,331 tokens: (31 + 7 x 30) x 1,331 x 576 float32 values, 0.74 GB): pass ``"cpu"``
+            when that would not fit (many prompts, every stream, a big model). The corpus workflow
+            reduces each chunk on the device, so it holds one chunk whatever the corpus size.
         fwd_hooks: extra ``(hook name, fn)`` pairs active during the pass, for interventions
             (e.g. ``lensdyn.hooks.temperature.temperature_hooks``); they run before the capture's own.
         massive_from: with ``exclude`` naming ``"massive"``, leave out that capture's massive
