@@ -260,8 +260,8 @@ def null_steps(
         elif width < k:
             raise ArgumentError(f"{k} steps in {dim} dimensions need {k} coordinates, not {width}")
         else:
-            directions = torch.nn.functional.pad(_bartlett(n_tokens, k, dim, generator), (0, width - k)).to(steps.device,
-                                                                                                            steps.dtype)
+            lower = _bartlett(n_tokens, k, dim, generator).to(steps.device, steps.dtype)
+            directions = torch.nn.functional.pad(lower, (0, width - k))
         return directions * (steps.norm(dim=-1, keepdim=True) / directions.norm(dim=-1, keepdim=True))
     if kind == "shuffle":
         order = torch.argsort(torch.rand(steps.shape[:2], generator=generator), dim=0).to(steps.device)
