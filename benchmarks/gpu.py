@@ -3,7 +3,7 @@
     python benchmarks/gpu.py [--repeats 3] [--prompts 64] [--device cuda:1]
 
 Three rows, each a ratio to the bare forward passes it replaces and with its peak GPU memory
-(``torch.cuda.max_memory_allocated``, reset before each row; the model's weights included):
+(``torch.cuda.max_memory_allocated``, reset before each row; the weights of the models in use included):
 
 - capture: ``ld.capture`` of every stream of the diverse set, kept on the device (``store_device="auto"``),
   against one bare forward pass per length-sorted batch of 8, without hooks;
@@ -91,32 +91,34 @@ def main() -> None:
     capture = synchronized(lambda: ld.capture(model, diverse))
     rows.append(("capture, every stream, diverse set", best_of(capture, args.repeats), bare_capture, peak_gib(capture)))
 
-    bare_report = 0.0
-    for weights, seed in (("pretrained", 0), *(("random", s) for s in CONTROL_SEEDS)):
-        twin = model if weights == "pretrained" else ld.load_model(MODEL, weights=weights, seed=seed, device=known.device)
-        bare_report += best_of(synchronized(lambda: [forward_batches(twin, [ids], 1) for ids in diverse_ids]),
-                               args.repeats)
-        del twin
-    times, peaks = [], []
-    for _ in range(args.repeats):
-        with tempfile.TemporaryDirectory() as out:
-            peaks.append(peak_gib(lambda: times.append(report_seconds(out, known.device))))
-    rows.append((f"report, default analyses + {len(CONTROL_SEEDS)} controls", min(times), bare_report, max(peaks)))
-
     bare_corpus = best_of(synchronized(lambda: forward_batches(model, corpus_ids, 16)), args.repeats)
 
     def stream() -> None:
         with tempfile.TemporaryDirectory() as out:
             run_corpus(model, ld.PromptSet.from_texts(texts, name="benchmark"), out, chunk=16, progress=False)
 
-    rows.append((f"corpus streaming, {known.prompts} prompts, chunks of 16", best_of(synchronized(stream), args.repeats),
-                 bare_corpus, peak_gib(stream)))
+    corpus_seconds = best_of(synchronized(stream), args.repeats)
+    rows.append((f"corpus streaming, {known.prompts} prompts, chunks of 16", corpus_seconds, bare_corpus, peak_gib(stream)))
+
+    bare_report = 0.0
+    for weights, seed in (("pretrained", 0), *(("random", s) for s in CONTROL_SEEDS)):
+        twin = model if weights == "pretrained" else ld.load_model(MODEL, weights=weights, seed=seed, device=known.device)
+        bare_report += best_of(synchronized(lambda: [forward_batches(twin, [ids], 1) for ids in diverse_ids]),
+                               args.repeats)
+        del twin
+    del model  # the report loads its own: its peak memory is its models' and captures', not this one's too
+    torch.cuda.empty_cache()
+    times, peaks = [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as out:
+            peaks.append(peak_gib(lambda: times.append(report_seconds(out, known.device))))
+    rows.append((f"report, default analyses + {len(CONTROL_SEEDS)} controls", min(times), bare_report, max(peaks)))
 
     print(f"{MODEL} on {torch.cuda.get_device_name(known.device)}, best of {args.repeats}")
     print(f"{'step':<48} {'time (s)':>9} {'bare (s)':>9} {'x bare':>7} {'peak GiB':>9}")
     for label, seconds, bare, peak in rows:
         print(f"{label:<48} {seconds:>9.3f} {bare:>9.3f} {seconds / bare:>7.2f} {peak:>9.2f}")
-    print(f"corpus throughput: {bare_corpus / rows[-1][1]:.0%} of the bare forward pass")
+    print(f"corpus throughput: {bare_corpus / corpus_seconds:.0%} of the bare forward pass")
 
 
 if __name__ == "__main__":
