@@ -123,6 +123,16 @@ def test_a_cache_from_the_device_is_checked_against_the_models_own_pass(tiny_mod
     assert cap.packed["resid"].device.type == "cpu"  # a cache the user holds is copied to the host once
 
 
+def test_hidden_states_are_told_from_norm_outputs_with_the_norm_on_the_device():
+    from lensdyn.hooks.external import normalised_tokens
+
+    norm = fake_device_model(torch.nn.LayerNorm(6))
+    x = on_fake_device(torch.randn(3, 6, generator=torch.Generator().manual_seed(0)) * 5)
+    with FakeDevice():
+        assert normalised_tokens(norm(x).detach(), norm).tolist() == [True] * 3
+        assert normalised_tokens(x, norm).tolist() == [False] * 3
+
+
 def test_the_default_analyses_run_on_the_device_and_equal_the_cpu_ones(llama_path):
     cpu_model = ld.load_model(llama_path)
     cpu_cap = ld.capture(cpu_model, PROMPTS)
