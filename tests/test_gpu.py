@@ -123,6 +123,21 @@ def test_a_cache_from_the_device_is_checked_against_the_models_own_pass(tiny_mod
     assert cap.packed["resid"].device.type == "cpu"  # a cache the user holds is copied to the host once
 
 
+def test_hugging_face_hidden_states_from_the_device_make_the_capture_of_the_cpu(llama_path):
+    tokens = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    cpu_model = ld.load_model(llama_path)
+    expected = ld.capture(cpu_model, [row.tolist() for row in tokens], exclude=())
+    model = fake_device_model(ld.load_model(llama_path))
+    hf, saved = model.original_model, []
+    hf.model.norm.register_forward_pre_hook(lambda module, args: saved.append(args[0]))  # the final norm's input
+    with FakeDevice():
+        out = hf(on_fake_device(tokens), output_hidden_states=True)
+        cap = ld.Capture.from_hidden_states(out.hidden_states, model, on_fake_device(tokens), last_state=saved[0],
+                                            exclude=())
+    assert cap.packed["resid"].device.type == "cpu"
+    assert torch.equal(cap.packed["resid"], expected.packed["resid"])
+
+
 def test_hidden_states_are_told_from_norm_outputs_with_the_norm_on_the_device():
     from lensdyn.hooks.external import normalised_tokens
 
