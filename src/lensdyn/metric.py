@@ -118,4 +118,4 @@ def metric_norms(x: Float[Tensor, "*lead d_model"], metric: CausalMetric | None)
     """
     if metric is None:
         return token_norms(x)
-    return token_norms(x @ metric.whitener.to(x.dtype))  # the whitener is symmetric
+    return token_norms(x @ metric.whitener.to(x.device, x.dtype))  # the whitener is symmetric

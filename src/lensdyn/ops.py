@@ -6,11 +6,25 @@ tensor([ 5., 10.], dtype=torch.float64)
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
+
+
+def to_numpy(x: Tensor) -> np.ndarray:
+    """``x`` as a numpy array, from whatever device it is on: ``x.detach().cpu().numpy()``.
+
+    ``Tensor.numpy()`` refuses a CUDA tensor (and one that requires grad); results leave torch
+    through here once reduced, so a capture can stay on its device until then. A CPU tensor
+    comes back as a view, without a copy.
+
+    >>> to_numpy(torch.tensor([1.5, 2.0]))
+    array([1.5, 2. ], dtype=float32)
+    """
+    return x.detach().cpu().numpy()
 
 
 def token_norms(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead"]:
@@ -47,7 +61,7 @@ def masked_mean(values: Float[Tensor, "depth batch pos"], mask: Bool[Tensor, "ba
     >>> masked_mean(torch.tensor([[[1., 3., 100.]]]), torch.tensor([[True, True, False]]))
     tensor([[2.]], dtype=torch.float64)
     """
-    weights = mask.to(torch.float64)
+    weights = mask.to(values.device, torch.float64)
     return (values.to(torch.float64) * weights).sum(-1) / weights.sum(-1)
 
 
@@ -79,12 +93,12 @@ def aggregate_ratio(
 
 
 def prompt_index(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, " token"]:
-    """The prompt of each masked token, in (prompt, position) order: the packed tokens' owners.
+    """The prompt of each masked token, in (prompt, position) order: the packed tokens' owners (on ``mask``'s device).
 
     >>> prompt_index(torch.tensor([[True, False], [True, True]]))
     tensor([0, 1, 1])
     """
-    return torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
+    return torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
 
 
 def last_token_mask(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
@@ -96,7 +110,7 @@ def last_token_mask(token_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batc
     """
     last = token_mask.sum(dim=1) - 1
     out = torch.zeros_like(token_mask)
-    out[torch.arange(token_mask.shape[0]), last.clamp(min=0)] = True
+    out[torch.arange(token_mask.shape[0], device=token_mask.device), last.clamp(min=0)] = True
     return out & token_mask
 
 
@@ -141,7 +155,7 @@ def massive_mask(
     candidates = top > threshold
     # Rounded up (nextafter), so that the bound never drops a vector the exact float64 test below would keep.
     bound = top[candidates].to(torch.float64) / ratio
-    bound = torch.nextafter(bound.to(magnitude.dtype), torch.tensor(float("inf"), dtype=magnitude.dtype))
+    bound = torch.nextafter(bound.to(magnitude.dtype), torch.tensor(float("inf"), dtype=magnitude.dtype, device=bound.device))
     lower_middle_below = (magnitude[candidates] <= bound[:, None]).sum(dim=-1) > (states.shape[-1] - 1) // 2
     candidates[candidates.clone()] = lower_middle_below
     rows = magnitude[candidates]

@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
+from lensdyn.ops import to_numpy
 
 
 def prompt_counts(rng: np.random.Generator, n_prompts: int) -> Int[np.ndarray, " prompt"]:
@@ -158,9 +159,9 @@ class CovarianceMoments:
     ) -> "CovarianceMoments":
         """Moments of ``vectors`` (a few states, every included token) grouped by ``token_prompt``."""
         x_all = vectors.to(torch.float64)
-        owner = torch.from_numpy(np.asarray(token_prompt))
-        onehot = torch.zeros(n_prompts, x_all.shape[1], dtype=torch.float64)
-        onehot[owner, torch.arange(x_all.shape[1])] = 1.0
+        owner = torch.from_numpy(np.asarray(token_prompt)).to(x_all.device)
+        onehot = torch.zeros(n_prompts, x_all.shape[1], dtype=torch.float64, device=x_all.device)
+        onehot[owner, torch.arange(x_all.shape[1], device=x_all.device)] = 1.0
         tops = []
         for x in x_all:
             centred = x - x.mean(dim=0)
@@ -170,17 +171,17 @@ class CovarianceMoments:
         fields: dict[str, list] = {name: [] for name in ("trace", "s2_inner", "s1_inner", "cubic", "s1_basis", "s2_basis")}
         for x in x_all:
             s1 = onehot @ x  # [prompt, d]
-            fields["trace"].append((onehot @ (x * x).sum(dim=1)).numpy())
-            fields["s1_inner"].append((s1 @ s1.T).numpy())
+            fields["trace"].append(to_numpy(onehot @ (x * x).sum(dim=1)))
+            fields["s1_inner"].append(to_numpy(s1 @ s1.T))
             # <S2_p, S2_q> = sum over token pairs (i in p, j in q) of (x_i . x_j)^2, one prompt's rows at a time.
             inner = torch.stack([((x[owner == p] @ x.T) ** 2).sum(dim=0) @ onehot.T for p in range(n_prompts)])
-            fields["s2_inner"].append(inner.numpy())
+            fields["s2_inner"].append(to_numpy(inner))
             projected = x @ s1.T  # [token, prompt]: x_t . S1_q
-            fields["cubic"].append(torch.einsum("pt,tq,tr->pqr", onehot, projected, projected).numpy())
+            fields["cubic"].append(to_numpy(torch.einsum("pt,tq,tr->pqr", onehot, projected, projected)))
             z = x @ basis
-            fields["s1_basis"].append((onehot @ z).numpy())
-            fields["s2_basis"].append(torch.einsum("pt,ti,tj->pij", onehot, z, z).numpy())
-        return cls(counts=onehot.sum(dim=1).numpy().astype(np.int64), **{k: np.stack(v) for k, v in fields.items()})
+            fields["s1_basis"].append(to_numpy(onehot @ z))
+            fields["s2_basis"].append(to_numpy(torch.einsum("pt,ti,tj->pij", onehot, z, z)))
+        return cls(counts=to_numpy(onehot.sum(dim=1)).astype(np.int64), **{k: np.stack(v) for k, v in fields.items()})
 
     def participation_ratio(self, counts: Int[np.ndarray, " prompt"]) -> Float[np.ndarray, " state"]:
         """``tr(C)^2 / ||C||_F^2`` of each state's pooled covariance on a resample (class docstring)."""

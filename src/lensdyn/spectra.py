@@ -35,6 +35,8 @@ from jaxtyping import Complex, Float
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
+from lensdyn.ops import to_numpy
+
 
 # --- operators: Arnoldi and power iteration ---------------------------------------------------
 
@@ -167,14 +169,14 @@ def circuit_spectra_of(
         # OV = U (P O) and V = U P, with U the distinct KV heads' values and P the duplication: their
         # nonzero eigenvalues are those of (P O) U and P U, n_kv d_head square (27x cheaper on SmolLM2).
         rank = shared.shape[1]
-        ov_eig.append(pad_zeros(torch.linalg.eigvals(grouped_O @ shared).numpy(), W_O.shape[0] * W_O.shape[1]))
+        ov_eig.append(pad_zeros(to_numpy(torch.linalg.eigvals(grouped_O @ shared)), W_O.shape[0] * W_O.shape[1]))
         head_eig = torch.linalg.eigvals(W_O @ W_V)  # [head, d_head]: each head's W_V[h] @ W_O[h] reversed
-        ov_head.append(head_eig.abs().amax(dim=-1).numpy())
+        ov_head.append(to_numpy(head_eig.abs().amax(dim=-1)))
         d_model, width = shared.shape[0], W_V.shape[0] * W_V.shape[2]
         if width == d_model:
             group = W_V.shape[0] * W_V.shape[2] // rank
             P_U = einops.reduce(shared, "(kv g d_head) c -> (kv d_head) c", "sum", g=group, d_head=W_V.shape[2])
-            v_eig.append(pad_zeros(torch.linalg.eigvals(P_U).numpy(), d_model))
+            v_eig.append(pad_zeros(to_numpy(torch.linalg.eigvals(P_U)), d_model))
         else:
             v_eig.append(None)
     square = all(e is not None for e in v_eig)

@@ -33,6 +33,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from lensdyn.errors import ArgumentError
+from lensdyn.ops import to_numpy
 
 BINS = np.linspace(-1.0, 1.0, 41)
 BETAS = (0.1, 1.0, 2.0, 5.0)
@@ -69,13 +70,13 @@ def cloud_grams(cloud: Float[Tensor, "state n d_model"]) -> list[Float[Tensor, "
     return [state_gram(tokens) for tokens in cloud]
 
 
-def upper_pairs(n: int) -> Bool[Tensor, "n n"]:
-    """``[n, n]`` bool, True where ``i < j``: each pair once (1 byte a pair where index pairs take 16).
+def upper_pairs(n: int, device: str | torch.device = "cpu") -> Bool[Tensor, "n n"]:
+    """``[n, n]`` bool on ``device``, True where ``i < j``: each pair once (1 byte a pair where index pairs take 16).
 
     >>> upper_pairs(3).int().tolist()
     [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
     """
-    return torch.ones(n, n, dtype=torch.bool).triu(diagonal=1)
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(diagonal=1)
 
 
 def pair_values(gram: Float[Tensor, "n n"]) -> Float[Tensor, " pair"]:
@@ -84,7 +85,7 @@ def pair_values(gram: Float[Tensor, "n n"]) -> Float[Tensor, " pair"]:
     >>> pair_values(torch.tensor([[1., .5, .2], [.5, 1., .3], [.2, .3, 1.]]))
     tensor([0.5000, 0.2000, 0.3000])
     """
-    return gram[upper_pairs(gram.shape[0])]
+    return gram[upper_pairs(gram.shape[0], gram.device)]
 
 
 def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS) -> Float[np.ndarray, " bin"]:
@@ -93,7 +94,7 @@ def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS)
     >>> inner_product_histogram(torch.eye(3, dtype=torch.float64), np.array([-1.0, 0.5, 1.0]))
     array([1., 0.])
     """
-    values = pair_values(gram).clamp(-1.0, 1.0).numpy()
+    values = to_numpy(pair_values(gram).clamp(-1.0, 1.0))
     counts, _ = np.histogram(values, bins=bins)
     return counts / max(len(values), 1)
 
@@ -121,7 +122,7 @@ def tie_representatives(gram: Float[Tensor, "n n"], tolerance: float = TIE_TOLER
     """
     if not 0.0 <= tolerance < np.inf:
         raise ArgumentError(f"tie tolerance must be a finite chord distance >= 0, not {tolerance!r}")
-    tied = ((2.0 - 2.0 * gram) <= tolerance * tolerance).numpy()
+    tied = to_numpy((2.0 - 2.0 * gram) <= tolerance * tolerance)
     if tied.sum() <= len(tied):  # each point tied only to itself, the usual case: no graph to search
         return np.arange(len(tied), dtype=np.int64)
     _, group = connected_components(csr_matrix(tied), directed=False)

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from lensdyn.errors import ArgumentError, NonFiniteActivationError
 from lensdyn.fits import hubble
+from lensdyn.ops import to_numpy as _numpy  # every batch is reduced on its own device; only the sums leave it
 from lensdyn.ops import token_norms
 from lensdyn.sphere import BETAS, BINS, cloud_grams, inner_product_histogram, interaction_energy
 
@@ -244,10 +245,6 @@ class Accumulator:
 
 
 _ELEMENTWISE = {"sum": np.add, "min": np.minimum, "max": np.maximum}
-
-
-def _numpy(x: Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy()
 
 
 # --- norms ----------------------------------------------------------------------------------

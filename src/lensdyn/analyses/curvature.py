@@ -51,7 +51,7 @@ from lensdyn.hooks.patching import PATCH_HOOKS, align, final_logits, patch_sweep
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.models import text_token_ids
-from lensdyn.ops import prompt_index
+from lensdyn.ops import prompt_index, to_numpy
 from lensdyn.resampling import prompt_counts, resampled_tokens
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, finite
@@ -239,7 +239,9 @@ def null_steps(
     is a uniform direction, and the rows' inner products are those of the ``g``, so the
     statistics of ``dim``-dimensional walks come from ``k(k+1)/2`` draws per token instead of
     ``k dim``. Rows are padded with zeros to the coordinates' width. ``L`` is drawn by numpy
-    (torch has no public seeded chi-square sampler), seeded from ``generator``.
+    (torch has no public seeded chi-square sampler), seeded from ``generator``. Every draw is made on
+    the CPU (``generator`` is a CPU generator) and moved to ``steps``' device: a seed gives the same
+    nulls on every device.
 
         steps [k, token, k] (coordinates), dim = 576 -> L [token, k, k] -> rows / ||rows|| * ||steps||
 
@@ -255,14 +257,15 @@ def null_steps(
         if dim < width:
             raise ArgumentError(f"dim {dim} is smaller than the {width} coordinates of the steps")
         if dim == width:
-            directions = torch.randn(steps.shape, generator=generator, dtype=steps.dtype)
+            directions = torch.randn(steps.shape, generator=generator, dtype=steps.dtype).to(steps.device)
         elif width < k:
             raise ArgumentError(f"{k} steps in {dim} dimensions need {k} coordinates, not {width}")
         else:
-            directions = torch.nn.functional.pad(_bartlett(n_tokens, k, dim, generator), (0, width - k)).to(steps.dtype)
+            lower = _bartlett(n_tokens, k, dim, generator).to(steps.device, steps.dtype)
+            directions = torch.nn.functional.pad(lower, (0, width - k))
         return directions * (steps.norm(dim=-1, keepdim=True) / directions.norm(dim=-1, keepdim=True))
     if kind == "shuffle":
-        order = torch.argsort(torch.rand(steps.shape[:2], generator=generator), dim=0)
+        order = torch.argsort(torch.rand(steps.shape[:2], generator=generator), dim=0).to(steps.device)
         return torch.gather(steps, 0, order[..., None].expand_as(steps))
     raise ArgumentError(f"null kind must be 'walk' or 'shuffle', not {kind!r}")
 
@@ -346,9 +349,9 @@ def deflection_profile(
     2
     """
     c, e = clean.to(torch.float64), edited.to(torch.float64)
-    angle = _angle(c, e).numpy()
+    angle = to_numpy(_angle(c, e))
     parted = np.nonzero(angle > PART_ANGLE)[0]
-    return (c - e).norm(dim=-1).numpy(), angle, _angle(torch.diff(c, dim=0), torch.diff(e, dim=0)).numpy(), (
+    return to_numpy((c - e).norm(dim=-1)), angle, to_numpy(_angle(torch.diff(c, dim=0), torch.diff(e, dim=0))), (
         int(parted[0]) if len(parted) else -1
     )
 
@@ -608,8 +611,8 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
         ),
         provenance=Provenance.from_capture(cap),
         raw=compare_steps_with_nulls(raw_steps, states.shape[-1], n_draws, seed),
-        raw_token_statistics={name: values.numpy() for name, values in token_statistics(raw_steps).items()},
-        token_prompt=prompt_index(cap.mask).numpy(),
+        raw_token_statistics={name: to_numpy(values) for name, values in token_statistics(raw_steps).items()},
+        token_prompt=to_numpy(prompt_index(cap.mask)),
         sphere=compare_with_nulls(spherical, n_draws, seed),
         landscapes=tuple(_landscape(cap, i) for i in [longest, *(i for i in range(len(cap.mask)) if i != longest)]),
         deflections=deflections,
@@ -625,7 +628,7 @@ def _measure(cap: Capture, model, pairs, patch_streams, n_draws, seed) -> Curvat
 def _landscape(cap: Capture, prompt: int) -> Landscape:
     keep = cap.mask[prompt].tolist()
     return Landscape(cap.prompts.labels[prompt], tuple(t for t, k in zip(cap.str_tokens[prompt], keep) if k),
-                     turning_angles(cap.tokens_of("resid", prompt=prompt)).numpy())
+                     to_numpy(turning_angles(cap.tokens_of("resid", prompt=prompt))))
 
 
 def _one_sided(a: list[float], b: list[float]) -> float:
@@ -683,7 +686,7 @@ def _deflections(model, pairs: tuple[EditPair, ...], patch_streams: tuple[str, .
                               [[targets[i][0]] for i in patched], [[targets[i][1]] for i in patched], stream)
         for i, sweep in zip(patched, sweeps):
             (a, b), (ld_clean, ld_edited) = answers[i], ld[i]
-            ld_patched = (sweep[:, a] - sweep[:, b]).double().numpy()
+            ld_patched = to_numpy((sweep[:, a] - sweep[:, b]).double())
             recovery[i][stream] = (ld_patched - ld_clean) / (ld_edited - ld_clean)
     return tuple(
         Deflection(label=pair.label, kind=pair.kind, distance=distance, angle=angle, step_angle=step_angle, part_layer=part,

@@ -62,7 +62,7 @@ from lensdyn.hooks.circuits import model_causal_metric
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.metric import METRIC_FORMULAS, CausalMetric, metric_norms
-from lensdyn.ops import AGGREGATIONS, aggregate_ratio, token_norms
+from lensdyn.ops import AGGREGATIONS, aggregate_ratio, to_numpy, token_norms
 from lensdyn.resampling import CovarianceMoments, prompt_counts, prompt_sums, resampled_tokens
 from lensdyn.results import Conventions, Provenance, Result, transient
 from lensdyn.verdicts import Claim, finite
@@ -79,7 +79,7 @@ def scale_factor(norms: Float[Tensor, "state token"], aggregation: str = "ratio_
     >>> scale_factor(torch.tensor([[1., 3.], [2., 6.], [4., 12.]]))
     array([1., 2., 4.])
     """
-    return aggregate_ratio(norms, norms[:1].expand_as(norms), aggregation).numpy()
+    return to_numpy(aggregate_ratio(norms, norms[:1].expand_as(norms), aggregation))
 
 
 def fit_h0(a: Float[np.ndarray, " state"], space: FitSpace = "log") -> ExponentialFit:
@@ -97,7 +97,7 @@ def per_token_h(norms: Float[Tensor, "state token"], space: FitSpace = "log") ->
     >>> per_token_h(torch.exp(torch.outer(torch.arange(5.), torch.tensor([0.1, 0.3])))).round(6)
     array([0.1, 0.3])
     """
-    values = norms.to(torch.float64).numpy()
+    values = to_numpy(norms.to(torch.float64))
     return exponential_fit(np.arange(values.shape[0], dtype=np.float64), values.T, space).rate
 
 
@@ -147,11 +147,11 @@ def cv_reduction_null(
     only the identity of a token across states is lost.
     """
     rng = np.random.default_rng(seed)
-    values = norms.to(torch.float64).numpy()
+    values = to_numpy(norms.to(torch.float64))
     out = []  # 0 draws: a resample, judged against the data's null
     for start in range(0, n_permutations, NULL_BATCH):  # permutations in batches: a few array operations each
         batch = np.broadcast_to(values, (min(NULL_BATCH, n_permutations - start), *values.shape))
-        out.append(_comoving_cvs(torch.from_numpy(rng.permuted(batch, axis=2)), aggregation)[2].numpy())
+        out.append(to_numpy(_comoving_cvs(torch.from_numpy(rng.permuted(batch, axis=2)), aggregation)[2]))
     return np.concatenate(out) if out else np.empty(0)
 
 
@@ -230,14 +230,14 @@ def covariance_shape(vectors: Float[Tensor, "state token d_model"], k: int = 10)
         rank = int((s > RANK_TOLERANCE * s[0]).sum())
         if u0 is None:
             u0, var0 = U[:, :rank], s[:rank]
-        directional.append(((u0 * (cov @ u0)).sum(dim=0) / var0).numpy())
-        eigenvalues.append(s.numpy())
+        directional.append(to_numpy((u0 * (cov @ u0)).sum(dim=0) / var0))
+        eigenvalues.append(to_numpy(s))
         tops.append(U[:, :k])
         ranks.append(rank)
         conditions.append(float(s[0] / s[rank - 1]) if rank else float("nan"))
     lam = np.stack(eigenvalues)
     top = torch.stack(tops)  # [state, d, k]
-    overlap = (torch.einsum("idk,jdm->ijkm", top, top) ** 2).sum(dim=(-1, -2)).numpy() / k
+    overlap = to_numpy((torch.einsum("idk,jdm->ijkm", top, top) ** 2).sum(dim=(-1, -2))) / k
     with np.errstate(divide="ignore", invalid="ignore"):
         growth = lam[:, :k] / lam[:1, :k]
         participation = lam.sum(1) ** 2 / (lam**2).sum(1)
@@ -310,14 +310,14 @@ def expansion_track(
     rate = hubble(a)
     starts = piecewise_constant_segments(rate)
     epoch_rates = np.array([rate[s:e].mean() for s, e in zip(starts, [*starts[1:], len(rate)])])
-    if len(rates) > 2 and np.ptp(positions.numpy()) > 0:
-        rho, p = stats.spearmanr(rates, positions.numpy())
+    if len(rates) > 2 and np.ptp(to_numpy(positions)) > 0:
+        rho, p = stats.spearmanr(rates, to_numpy(positions))
     else:
         rho, p = float("nan"), float("nan")
     return ExpansionTrack(
         metric=metric,
-        norms=norms.to(torch.float64).numpy(),
-        mean_norm=norms.to(torch.float64).mean(dim=1).numpy(),
+        norms=to_numpy(norms.to(torch.float64)),
+        mean_norm=to_numpy(norms.to(torch.float64).mean(dim=1)),
         scale_factor=a,
         hubble=rate,
         hubble_epoch_starts=starts,
@@ -354,7 +354,7 @@ def resampled_track(
     physical, comoving, reduction = comoving_cv(norms, aggregation)
     rho, p = stats.spearmanr(rates, positions) if np.ptp(positions) > 0 else (float("nan"), float("nan"))
     return dataclasses.replace(
-        track, norms=track.norms[:, drawn], mean_norm=norms.mean(dim=1).numpy(), scale_factor=a, hubble=hubble(a),
+        track, norms=track.norms[:, drawn], mean_norm=to_numpy(norms.mean(dim=1)), scale_factor=a, hubble=hubble(a),
         h0=float(fit.rate[0]), h0_se=float(fit.rate_se[0]), h0_intercept=float(fit.intercept[0]), r2=float(fit.r2[0]),
         per_token_h=rates, per_token_h_mean=float(rates.mean()), per_token_h_std=float(rates.std(ddof=1)),
         per_token_h_cv=float(rates.std(ddof=1) / abs(rates.mean())), per_token_h_position_spearman=float(rho),
@@ -685,7 +685,7 @@ def _measure_capture(
     tracks = {fields[name]: expansion_track(n, positions, name, aggregation, fit_space, n_permutations, seed)
               for name, n in norms.items()}
     attn_in_norms = token_norms(cap.tokens_of("attn_in"))
-    post_ln = attn_in_norms.mean(dim=1).numpy()
+    post_ln = to_numpy(attn_in_norms.mean(dim=1))
     attn_cross, attn_self = growth_terms(vectors[:-1], cap.tokens_of("attn_out"))
     # On parallel blocks the MLP writes into the block input too; the 2 a.m interaction is in neither share.
     mlp_cross, mlp_self = growth_terms(cap.mlp_writes_into(), cap.tokens_of("mlp_out"))
@@ -703,22 +703,22 @@ def _measure_capture(
         causal_metric_condition_number=metrics[0].condition_number,
         causal_metric_ridge=metrics[0].ridge,
         fit_space=fit_space,
-        token_position=positions.numpy(),
-        token_prompt=prompts.numpy(),
+        token_position=to_numpy(positions),
+        token_prompt=to_numpy(prompts),
         post_ln_norms=post_ln,
         post_ln_cv=float(post_ln.std() / post_ln.mean()),
         post_ln_growth=float(post_ln[-1] / post_ln[0]),
         pre_ln_growth=float(euclid.mean_norm[-1] / euclid.mean_norm[0]),
-        attn_growth=attn_growth.numpy(),
-        attn_growth_cross=attn_cross.mean(dim=1).numpy(),
-        mlp_growth=mlp_growth.numpy(),
-        mlp_growth_cross=mlp_cross.mean(dim=1).numpy(),
+        attn_growth=to_numpy(attn_growth),
+        attn_growth_cross=to_numpy(attn_cross.mean(dim=1)),
+        mlp_growth=to_numpy(mlp_growth),
+        mlp_growth_cross=to_numpy(mlp_cross.mean(dim=1)),
         attn_share=float(attn_growth.sum() / (attn_growth.sum() + mlp_growth.sum())),
         covariance=covariance_shape(vectors, top_k),
         d_model=int(vectors.shape[-1]),
         aggregation=aggregation,
-        post_ln_by_prompt=prompt_sums(attn_in_norms.numpy(), prompts.numpy(), cap.n_prompts),
-        moments=CovarianceMoments.from_tokens(vectors[[0, -1]], prompts.numpy(), cap.n_prompts)
+        post_ln_by_prompt=prompt_sums(to_numpy(attn_in_norms), to_numpy(prompts), cap.n_prompts),
+        moments=CovarianceMoments.from_tokens(vectors[[0, -1]], to_numpy(prompts), cap.n_prompts)
         if cap.n_prompts <= MAX_MOMENT_PROMPTS else None,
         **{name: track for name, track in tracks.items()},
     )

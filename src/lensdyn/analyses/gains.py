@@ -39,7 +39,7 @@ from lensdyn.fits import line_fit, piecewise_constant_segments
 from lensdyn.hooks.capture import Capture
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
-from lensdyn.ops import AGGREGATIONS, aggregate_ratio, last_token_mask, prompt_index, token_norms
+from lensdyn.ops import AGGREGATIONS, aggregate_ratio, last_token_mask, prompt_index, to_numpy, token_norms
 from lensdyn.resampling import pooled_ratio, prompt_counts, ratio_band, ratio_parts
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.verdicts import Claim, finite
@@ -64,7 +64,7 @@ def sublayer_gain(
     >>> sublayer_gain(out, ref)
     array([5.])
     """
-    return aggregate_ratio(token_norms(output), token_norms(reference), aggregation).numpy()
+    return to_numpy(aggregate_ratio(token_norms(output), token_norms(reference), aggregation))
 
 
 def count_contracting(gain: Float[np.ndarray, " block"]) -> tuple[int, int]:
@@ -272,9 +272,9 @@ def _measure_capture(cap: Capture, reference: str, aggregation: str, tokens: str
         attn_ref, mlp_ref = cap.tokens_of("attn_in", mask), cap.tokens_of("mlp_in", mask)
     else:
         attn_ref, mlp_ref = resid_tokens[:-1], cap.mlp_writes_into(mask)
-    owners = prompt_index(mask).numpy()
+    owners = to_numpy(prompt_index(mask))
     # Per-prompt sums first: the gains are their pooled ratio, and a bootstrap resample re-pools them.
-    parts = np.stack([ratio_parts(token_norms(out).numpy(), token_norms(ref).numpy(), owners, cap.n_prompts, aggregation)
+    parts = np.stack([ratio_parts(to_numpy(token_norms(out)), to_numpy(token_norms(ref)), owners, cap.n_prompts, aggregation)
                       for out, ref in ((cap.tokens_of("attn_out", mask), attn_ref), (cap.tokens_of("mlp_out", mask), mlp_ref),
                                        (resid_tokens[1:], resid_tokens[:-1]))])
     attn, mlp, resid = (pooled_ratio(num, den, np.ones(cap.n_prompts, dtype=np.int64)) for num, den in parts)

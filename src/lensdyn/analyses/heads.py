@@ -48,7 +48,7 @@ from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.circuits import circuit_spectra
 from lensdyn.hooks.heads import HeadWrites, head_capture
 from lensdyn.models import model_info, random_control
-from lensdyn.ops import prompt_index, token_norms
+from lensdyn.ops import prompt_index, to_numpy, token_norms
 from lensdyn.resampling import prompt_counts, prompt_sums
 from lensdyn.results import Conventions, Provenance, Result, attach_control
 
@@ -76,7 +76,7 @@ def head_parts(
     n_heads = cross.shape[-1]
     per_head = [cross + overlap, norm]
     per_block = [attn_in_norm, resid_norm, bias_growth, torch.ones_like(resid_norm)]
-    sums = [prompt_sums((v.transpose(1, 2).flatten(0, 1) if v.dim() == 3 else v).numpy(), owners, n_prompts)
+    sums = [prompt_sums(to_numpy(v.transpose(1, 2).flatten(0, 1) if v.dim() == 3 else v), owners, n_prompts)
             for v in (*per_head, *per_block)]
     shape = (n_prompts, cross.shape[0], n_heads)
     return np.stack([s.reshape(shape) if i < 2 else np.repeat(s[:, :, None], n_heads, axis=2)
@@ -245,7 +245,7 @@ def _again(model, like: Capture, streams: tuple[str, ...], merge: bool = True) -
 def _measure(cap: Capture, writes: HeadWrites, model, top_heads: int) -> HeadsResult:
     cap.require_streams(STREAMS)
     keep = cap.mask[cap.token_mask]
-    owners = prompt_index(cap.mask).numpy()
+    owners = to_numpy(prompt_index(cap.mask))
     attn_in_norm, resid_norm = token_norms(cap.tokens_of("attn_in")), token_norms(cap.tokens_of("resid")[:-1])
     parts = head_parts(writes.cross[:, keep], writes.overlap[:, keep], writes.norm[:, keep],
                        (writes.bias_cross + writes.bias_overlap)[:, keep], attn_in_norm, resid_norm, owners, cap.n_prompts)

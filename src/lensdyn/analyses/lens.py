@@ -72,7 +72,7 @@ from lensdyn.analyses.registry import Analysis, option
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture
 from lensdyn.hooks.patching import final_logits
-from lensdyn.ops import prompt_index
+from lensdyn.ops import prompt_index, to_numpy
 from lensdyn.resampling import prompt_counts, prompt_sums, token_subsample
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.streaming import RegressionStats
@@ -439,11 +439,11 @@ def _measure_capture(cap: Capture, model, position: int, top_k: int, affine: boo
     if getattr(model.cfg, "attention_dir", "causal") != "causal":
         raise ArgumentError(f"lens: {cap.model_info.name} is not a causal language model: {ANALYSIS.causal}")
     drawn = token_subsample(cap.n_tokens, n_decode, seed)
-    owners = prompt_index(cap.mask).numpy()[drawn]
+    owners = to_numpy(prompt_index(cap.mask))[drawn]
     decoded = cap.tokens_of("resid")[:, torch.from_numpy(drawn)]
     tokens = np.bincount(owners, minlength=cap.n_prompts).astype(np.float64)
     per_token = decode_states(model, decoded)
-    parts = np.stack([prompt_sums(per_token[name].numpy(), owners, cap.n_prompts) for name in STATISTICS])
+    parts = np.stack([prompt_sums(to_numpy(per_token[name]), owners, cap.n_prompts) for name in STATISTICS])
     ones = np.ones(cap.n_prompts)
     which = (f"every included token ({len(drawn)})" if len(drawn) == cap.n_tokens else
              f"{len(drawn)} of the {cap.n_tokens} included tokens, drawn without replacement (seed {seed})")
@@ -476,7 +476,7 @@ def _top_tokens(cap: Capture, model, position: int, k: int) -> dict:
     decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
     return dict(position=position, position_token=cap.str_tokens[0][position],
                 top_tokens=tuple(tuple(decode(int(i)) for i in row) for row in top.indices),
-                top_probs=top.values.numpy())
+                top_probs=to_numpy(top.values))
 
 
 def _affine_lens(cap: Capture, model, ridge: float, lens_parts: np.ndarray, tokens: np.ndarray,
@@ -496,10 +496,10 @@ def _affine_lens(cap: Capture, model, ridge: float, lens_parts: np.ndarray, toke
     held_resid = decoded[:, torch.from_numpy(on_held)]
     per_token = decode_states(model, held_resid, maps)
     owners = decoded_owners[on_held]
-    target = held_resid[-1].to(torch.float64).numpy()
+    target = to_numpy(held_resid[-1].to(torch.float64))
     target_sum = np.zeros((cap.n_prompts, target.shape[1]))
     np.add.at(target_sum, owners, target)
-    parts = np.stack([prompt_sums(per_token[name].numpy(), owners, cap.n_prompts) for name in AFFINE_STATISTICS])
+    parts = np.stack([prompt_sums(to_numpy(per_token[name]), owners, cap.n_prompts) for name in AFFINE_STATISTICS])
     square = prompt_sums((target ** 2).sum(axis=1)[None], owners, cap.n_prompts)[:, 0]
     return AffineLens(ridge=ridge, train_prompts=train, held_prompts=held, prompt_parts=parts, target_sum=target_sum,
                       target_square=square,

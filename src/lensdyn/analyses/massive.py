@@ -37,7 +37,7 @@ from lensdyn import citations, plots
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.hooks.capture import Capture
-from lensdyn.ops import MASSIVE_RATIO, MASSIVE_THRESHOLD, massive_mask, median_magnitude
+from lensdyn.ops import MASSIVE_RATIO, MASSIVE_THRESHOLD, massive_mask, median_magnitude, to_numpy
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.resampling import prompt_counts
 from lensdyn.verdicts import Claim
@@ -287,7 +287,7 @@ def census(cap: Capture, threshold: float = MASSIVE_THRESHOLD, ratio: float = MA
     """The census of one capture (module docstring), every real token read."""
     cap.require_streams(STREAMS)
     states = cap.packed["resid"]  # [state, token, d_model], every real token
-    entries = massive_entries(states, threshold, ratio)
+    entries = massive_entries(states, threshold, ratio).cpu()  # a few index rows: the bookkeeping runs on the host
     per_state = torch.zeros(len(states), dtype=torch.long).index_add_(0, entries[:, 0], torch.ones_like(entries[:, 0]))
     state_token = torch.unique(entries[:, :2], dim=0)
     tokens_per_state = torch.zeros(len(states), dtype=torch.long).index_add_(
@@ -306,7 +306,7 @@ def census(cap: Capture, threshold: float = MASSIVE_THRESHOLD, ratio: float = MA
             n_states=n_states, magnitude=float(values[peak]),
             ratio=float(values[peak] / median_magnitude(states[peak, token])), excluded=not bool(kept[token]),
         ))
-    top, top_ratio, top_token, top_dim = top_activations(states)
+    top, top_ratio, top_token, top_dim = (t.cpu() for t in top_activations(states))
     top_where = where[top_token]
     return MassiveResult(
         conventions=Conventions(
@@ -319,17 +319,17 @@ def census(cap: Capture, threshold: float = MASSIVE_THRESHOLD, ratio: float = MA
         threshold=float(threshold),
         ratio=float(ratio),
         d_model=int(states.shape[-1]),
-        count=per_state.numpy(),
-        carrier_tokens=tokens_per_state.numpy(),
-        top_magnitude=top.numpy(),
-        top_ratio=top_ratio.numpy(),
-        top_dim=top_dim.numpy(),
-        top_prompt=top_where[:, 0].numpy(),
-        top_position=top_where[:, 1].numpy(),
+        count=to_numpy(per_state),
+        carrier_tokens=to_numpy(tokens_per_state),
+        top_magnitude=to_numpy(top),
+        top_ratio=to_numpy(top_ratio),
+        top_dim=to_numpy(top_dim),
+        top_prompt=to_numpy(top_where[:, 0]),
+        top_position=to_numpy(top_where[:, 1]),
         top_token=tuple(cap.str_tokens[p][q] for p, q in top_where.tolist()),
         carriers=tuple(carriers),
         prompt_labels=cap.prompts.labels,
-        count_by_prompt=by_prompt.numpy(),
+        count_by_prompt=to_numpy(by_prompt),
     )
 
 

@@ -73,6 +73,7 @@ from lensdyn import citations, plots
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture_for
 from lensdyn.hooks.circuits import circuit_spectra
+from lensdyn.ops import to_numpy
 from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.resampling import prompt_counts
@@ -187,8 +188,8 @@ def clusters(
         representatives = tie_representatives(gram, tie_tolerance)
     rep = torch.from_numpy(representatives)
     untied = bool((rep == torch.arange(n)).all())
-    distance = (1.0 - (gram if untied else gram[rep][:, rep])).clamp(min=0.0).numpy().astype(np.float64)
-    distance[(rep[:, None] == rep[None, :]).numpy()] = 0.0
+    distance = to_numpy((1.0 - (gram if untied else gram[rep][:, rep])).clamp(min=0.0)).astype(np.float64)
+    distance[to_numpy(rep[:, None] == rep[None, :])] = 0.0
     labels = hdbscan.HDBSCAN(**hdbscan_settings(min_cluster_size)).fit_predict(distance)
     return int(labels.max() + 1), float((labels < 0).mean()), labels.astype(np.int64)
 
@@ -199,7 +200,7 @@ def nearest_neighbours(gram: Float[Tensor, "n n"]) -> Int[Tensor, " n"]:
     >>> nearest_neighbours(torch.tensor([[1., .9, .1], [.9, 1., .2], [.1, .2, 1.]], dtype=torch.float64)).tolist()
     [1, 0, 1]
     """
-    return (gram - 3.0 * torch.eye(gram.shape[0], dtype=gram.dtype)).argmax(dim=1)
+    return (gram - 3.0 * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).argmax(dim=1)
 
 
 def neighbour_stability(nearest_a: Int[Tensor, " n"], nearest_b: Int[Tensor, " n"]) -> float:
@@ -268,7 +269,7 @@ def energy_drop_pairs(
     """
     n = gram_a.shape[0]
     # The n x n change with the pairs i >= j out of the running: flat index o is the pair (o // n, o % n).
-    change = (torch.exp(beta * gram_b) - torch.exp(beta * gram_a)).masked_fill_(~upper_pairs(n), torch.inf)
+    change = (torch.exp(beta * gram_b) - torch.exp(beta * gram_a)).masked_fill_(~upper_pairs(n, gram_a.device), torch.inf)
     order = torch.topk(change.view(-1), min(k, n * (n - 1) // 2), largest=False).indices
     return [(int(o) // n, int(o) % n, float(change.view(-1)[o])) for o in order]
 
@@ -341,7 +342,7 @@ def fiedler(attention: Float[Tensor, "query key"]) -> float:
     """
     s = sinkhorn((attention + attention.T) / 2.0)
     laplacian = torch.eye(s.shape[0], dtype=s.dtype) - s
-    return float(sla.eigh(laplacian.numpy(), eigvals_only=True, subset_by_index=[1, 1])[0])
+    return float(sla.eigh(to_numpy(laplacian), eigvals_only=True, subset_by_index=[1, 1])[0])
 
 
 def mask_only_attention(n: int, causal: bool) -> Float[Tensor, "n n"]:

@@ -18,7 +18,7 @@ from lensdyn import plots
 from lensdyn.analyses.registry import Analysis
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import capture_for
-from lensdyn.ops import masked_mean, masked_tokens, token_norms
+from lensdyn.ops import masked_mean, masked_tokens, to_numpy, token_norms
 from lensdyn.results import Conventions, Provenance, Result
 
 QUANTILES = (0.05, 0.5, 0.95)
@@ -42,14 +42,14 @@ def layer_statistics(
     if not bool(mask.any()):
         raise ArgumentError("no tokens left after masking: every position is padding or excluded")
     tokens = masked_tokens(norms, mask).to(torch.float64)
-    q = torch.quantile(tokens, torch.tensor(QUANTILES, dtype=tokens.dtype), dim=1)
+    q = torch.quantile(tokens, torch.tensor(QUANTILES, dtype=tokens.dtype, device=tokens.device), dim=1)
     std = tokens.std(dim=1) if tokens.shape[1] > 1 else torch.full_like(tokens[:, 0], float("nan"))
     return {
-        "mean": tokens.mean(dim=1).numpy(),
-        "std": std.numpy(),
-        "q05": q[0].numpy(),
-        "median": q[1].numpy(),
-        "q95": q[2].numpy(),
+        "mean": to_numpy(tokens.mean(dim=1)),
+        "std": to_numpy(std),
+        "q05": to_numpy(q[0]),
+        "median": to_numpy(q[1]),
+        "q95": to_numpy(q[2]),
     }
 
 
@@ -147,8 +147,8 @@ def measure(capture_or_model, prompts="diverse", **capture_kwargs) -> NormsResul
             layout=cap.model_info.layout,
         ),
         provenance=Provenance.from_capture(cap),
-        prompt_mean=masked_mean(norms, cap.mask).T.numpy(),
-        first_position_mean=norms[:, :, 0].mean(dim=1).numpy(),
+        prompt_mean=to_numpy(masked_mean(norms, cap.mask).T),
+        first_position_mean=to_numpy(norms[:, :, 0].mean(dim=1)),
         prompt_labels=cap.prompts.labels,
         **stats,
     )

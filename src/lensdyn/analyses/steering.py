@@ -82,7 +82,7 @@ from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.metric import metric_norms
 from lensdyn.models import text_token_ids
-from lensdyn.ops import masked_mean, masked_tokens, token_norms
+from lensdyn.ops import masked_mean, masked_tokens, to_numpy, token_norms
 from lensdyn.progress import track
 from lensdyn.prompts import PromptSet
 from lensdyn.results import Conventions, Provenance, Result
@@ -243,7 +243,8 @@ def prompt_means(states: Float[Tensor, "state prompt pos d_model"], mask: Bool[T
     """
     if not bool(mask.any(1).all()):
         raise ArgumentError("a contrast prompt has no included token: its mean state is undefined")
-    weights = mask.to(torch.float64) / mask.sum(1, keepdim=True)
+    weights = mask.to(states.device, torch.float64)
+    weights = weights / weights.sum(1, keepdim=True)
     return torch.einsum("lptd,pt->lpd", states.to(torch.float64), weights)
 
 
@@ -383,7 +384,7 @@ def lens_accessibility(
     """
     logits = final_logits(model, torch.cat([positive, negative]))
     ld = logit_difference(logits, positive_ids, negative_ids)
-    return (ld[: len(positive)] - ld[len(positive):]).numpy()
+    return to_numpy(ld[: len(positive)] - ld[len(positive):])
 
 
 def share_more_predictive(
@@ -792,7 +793,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     eval_cap = capture(model, PromptSet(f"{contrast.name}-evaluation", evaluation,
                                         tuple(f"eval[{i}]" for i in range(len(evaluation)))),
                        streams=STREAMS, exclude=cap.exclude)
-    eval_norms = masked_mean(token_norms(eval_cap.resid[:n_layers]), eval_cap.mask).mean(1).numpy()
+    eval_norms = to_numpy(masked_mean(token_norms(eval_cap.resid[:n_layers]), eval_cap.mask).mean(1))
     last = eval_cap.token_mask.sum(1) - 1
 
     # Every extraction's vectors in one stack (extraction e's state l is row e * n_layers + l), so one sweep runs them all.
@@ -808,10 +809,10 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
     scales = {"redshift": redshift_factors(a, transfer_layers, transfer_layers),
               "redshift_causal": redshift_factors(a_causal, transfer_layers, transfer_layers)}
     transfers = {e: _transfer(effect[i], native, grid, relative, eval_norms, transfer_layers,
-                              token_norms(vectors[e]).numpy(), scales, n_bootstrap, seed)
+                              to_numpy(token_norms(vectors[e])), scales, n_bootstrap, seed)
                  for i, e in enumerate(extractions)}
     # A zero vector (CAA at the embeddings, where paired texts end on the same token) has no direction to steer along.
-    efficacies = {e: np.where(token_norms(vectors[e][layers]).numpy() > 0, efficacy(relative, effect[i, native].mean(-1)),
+    efficacies = {e: np.where(to_numpy(token_norms(vectors[e][layers])) > 0, efficacy(relative, effect[i, native].mean(-1)),
                               np.nan) for i, e in enumerate(extractions)}
 
     bh = hubble(a)
@@ -838,7 +839,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
         n_evaluation=len(evaluation),
         a=a, a_causal=a_causal, hubble=bh,
         eval_norms=eval_norms,
-        vector_norms=token_norms(vectors["mean"]).numpy(),
+        vector_norms=to_numpy(token_norms(vectors["mean"])),
         layers=layers,
         relative=relative,
         effect=effect[0, native].mean(-1),
@@ -862,7 +863,7 @@ def _measure(cap, model, contrast: ContrastSet, layers, transfer_layers, relativ
 def _cosine(x: Float[Tensor, "state d_model"], y: Float[Tensor, "state d_model"]) -> Float[np.ndarray, " state"]:
     """Cosine per state, NaN where either vector is zero (no direction)."""
     norms = token_norms(x) * token_norms(y)
-    return torch.where(norms > 0, (x * y).sum(-1) / norms, torch.nan).numpy()
+    return to_numpy(torch.where(norms > 0, (x * y).sum(-1) / norms, torch.nan))
 
 
 def _transfer(effect: np.ndarray, native: slice, grid: np.ndarray, relative: np.ndarray, eval_norms: np.ndarray,
@@ -924,12 +925,13 @@ def steering_sweep(
         additions: dict[int, Tensor] = {}
         for row, (i, j, _) in enumerate(chunk):
             source, target = pairs[i]
-            added = additions.setdefault(target, torch.zeros(len(chunk), vectors.shape[-1], dtype=torch.float64))
+            added = additions.setdefault(target, torch.zeros(len(chunk), vectors.shape[-1], dtype=torch.float64,
+                                                             device=vectors.device))
             added[row] = relative[j] * norms[target] * directions[source]
         logits = steered_last_logits(model, tokens[prompt], last[prompt], additions)
         index = tuple(torch.tensor(c) for c in zip(*chunk))
-        effect[index] = (logit_difference(logits, positive_ids, negative_ids) - baseline_ld[prompt]).numpy()
-        kl[index] = kl_divergence(baseline[prompt], logits).numpy()
+        effect[index] = to_numpy(logit_difference(logits, positive_ids, negative_ids) - baseline_ld[prompt])
+        kl[index] = to_numpy(kl_divergence(baseline[prompt], logits))
     return effect, kl
 
 

@@ -427,7 +427,7 @@ def _run_locked(model, prompt_set: PromptSet, out: Path, shard, chunk, batch_siz
             cap = capture(model, texts[start: start + chunk], streams=STREAMS, exclude=exclude, truncate=truncate,
                           batch_size=batch_size)
             resid = cap.tokens_of("resid")
-            extra = {"resid_causal": resid @ whitener.to(resid.dtype)}
+            extra = {"resid_causal": resid @ whitener.to(resid.device, resid.dtype)}
             if states is not None:
                 extra["resid_covariance"] = resid[states]
             stats.update_from_capture(cap, extra=extra)

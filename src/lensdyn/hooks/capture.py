@@ -259,7 +259,7 @@ def capture(
     truncate: bool = False,
     prepend_bos: bool | None = None,
     progress: bool = False,
-    store_device: str | torch.device = "cpu",
+    store_device: str | torch.device = "auto",
     fwd_hooks: Sequence[tuple[str, Callable]] = (),
     massive_from: Capture | None = None,
 ) -> Capture:
@@ -287,7 +287,14 @@ def capture(
             tokenizer does (None, the default; SmolLM2: no BOS). TransformerLens turns BOS on
             for every tokenizer it wraps; lensdyn does not follow it silently.
         progress: show a progress bar over batches.
-        store_device: where captured tensors live (CPU by default, so GPU memory stays free).
+        store_device: where the packed streams (and attention) live. ``"auto"`` (the default): the
+            model's device (``resolve_store_device``), so that on a GPU the analyses reduce the
+            activations where they were computed and only reduced arrays cross to the host; on a
+            CPU model nothing changes. A capture holds ``states x tokens x d_model`` values per
+            stream, next to the model in GPU memory (SmolLM2-135M, every stream, the diverse set's
+            1,331 tokens: (31 + 7 x 30) x 1,331 x 576 float32 values, 0.74 GB): pass ``"cpu"``
+            when that would not fit (many prompts, every stream, a big model). The corpus workflow
+            reduces each chunk on the device, so it holds one chunk whatever the corpus size.
         fwd_hooks: extra ``(hook name, fn)`` pairs active during the pass, for interventions
             (e.g. ``lensdyn.hooks.temperature.temperature_hooks``); they run before the capture's own.
         massive_from: with ``exclude`` naming ``"massive"``, leave out that capture's massive
@@ -343,8 +350,8 @@ def capture(
     # A stream the layout lacks (resid_mid on a parallel block) is not captured, and says so when read.
     absent = tuple(s for s in streams if s not in layout.stream_hooks(0) and s != "resid")
     find_massive = "massive" in exclude and massive_from is None
-    buffers = _Buffers(model, layout, [s for s in streams if s not in absent], attention, token_mask, store_device,
-                       extra_hooks=list(fwd_hooks), find_massive=find_massive)
+    buffers = _Buffers(model, layout, [s for s in streams if s not in absent], attention, token_mask,
+                       resolve_store_device(model, store_device), extra_hooks=list(fwd_hooks), find_massive=find_massive)
     ensure_self_tested(model, token_lists[0])  # once per model: hooks hold what their names say
     device = next(model.parameters()).device
     batches = _length_batches([len(t) for t in token_lists], batch_size)
@@ -358,7 +365,7 @@ def capture(
 
     massive_positions, massive_source = (), ""
     if find_massive:
-        massive_positions = tuple(map(tuple, token_mask.nonzero()[buffers.massive].tolist()))
+        massive_positions = tuple(map(tuple, token_mask.nonzero()[buffers.massive.cpu()].tolist()))
         massive_source = f"{info.name} ({info.weights})"
     elif massive_from is not None:
         massive_positions, massive_source = massive_from.massive_positions, massive_from.massive_source
@@ -385,6 +392,23 @@ def capture(
         massive_positions=massive_positions,
         massive_source=massive_source,
     )
+
+
+def resolve_store_device(model, store_device: str | torch.device = "auto") -> torch.device:
+    """Where ``capture`` keeps the streams: ``store_device`` itself, or for ``"auto"`` the device of the
+    model's first parameter (where its embedding runs), the CPU when that is ``meta`` (weights offloaded
+    to disk by a ``device_map``, loaded per block).
+
+    >>> resolve_store_device(torch.nn.Linear(2, 2)), resolve_store_device(torch.nn.Linear(2, 2), "cpu")
+    (device(type='cpu'), device(type='cpu'))
+    """
+    if isinstance(store_device, str) and store_device == "auto":
+        device = next(model.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device
+    try:
+        return torch.device(store_device)
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"store_device {store_device!r} is not a torch device: give 'auto', 'cpu' or e.g. 'cuda:0'") from None
 
 
 def included_counts(
@@ -491,11 +515,26 @@ class _Buffers:
             self.attention = torch.zeros(n, n_prompts, cfg.n_heads, max_len, max_len, dtype=dtype, device=self.store_device)
         self.starts = torch.cumsum(self.token_mask.sum(1), 0) - self.token_mask.sum(1)
         if self.find_massive:
-            self.massive = torch.zeros(n_real, dtype=torch.bool)
+            self.massive = torch.zeros(n_real, dtype=torch.bool, device=self.store_device)
 
     def run(self, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor) -> None:
+        # Each hook only records whether what it stored is finite (a device flag): reading every flag at
+        # once costs one host sync per batch, not one per hook. A batch with a non-finite flag runs again,
+        # checked hook by hook, to name the hook and prompts (or to find that only padding was).
+        finite: list[Tensor] = []
+        self._pass(batch_tokens, batch_mask, rows, finite)
+        if finite and not bool(torch.stack([f.to(self.store_device) for f in finite]).all()):
+            self._pass(batch_tokens, batch_mask, rows, None)
+        if self.attention is not None:
+            # Padding positions hold whatever the batch computed there.
+            pad = ~self.token_mask[rows].to(self.store_device)
+            outside = pad[None, :, None, :, None] | pad[None, :, None, None, :]
+            self.attention[:, rows] = self.attention[:, rows].masked_fill(outside, 0)
+
+    def _pass(self, batch_tokens: Tensor, batch_mask: Tensor, rows: Tensor, finite: list[Tensor] | None) -> None:
+        """One forward pass filling the buffers; ``finite`` collects a flag per stored value (None: check each now)."""
         fired: set[str] = set()
-        fwd_hooks = self._hooks(batch_mask, rows, fired)
+        fwd_hooks = self._hooks(batch_mask, rows, fired, finite)
         last_hook = fwd_hooks[-1][0]
         try:
             self.model.run_with_hooks(
@@ -511,37 +550,49 @@ class _Buffers:
         if unfired:  # its buffer would hold whatever memory it was given
             raise HookSemanticsError(f"capture: hook point(s) {unfired[:3]} never fired on this batch "
                                      "(attention patterns need attn_implementation='eager')")
-        if self.attention is not None:
-            # Padding positions hold whatever the batch computed there.
-            pad = ~self.token_mask[rows].to(self.store_device)
-            outside = pad[None, :, None, :, None] | pad[None, :, None, None, :]
-            self.attention[:, rows] = self.attention[:, rows].masked_fill(outside, 0)
 
-    def _hooks(self, batch_mask: Tensor, rows: Tensor, fired: set[str]) -> list[tuple[str, Callable]]:
+    def _hooks(self, batch_mask: Tensor, rows: Tensor, fired: set[str], finite: list[Tensor] | None
+               ) -> list[tuple[str, Callable]]:
         post_norm, length, last_hook = self.layout.name == "post-norm", batch_mask.shape[1], self.plan[-1][0]
         resid_pre: dict[int, Tensor] = {}
-        # The batch's real tokens, in (row, position) order, and where they go in the packed streams.
+        # The batch's real tokens, in (row, position) order, and where they go in the packed streams: index
+        # tensors built once per batch on the devices that use them (a boolean mask would sync per hook).
         lengths = batch_mask.sum(1)
         destination = torch.cat([torch.arange(int(n)) + self.starts[r] for r, n in zip(rows.tolist(), lengths)])
+        destination = destination.to(self.store_device)
         unpadded = bool(batch_mask.all())  # then the real tokens are the batch itself, a view: no gather
+        real_index = batch_mask.flatten().nonzero().squeeze(1)
+        on_device: dict[torch.device, Tensor] = {}  # real_index per device: a device_map spreads the blocks
+
+        def real_tokens(x: Tensor) -> Tensor:
+            """``x[batch_mask]``: ``[batch, pos, ...]`` -> ``[real token, ...]``."""
+            if unpadded:
+                return x.flatten(0, 1)
+            if x.device not in on_device:
+                on_device[x.device] = real_index.to(x.device)
+            return x.flatten(0, 1).index_select(0, on_device[x.device])
+
+        def flag_finite(value: Tensor) -> None:
+            if finite is not None:
+                finite.append(torch.isfinite(value.sum(dtype=torch.promote_types(value.dtype, torch.float32))))
 
         def write(stream: str, index: int, value: Tensor) -> None:
             if stream == "attention":
                 target = self.attention[index, :, :, :length, :length]
-                target.index_copy_(0, rows, value.to(self.store_device, target.dtype))
+                target.index_copy_(0, rows.to(target.device), value.to(self.store_device, target.dtype))
+                flag_finite(value)  # padding included: a flag raised there only costs the checked pass
                 return
             if value.dim() == 2:  # OPT's blocks flatten [batch, pos] before the MLP's norm
                 value = value.reshape(*batch_mask.shape, -1)
             if stream.endswith("_scale"):
                 value = value.squeeze(-1)
             target = self.packed[stream][index]
-            real = value.flatten(0, 1) if unpadded else value[batch_mask.to(value.device)]
-            real = real.to(self.store_device, target.dtype)
-            target.index_copy_(0, destination.to(target.device), real)
+            real = real_tokens(value).to(self.store_device, target.dtype)
+            target.index_copy_(0, destination, real)
+            flag_finite(real)
 
         def flag_massive(x: Tensor) -> None:
-            real = x.flatten(0, 1) if unpadded else x[batch_mask.to(x.device)]
-            self.massive[destination] |= massive_mask(real).any(dim=-1).cpu()
+            self.massive[destination] |= massive_mask(real_tokens(x)).any(dim=-1).to(self.store_device)
 
         def make(name: str, stream: str | None, index: int) -> Callable:
             is_state = name.endswith("hook_resid_pre") or name == last_hook
@@ -555,7 +606,8 @@ class _Buffers:
                 if stream is not None:
                     # Post-norm attn_out is what LN1 reads minus the residual it was added to.
                     value = x - resid_pre.pop(index) if post_norm and stream == "attn_out" else x
-                    _check_finite(value, name, batch_mask, rows)
+                    if finite is None:
+                        _check_finite(value, name, batch_mask, rows)
                     write(stream, index, value)
                 if name == last_hook:
                     raise _CaptureComplete

@@ -211,14 +211,15 @@ def normalised_tokens(
     ([True, True, True], [False, False, False])
     """
     d = y.shape[-1]
-    probe = torch.tensor([1.0, -1.0]).repeat(d // 2 + 1)[:d]
+    weight = next(iter(norm.parameters()), torch.empty(0))  # the probes go where the norm runs
+    probe = torch.tensor([1.0, -1.0], device=weight.device).repeat(d // 2 + 1)[:d]
     probe = (probe - probe.mean()) / probe.std(unbiased=False)
-    dtype = next(iter(norm.parameters()), torch.empty(0)).dtype
     with torch.no_grad():
-        bias = norm(torch.zeros(1, d, dtype=dtype))[0].double()
-        gain = (norm(probe[None].to(dtype))[0].double() - bias) / probe.double()
+        bias = norm(torch.zeros(1, d, dtype=weight.dtype, device=weight.device))[0].double()
+        gain = (norm(probe[None].to(weight.dtype))[0].double() - bias) / probe.double()
+    bias, gain = bias.cpu(), gain.cpu()
     usable = gain.abs() > 1e-6  # a coordinate the norm zeroes says nothing
-    z = (y.double().cpu() - bias.cpu())[:, usable] / gain.cpu()[usable]
+    z = (y.double().cpu() - bias)[:, usable] / gain[usable]
     return (z.pow(2).mean(-1).sqrt() - 1).abs() < tolerance
 
 
@@ -273,7 +274,7 @@ def _assemble(model, padded: Mapping[str, Tensor], tokens, attention_mask, *, ex
 
 def _check_against_model(cap: Capture, model, ids: list[int], source: str) -> None:
     """Run prompt 0 through ``model`` with ``capture()``; every stream of ``cap`` must agree (``CHECK_RTOL``)."""
-    ref = capture(model, [ids], streams=tuple(cap.packed), exclude=())
+    ref = capture(model, [ids], streams=tuple(cap.packed), exclude=(), store_device="cpu")  # where cap's streams are
     for stream in cap.packed:
         mine, theirs = cap.prompt_of(stream, 0).double(), ref.prompt_of(stream, 0).double()
         gap, scale = float((mine - theirs).abs().max()), float(theirs.abs().max())
