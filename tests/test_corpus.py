@@ -2,6 +2,7 @@
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -314,9 +315,17 @@ def test_two_torchrun_ranks_equal_one_process(tiny_corpus, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "lensdyn.app.cli", "corpus", "--model", checkpoint, "--prompts", str(corpus), "--out", str(out),
                "--batch-size", "1", "--subsample", "0"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180,
-                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Its own session, so a run past the timeout is killed with its ranks (killing torchrun alone would
+    # leave them waiting on each other).
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        _, stderr = job.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        raise
+    assert job.returncode == 0, stderr[-3000:]
     assert sorted(p.name for p in out.glob("shard-*.json")) == ["shard-0-of-2.json", "shard-1-of-2.json"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

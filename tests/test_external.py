@@ -61,8 +61,13 @@ def test_an_analysis_on_the_cache_equals_it_on_the_capture(tiny_model):
         assert_close_data(a.to_dict() | {"provenance": None}, b.to_dict() | {"provenance": None})
 
 
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
 def assert_close_data(a, b, path="result"):
-    """Plain result data equal, numbers to float32 batching noise (a padded batch moves them by ~1e-7)."""
+    """Plain result data equal, numbers to float32 batching noise (a padded batch moves them by ~1e-7): relatively, and
+    absolutely to float32's resolution for the dimensionless numbers near 0 (a CV of post-LN norms, ~4e-5, is
+    itself made of that noise; which noise depends on the thread count's matmul splits)."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for key in a:
@@ -72,7 +77,7 @@ def assert_close_data(a, b, path="result"):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_close_data(x, y, f"{path}[{i}]")
     elif isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-9, nan_ok=True), path
+        assert a == pytest.approx(b, rel=1e-5, abs=2 * FLOAT32_EPS, nan_ok=True), path
     else:
         assert a == b, path
 
