@@ -4,7 +4,7 @@
 
 Times (best of ``--repeats``): a bare forward pass prompt by prompt, ``ld.capture`` of ``resid``
 (the forward pass the lens reads), ``lens.measure`` on that capture without the control as the
-report runs it (``lens_tokens=512`` drawn tokens, every state through the final norm and the
+report runs it (``lens_tokens=256`` drawn tokens, every state through the final norm and the
 49,152-way unembedding) and on every included token (``lens_tokens=0``), and the affine lens's fit
 alone (streamed moments and 31 ridge solves) and with its held-out decoding. Each is printed as a
 ratio to the capture. Every decoded token costs ``n_layers`` unembeddings (the unembedding is a
