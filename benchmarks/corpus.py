@@ -146,6 +146,8 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--one", str(n), "--chunk", str(args.chunk)],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    import torch  # the thread count the children run with (torch's default, as here)
+
     print(f"smollm2-135m, corpus streaming (chunk {args.chunk} prompts, batches of 8), {torch.get_num_threads()} threads")
     print(f"{'prompts':>8} {'tokens':>8} {'largest chunk':>14} {'peak MiB':>9} {'stream s':>9} {'bare s':>8} {'x bare':>7} "
           f"{'tok/s stream':>13} {'tok/s bare':>11}")
