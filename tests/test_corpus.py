@@ -42,6 +42,12 @@ def single(smollm2, tmp_path_factory):
     return run_corpus(smollm2, CORPUS, tmp_path_factory.mktemp("single"), chunk=3, batch_size=1, progress=False)
 
 
+def smollm2_weights_source() -> str:
+    from lensdyn.models import weights_source
+
+    return weights_source("smollm2-135m", "pretrained")
+
+
 def test_merged_shards_equal_the_single_run(smollm2, single, tmp_path):
     for i in range(3):
         # One prompt per forward pass: the same activations in any shard (batching changes them by ~1e-7).
@@ -51,6 +57,7 @@ def test_merged_shards_equal_the_single_run(smollm2, single, tmp_path):
     assert_same_statistics(merged, reference)
     assert merged.n_shards == 3 and reference.provenance.n_prompts == len(CORPUS)
     assert merged.conventions.causal_metrics == ("causal_inverse",)  # the metric of causal_scale_factor, by name
+    assert merged.provenance.weights_source == reference.provenance.weights_source == smollm2_weights_source()
     # And against the analyses on one capture of the whole corpus (the direct, non-streaming path).
     cap = ld.capture(smollm2, CORPUS, streams=("resid",), batch_size=1)
     from lensdyn.analyses.expansion import scale_factor

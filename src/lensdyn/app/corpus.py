@@ -385,7 +385,7 @@ def _new_record(model, prompt_set: PromptSet, shard, settings: dict) -> dict:
     info = model_info(model)
     return {
         "format": RECORD_FORMAT, "model": info.name, "weights": info.weights, "seed": info.seed, "layout": info.layout,
-        "n_params": info.n_params, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "weights_source": info.weights_source, "n_params": info.n_params, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "prompt_set": prompt_set.name, "fingerprint": fingerprint(prompt_set), "n_prompts_total": len(prompt_set),
         "shard": list(shard), "exclude": list(settings["exclude"]), "truncate": settings["truncate"],
         "skip_short": settings["skip_short"], "covariance_states": settings["covariance_states"],
@@ -641,7 +641,7 @@ def corpus_result(stats: StreamingStats, record: dict) -> CorpusResult:
             model=record["model"], weights=record["weights"], seed=record["seed"], layout=record["layout"],
             prompt_set=record["prompt_set"], n_prompts=record["n_prompts"], n_tokens=record["n_tokens"],
             lensdyn_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            n_params=record["n_params"],
+            n_params=record["n_params"], weights_source=record.get("weights_source", ""),  # records before it: unsaid
         ),
         n_shards=int(record.get("merged_from", 1)),
         mean_norm=norms.mean_norm,
