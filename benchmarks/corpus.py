@@ -29,6 +29,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import forward_batches  # noqa: E402
+
 
 def build_corpus(n: int) -> list[str]:
     from lensdyn.prompts import get_prompts
@@ -54,7 +57,6 @@ def measure_one(n: int, chunk: int) -> dict:
     import lensdyn as ld
     from lensdyn.app.cli import thread_count
     from lensdyn.app.corpus import run_corpus
-    from lensdyn.hooks.capture import _length_batches
 
     torch.set_num_threads(thread_count())  # OMP_NUM_THREADS, else the CPUs we were given
     model = ld.load_model("smollm2-135m")
@@ -63,16 +65,7 @@ def measure_one(n: int, chunk: int) -> dict:
     with torch.inference_mode():  # warm-up, untimed
         model(torch.tensor([ids[0]]))
     started = time.perf_counter()
-    with torch.inference_mode():
-        for begin in range(0, n, chunk):
-            part = ids[begin: begin + chunk]
-            for rows in _length_batches([len(t) for t in part], 8):
-                length = max(len(part[i]) for i in rows)
-                batch = torch.zeros(len(rows), length, dtype=torch.long)
-                mask = torch.zeros(len(rows), length, dtype=torch.long)
-                for j, i in enumerate(rows):
-                    batch[j, : len(part[i])], mask[j, : len(part[i])] = torch.tensor(part[i]), 1
-                model(batch, attention_mask=mask)
+    forward_batches(model, ids, chunk)
     bare = time.perf_counter() - started
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS high-water mark: loading's own peak is not the stream's
