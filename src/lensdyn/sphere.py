@@ -94,19 +94,47 @@ def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS)
     >>> inner_product_histogram(torch.eye(3, dtype=torch.float64), np.array([-1.0, 0.5, 1.0]))
     array([1., 0.])
     """
-    values = to_numpy(pair_values(gram).clamp(-1.0, 1.0))
+    return pair_histogram(pair_values(gram), bins)
+
+
+def pair_histogram(values: Float[Tensor, " pair"], bins: np.ndarray = BINS) -> Float[np.ndarray, " bin"]:
+    """``inner_product_histogram`` of pair values already read off a Gram (``pair_values``): fraction in each bin.
+
+    >>> pair_histogram(torch.tensor([0.0, 0.9, 1.0]), np.array([-1.0, 0.5, 1.0]))
+    array([0.33333333, 0.66666667])
+    """
+    values = to_numpy(values.clamp(-1.0, 1.0))
     counts, _ = np.histogram(values, bins=bins)
     return counts / max(len(values), 1)
 
 
+def energy_terms(gram: Float[Tensor, "n n"], beta: float, out: Float[Tensor, "n n"] | None = None) -> Float[Tensor, "n n"]:
+    """The terms ``exp(beta <x_i, x_j>)`` of ``E_beta``, written into ``out`` where given (a long prompt's analysis
+    reuses one ``n x n`` buffer instead of allocating two per beta).
+
+    >>> energy_terms(torch.zeros(1, 1, dtype=torch.float64), 2.0).tolist()
+    [[1.0]]
+    """
+    return torch.mul(gram, beta, out=out).exp_()
+
+
+def energy_of_terms(terms: Float[Tensor, "n n"], beta: float) -> float:
+    """``E_beta = (1 / (2 beta n^2)) sum_ij terms_ij`` from ``energy_terms``.
+
+    >>> round(energy_of_terms(torch.full((2, 2), np.e, dtype=torch.float64), 1.0), 6)
+    1.359141
+    """
+    n = terms.shape[0]
+    return float(terms.sum() / (2.0 * beta * n * n))
+
+
 def interaction_energy(gram: Float[Tensor, "n n"], beta: float) -> float:
-    """``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``.
+    """``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``: ``energy_of_terms(energy_terms(gram, beta))``.
 
     >>> round(interaction_energy(torch.ones(2, 2, dtype=torch.float64), 1.0), 6)   # all aligned: e / 2
     1.359141
     """
-    n = gram.shape[0]
-    return float(torch.exp(beta * gram).sum() / (2.0 * beta * n * n))
+    return energy_of_terms(energy_terms(gram, beta), beta)
 
 
 def tie_representatives(gram: Float[Tensor, "n n"], tolerance: float = TIE_TOLERANCE) -> Int[np.ndarray, " n"]:

@@ -78,9 +78,10 @@ from lensdyn.analyses.measure import measure_with_control
 from lensdyn.analyses.registry import Analysis, option
 from lensdyn.resampling import prompt_counts
 from lensdyn.results import Conventions, Provenance, Result
-from lensdyn.sphere import (BETAS, TIE_TOLERANCE, inner_product_histogram, interaction_energy, pair_values, sphere,
+from lensdyn.sphere import (BETAS, TIE_TOLERANCE, energy_of_terms, energy_terms, pair_histogram, pair_values, sphere,
                             state_gram, tie_representatives, tied_fraction, upper_pairs)
-from lensdyn.sphere import BINS, cloud_grams  # noqa: F401 - still metastability.BINS and .cloud_grams, as before they moved
+from lensdyn.sphere import (BINS, cloud_grams, inner_product_histogram,  # noqa: F401 - still metastability.BINS and
+                            interaction_energy)  # .cloud_grams, .inner_product_histogram, .interaction_energy, as before
 from lensdyn.verdicts import Claim, finite, judge
 
 STREAMS = ("resid",)
@@ -104,7 +105,16 @@ def mass_near_one(gram: Float[Tensor, "n n"], threshold: float = MASS_THRESHOLD)
     >>> mass_near_one(torch.ones(3, 3, dtype=torch.float64))
     1.0
     """
-    return float((pair_values(gram) > threshold).to(torch.float64).mean())
+    return mass_of_pairs(pair_values(gram), threshold)
+
+
+def mass_of_pairs(values: Float[Tensor, " pair"], threshold: float = MASS_THRESHOLD) -> float:
+    """``mass_near_one`` of pair values already read off a Gram (``pair_values``).
+
+    >>> mass_of_pairs(torch.tensor([0.95, 0.5]))
+    0.5
+    """
+    return float((values > threshold).to(torch.float64).mean())
 
 
 def effective_rank(gram: Float[Tensor, "m m"]) -> float:
@@ -200,7 +210,13 @@ def nearest_neighbours(gram: Float[Tensor, "n n"]) -> Int[Tensor, " n"]:
     >>> nearest_neighbours(torch.tensor([[1., .9, .1], [.9, 1., .2], [.1, .2, 1.]], dtype=torch.float64)).tolist()
     [1, 0, 1]
     """
-    return (gram - 3.0 * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).argmax(dim=1)
+    # The diagonal is set aside and restored exactly, not subtracted: a copy of a long prompt's Gram is n^2 float64.
+    diagonal = gram.diagonal().clone()
+    gram.diagonal().fill_(-torch.inf)
+    try:
+        return gram.argmax(dim=1)
+    finally:
+        gram.diagonal().copy_(diagonal)
 
 
 def neighbour_stability(nearest_a: Int[Tensor, " n"], nearest_b: Int[Tensor, " n"]) -> float:
@@ -240,6 +256,19 @@ def linear_cka(gram_a: Float[Tensor, "n n"], gram_b: Float[Tensor, "n n"]) -> fl
     return float((k * l).sum() / (k.norm() * l.norm()))
 
 
+def linear_cka_features(x: Float[Tensor, "n d"], y: Float[Tensor, "n e"]) -> float:
+    """``linear_cka`` from the token matrices themselves: ``||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F)``,
+    ``X_c`` with centred columns. The same number as ``linear_cka(x @ x.T, y @ y.T)`` to round-off, in ``n d^2``
+    rather than ``n^2`` work and memory: ``cloud_metrics`` takes it once tokens outnumber dimensions.
+
+    >>> x = torch.randn(10, 4, dtype=torch.float64)
+    >>> round(linear_cka_features(x, 2.0 * x), 12)
+    1.0
+    """
+    x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
+    return float((y.T @ x).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
 def plateaus(values: Float[np.ndarray, " n"], threshold: float = CKA_PLATEAU, min_length: int = 2) -> list[tuple[int, int]]:
     """Runs ``(start, end)`` (inclusive) of at least ``min_length`` consecutive values ``>= threshold``.
 
@@ -257,21 +286,21 @@ def plateaus(values: Float[np.ndarray, " n"], threshold: float = CKA_PLATEAU, mi
     return runs
 
 
-def energy_drop_pairs(
-    gram_a: Float[Tensor, "n n"], gram_b: Float[Tensor, "n n"], beta: float, k: int = 5
-) -> list[tuple[int, int, float]]:
-    """The ``k`` pairs ``i < j`` whose term ``exp(beta <x_i, x_j>)`` fell most from ``a`` to ``b``: ``(i, j, change)``.
+def smallest_pairs(change: Float[Tensor, "n n"], k: int = 5) -> list[tuple[int, int, float]]:
+    """The ``k`` pairs ``i < j`` with the smallest ``change[i, j]``, smallest first: ``(i, j, change)``.
+    ``change`` is overwritten (the pairs ``i >= j`` set to ``inf``): it is a long prompt's ``n x n`` temporary.
 
-    >>> a = torch.eye(3, dtype=torch.float64)
-    >>> b = a.clone(); b[0, 2] = b[2, 0] = -1.0
-    >>> [(i, j, round(c, 4)) for i, j, c in energy_drop_pairs(a, b, 1.0, k=1)]
-    [(0, 2, -0.6321)]
+    >>> smallest_pairs(torch.tensor([[0., -2., 1.], [-9., 0., -1.], [0., 0., 0.]]), k=2)
+    [(0, 1, -2.0), (1, 2, -1.0)]
     """
-    n = gram_a.shape[0]
-    # The n x n change with the pairs i >= j out of the running: flat index o is the pair (o // n, o % n).
-    change = (torch.exp(beta * gram_b) - torch.exp(beta * gram_a)).masked_fill_(~upper_pairs(n, gram_a.device), torch.inf)
-    order = torch.topk(change.view(-1), min(k, n * (n - 1) // 2), largest=False).indices
-    return [(int(o) // n, int(o) % n, float(change.view(-1)[o])) for o in order]
+    n = change.shape[0]
+    k = min(k, n * (n - 1) // 2)
+    change.masked_fill_(~upper_pairs(n, change.device), torch.inf)
+    # The k smallest entries lie in the k rows of smallest minimum: a top-k over k rows, not over n^2 entries.
+    rows = torch.topk(change.amin(dim=1), min(k, n), largest=False).indices
+    order = torch.topk(change[rows].view(-1), k, largest=False).indices
+    pairs = [(int(rows[o // n]), int(o % n)) for o in order]
+    return [(i, j, float(change[i, j])) for i, j in pairs]
 
 
 def cluster_subsample(n: int, max_tokens: int = MAX_CLUSTER_TOKENS, seed: int = CLUSTER_SEED) -> Int[np.ndarray, " m"] | None:
@@ -400,10 +429,18 @@ def cloud_metrics(
     sample = cluster_subsample(n, max_cluster_tokens)
     energy = np.zeros((len(betas), n_states))
     histogram, mass, rank, n_clusters, noise, tied, cka, stability, violations = ([] for _ in range(9))
-    previous = previous_nearest = None
+    previous = previous_nearest = previous_x = None
+    terms, previous_terms = (torch.empty(n, n, dtype=torch.float64, device=states.device) for _ in range(2))
     for t in range(n_states):
         gram = state_gram(states[t])
-        energy[:, t] = [interaction_energy(gram, b) for b in betas]
+        x = sphere(states[t]) if n > d else None
+        for bi, beta in enumerate(betas):
+            energy[bi, t] = energy_of_terms(energy_terms(gram, beta, out=terms), beta)
+            drop = (energy[bi, t - 1] - energy[bi, t]) / energy[bi, t - 1] if t else -np.inf
+            if drop > rtol:  # the pairs that fell most: this state's terms less the previous state's
+                change = torch.sub(terms, energy_terms(previous, beta, out=previous_terms), out=previous_terms)
+                violations.append((bi, EnergyViolation(beta=float(beta), block=t - 1, relative_drop=float(drop),
+                                                        pairs=tuple(smallest_pairs(change)))))
         ties = tie_representatives(gram, tie_tolerance)
         tied.append(tied_fraction(ties))
         if sample is None:
@@ -412,24 +449,19 @@ def cloud_metrics(
             count, fraction, _ = clusters(gram[sample][:, sample], min_cluster_size, tie_tolerance)
         n_clusters.append(count)
         noise.append(fraction)
-        histogram.append(inner_product_histogram(gram))
-        mass.append(mass_near_one(gram, threshold))
+        values = pair_values(gram)
+        histogram.append(pair_histogram(values))
+        mass.append(mass_of_pairs(values, threshold))
         if n <= d:
             rank.append(effective_rank(gram))
         else:  # the d x d Gram of the features: the same spectrum, d^3 not n^3 to decompose
-            x = sphere(states[t])
             rank.append(effective_rank(x.T @ x))
         nearest = nearest_neighbours(gram)
         if previous is not None:
-            cka.append(linear_cka(previous, gram))
+            # n > d: CKA from the d x d cross-covariances, the same number without the n x n centred Grams.
+            cka.append(linear_cka(previous, gram) if x is None else linear_cka_features(previous_x, x))
             stability.append(neighbour_stability(previous_nearest, nearest))
-            for bi, beta in enumerate(betas):
-                drop = (energy[bi, t - 1] - energy[bi, t]) / energy[bi, t - 1]
-                if drop > rtol:
-                    pairs = tuple(energy_drop_pairs(previous, gram, beta))
-                    violations.append((bi, EnergyViolation(beta=float(beta), block=t - 1, relative_drop=float(drop),
-                                                            pairs=pairs)))
-        previous, previous_nearest = gram, nearest
+        previous, previous_nearest, previous_x = gram, nearest, x
     n_clusters, noise, cka = np.array(n_clusters, dtype=np.int64), np.array(noise), np.array(cka)
     return CloudMetrics(
         histogram=np.stack(histogram),
