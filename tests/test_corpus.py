@@ -78,8 +78,8 @@ def test_a_stopped_run_resumes_and_counts_each_chunk_once(smollm2, single, tmp_p
         return real_capture(*args, **kwargs)
 
     monkeypatch.setattr(capture_module, "capture", failing_capture)
-    with pytest.raises(KeyboardInterrupt):
-        run_corpus(smollm2, CORPUS, tmp_path, chunk=3, batch_size=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # writing after every chunk
+        run_corpus(smollm2, CORPUS, tmp_path, chunk=3, batch_size=1, progress=False, checkpoint_seconds=0.0)
     record = json.loads((tmp_path / "shard-0-of-1.json").read_text())
     assert record["prompts_done"] == 3
     monkeypatch.setattr(capture_module, "capture", real_capture)
@@ -87,6 +87,21 @@ def test_a_stopped_run_resumes_and_counts_each_chunk_once(smollm2, single, tmp_p
     assert record["prompts_done"] == len(CORPUS)
     assert_same_statistics(corpus_result(stats, record), corpus_result(*single))
     assert [p.name for p in tmp_path.glob("*.npz")] == [record["stats_file"]]  # superseded checkpoints are gone
+
+
+def test_a_run_writes_at_its_pace_and_after_its_last_chunk(smollm2, tmp_path, monkeypatch):
+    corpus_module = importlib.import_module("lensdyn.app.corpus")
+    real_checkpoint, written = corpus_module._checkpoint, []
+    monkeypatch.setattr(corpus_module, "_checkpoint", lambda stats, record, path: (
+        written.append(record["prompts_done"]), real_checkpoint(stats, record, path)))
+    run_corpus(smollm2, CORPUS[:6], tmp_path / "hourly", chunk=2, progress=False, checkpoint_seconds=3600.0)
+    assert written == [6]  # only the end: no chunk came an hour after the last write
+    written.clear()
+    run_corpus(smollm2, CORPUS[:6], tmp_path / "every", chunk=2, progress=False, checkpoint_seconds=0.0)
+    assert written == [2, 4, 6]
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ArgumentError, match="checkpoint_seconds"):
+            run_corpus(smollm2, CORPUS[:6], tmp_path / "bad", progress=False, checkpoint_seconds=bad)
 
 
 def test_mismatched_incomplete_and_missing_shards_are_refused(smollm2, tmp_path):
@@ -166,7 +181,7 @@ def test_a_second_run_of_a_shard_is_refused_and_a_killed_one_resumes(smollm2, si
 
     monkeypatch.setattr(capture_module, "capture", failing_capture)
     with pytest.raises(KeyboardInterrupt):  # a first run stops after one chunk (and lets go of its lock)
-        run_corpus(smollm2, CORPUS, tmp_path, chunk=3, batch_size=1, progress=False)
+        run_corpus(smollm2, CORPUS, tmp_path, chunk=3, batch_size=1, progress=False, checkpoint_seconds=0.0)
     monkeypatch.setattr(capture_module, "capture", real_capture)
     holder = hold_lock(tmp_path)
     try:

@@ -32,7 +32,7 @@ from lensdyn.analyses import registry
 from lensdyn.app import parsing
 from lensdyn.app.parsing import HelpFormatter, Values
 from lensdyn.app.report import STATIC_SCALE
-from lensdyn.app.run import CONTROL_SEEDS
+from lensdyn.app.run import CHECKPOINT_SECONDS, CONTROL_SEEDS
 from lensdyn.errors import ArgumentError, LensdynError, PromptError, UnsupportedArchitectureError
 from lensdyn.verdicts import N_BOOTSTRAP
 
@@ -188,6 +188,9 @@ def _parser(table: dict | None = None) -> argparse.ArgumentParser:
     corpus.add_argument("--out", required=True, type=Path, help="directory for shard records and the result")
     corpus.add_argument("--shard", default="0/1", help="i/n: this process takes prompts i, i+n, i+2n, ...")
     corpus.add_argument("--chunk", type=int, default=16, help="prompts per capture (peak memory grows with it)")
+    corpus.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_SECONDS, metavar="SECONDS",
+                        help="write the record and accumulators after the chunk that ends this long after the last "
+                             "write, and at the end; a stopped run resumes from its last write (0: every chunk)")
     corpus.add_argument("--batch-size", type=int, default=8,
                         help="prompts per forward pass; 1 makes every shard's activations identical to a single run's")
     corpus.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
@@ -360,7 +363,7 @@ def _set_threads(args) -> None:
 
 # The least value of each numeric option of the commands themselves (an analysis's options state their own
 # bounds: registry.option), checked before any model loads.
-AT_LEAST = {"batch_size": 1, "chunk": 1, "subsample": 0, "threads": 1, "seed": 0, "control_seeds": 0, "bootstrap": 0}
+AT_LEAST = {"batch_size": 1, "chunk": 1, "checkpoint_every": 0, "subsample": 0, "threads": 1, "seed": 0, "control_seeds": 0, "bootstrap": 0}
 
 
 def _check_options(args) -> None:
@@ -638,7 +641,7 @@ def _corpus_locked(args, shard: tuple[int, int], prompts) -> int:
                                batch_size=args.batch_size, exclude=exclude, truncate=args.truncate,
                                resume=not args.restart, skip_short=args.skip_short,
                                covariance_states=args.covariance_states, covariance_sketch=args.covariance_sketch,
-                               distributed=args.distributed)
+                               distributed=args.distributed, checkpoint_seconds=args.checkpoint_every)
     _say(args, f"shard {shard[0]}/{shard[1]}: {record['prompts_done']} prompts, {record['n_tokens']} tokens -> {args.out}")
     if record["skipped"]:
         print(f"lensdyn: left out {len(record['skipped'])} prompt(s) with fewer than 2 tokens after excluding "

@@ -21,6 +21,9 @@ from lensdyn.results import Result, attach_control
 from lensdyn.verdicts import Verdict, judge
 
 CONTROL_SEEDS = (0, 1, 2)
+# The default pace of a corpus run's writes (lensdyn.app.corpus.run_corpus): a stopped run loses at most about
+# this many seconds. Here, not in the corpus module, so that the command line's --help needs no torch.
+CHECKPOINT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
