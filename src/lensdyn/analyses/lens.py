@@ -16,7 +16,8 @@ state is compared with it, per token, over the tokens in ``capture.mask``:
   default its last token, excluded or not), with their probabilities.
 
 Precision: the unembedding runs in the model's dtype (float32 logits), and so do the lens's
-elementwise steps (one ``exp`` per logit, ``lens_statistics``); every sum over tokens and the
+elementwise steps (one ``exp`` per logit, ``lens_statistics``) and its sums over the vocabulary
+(pairwise sums, relative round-off ~1e-7); every sum over tokens and the
 statistics are float64, and so is the output distribution ``q``. A float32 logit carries a
 relative error of about 1e-7, so KL and entropy are exact to a few 1e-6 nats against a float64
 decoding of the same states (tested to 1e-5), equal to a token-by-token brute-force loop to that
@@ -119,9 +120,9 @@ def lens_statistics(logits: Float[Tensor, "token vocab"], output: OutputDistribu
 
     With ``u = z - max z`` and ``S = sum exp(u)`` (so ``log p = u - log S``):
     ``H(p) = log S - sum exp(u) u / S`` and ``KL(q || p) = sum q log q - sum q u + log S``.
-    One ``exp`` of the logits, two dot products per token: the elementwise work runs in the logits'
-    dtype, the sums and the results are float64 (module docstring: precision). Rank counts the
-    logits strictly above the top token's.
+    One ``exp`` of the logits, two dot products per token: the elementwise work and the sums over the
+    vocabulary run in the logits' dtype, the results are float64 (module docstring: precision). Rank
+    counts the logits strictly above the top token's.
 
     >>> z = torch.tensor([[0., 0., 0., 0.], [2., 1., 0., 0.]])
     >>> q = output_distribution(torch.tensor([[0., 0., 0., 0.], [1., 2., 0., 0.]]))   # row 2: the output's top is token 1
@@ -129,10 +130,12 @@ def lens_statistics(logits: Float[Tensor, "token vocab"], output: OutputDistribu
     >>> round(float(s["kl"][0]), 6), round(float(s["entropy"][0]), 4), s["rank"].tolist()     # H(uniform on 4) = ln 4
     (0.0, 1.3863, [0.0, 1.0])
     """
-    rank = (logits > logits.gather(1, output.top[:, None])).sum(dim=1).double()
+    # int32 counts and a float32 sum: half and a thirtieth of the time of int64 and float64 ones on a CPU, and the
+    # sum's round-off (~4e-7 in log S, measured on smollm2-135m) is within the float32 logits' own.
+    rank = (logits > logits.gather(1, output.top[:, None])).sum(dim=1, dtype=torch.int32).double()
     shifted = logits - logits.amax(dim=1, keepdim=True)
     weights = shifted.exp()
-    total = weights.sum(dim=1, dtype=torch.float64)
+    total = weights.sum(dim=1, dtype=torch.promote_types(weights.dtype, torch.float32)).double()
     log_total = total.log()
     return {
         "kl": output.neg_entropy - torch.linalg.vecdot(output.probs, shifted).double() + log_total,
