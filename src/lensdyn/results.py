@@ -184,7 +184,9 @@ class Result:
         rows = []
         for role, result in self._roles():
             p = result.provenance
-            rows += [(p.model, p.weights, role, axis, index, statistic, float(value), result.units_of(statistic))
+            units: dict[str, str] = {}  # per statistic, not per row: a result's 10^5 rows share 10^3 names
+            rows += [(p.model, p.weights, role, axis, index, statistic, float(value),
+                      units[statistic] if statistic in units else units.setdefault(statistic, result.units_of(statistic)))
                      for axis, index, statistic, value in result.tidy_records()]
         frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
         frame.attrs = {"kind": self.kind, "conventions": dataclasses.asdict(self.conventions),
