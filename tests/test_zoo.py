@@ -5,6 +5,8 @@ Each family: the self-test (hooks fire, the layout's identities, the wrapped Hug
 analyses finite, one block's Jacobian against a dense one, a steering vector landing at its block,
 and (causal models) a patch sweep against brute-force Hugging Face patching.
 """
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,8 @@ import lensdyn as ld
 from conftest import tiny_checkpoint
 from lensdyn.analyses import expansion, gains, metastability, norms
 from lensdyn.errors import ArgumentError, UnsupportedArchitectureError
+from lensdyn.fastpath import FastPathWarning, fast_paths
+from lensdyn.hooks import fused_attention
 from lensdyn.hooks.jacobian import block_map, dense_jacobian, jacobian_spectrum
 from lensdyn.hooks.patching import patch_sweep
 from lensdyn.hooks.selftest import self_test
@@ -154,3 +158,24 @@ def test_block_inputs_are_recorded_once_per_length_and_hold_no_cache(family):
         first, second = (model.blocks[1](x, *args, **kwargs) for _ in range(2))
     first, second = (out[0] if isinstance(out, tuple) else out for out in (first, second))
     torch.testing.assert_close(first, second)
+
+
+def test_fused_attention_is_taken_where_it_agrees_and_says_so_where_it_is_not(family, monkeypatch):
+    """Every family: the sdpa fast path of long prompts (lensdyn.hooks.fused_attention), shortened to these prompts,
+    is either taken and agrees with the reconstruction, or refused with a warning and the capture unchanged."""
+    name, model, _ = family
+    reference = ld.capture(model, PROMPTS.tolist(), exclude=())
+    monkeypatch.setattr(fused_attention, "MIN_TOKENS", 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cap = ld.capture(model, PROMPTS.tolist(), exclude=())
+    record = fast_paths(model)[fused_attention.NAME]
+    if record.taken:
+        for stream in ("resid", "attn_out", "mlp_out"):
+            a, b = cap.tokens_of(stream).double(), reference.tokens_of(stream).double()
+            assert float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp(min=1e-12)).max()) < 1e-4, (name, stream)
+    else:
+        assert any(issubclass(w.category, FastPathWarning) for w in caught), name
+        torch.testing.assert_close(cap.resid, reference.resid, rtol=0, atol=0)
+    if name in ("llama", "qwen2", "qwen3", "mistral", "gpt2"):  # the write-ups' families: the fast path must be there
+        assert record.taken, (name, record.reason)

@@ -41,6 +41,7 @@ not its own (``control_capture``), so the two are measured token for token.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from lensdyn.layouts import BlockLayout
 from lensdyn.models import ModelInfo, block_layout, model_info
 from lensdyn.ops import massive_mask
 from lensdyn.progress import track
+from lensdyn.hooks.fused_attention import fused_attention, use_fused_attention
 from lensdyn.hooks.selftest import ensure_self_tested
 from lensdyn.prompts import PromptSet, resolve_prompts
 
@@ -536,12 +538,15 @@ class _Buffers:
         fired: set[str] = set()
         fwd_hooks = self._hooks(batch_mask, rows, fired, finite)
         last_hook = fwd_hooks[-1][0]
+        # A caller's own hooks may read inside the attention: only a capture of lensdyn's streams alone is fused.
+        fused = use_fused_attention(self.model, batch_tokens.shape[1], self.want_attention or bool(self.extra_hooks))
         try:
-            self.model.run_with_hooks(
-                batch_tokens,
-                attention_mask=batch_mask.to(batch_tokens.device).long(),
-                fwd_hooks=[*self.extra_hooks, *fwd_hooks],
-            )
+            with fused_attention(self.model) if fused else contextlib.nullcontext():
+                self.model.run_with_hooks(
+                    batch_tokens,
+                    attention_mask=batch_mask.to(batch_tokens.device).long(),
+                    fwd_hooks=[*self.extra_hooks, *fwd_hooks],
+                )
         except _CaptureComplete:
             pass
         else:
