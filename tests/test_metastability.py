@@ -8,6 +8,7 @@ from lensdyn.analyses import idealized
 from lensdyn.analyses import metastability as ms
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.iterate import iterate
+from lensdyn.sphere import tie_threshold
 
 
 def planted_clusters(k=3, per_cluster=30, d=16, spread=0.05, seed=0):
@@ -340,3 +341,22 @@ def test_smallest_pairs_are_the_brute_force_k_smallest_of_the_upper_triangle():
         brute = sorted((float(change[i, j]), i, j) for i in range(n) for j in range(i + 1, n))[:k]
         got = ms.smallest_pairs(change.clone(), k)
         assert [(i, j, c) for c, i, j in brute] == got
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1e-4, 3e-3, 0.7, 1.0, 1.2])  # below sqrt(2): orthogonal points never tie
+def test_the_tie_threshold_decides_every_gram_entry_as_the_chord_rule_does(tolerance):
+    limit = tolerance * tolerance
+    c = tie_threshold(tolerance)
+    g = torch.rand(2000, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    if c is not None:  # the floats at and around the threshold, where rounding could decide
+        near = [c]
+        for _ in range(3):
+            near = [np.nextafter(near[0], -np.inf), *near, np.nextafter(near[-1], np.inf)]
+        g = torch.cat([g, torch.tensor(near + [1.0, np.nextafter(1.0, 2.0)], dtype=torch.float64)])
+        assert torch.equal(g >= c, (2.0 - 2.0 * g) <= limit)
+    else:
+        assert limit >= 1.0
+    square = torch.eye(len(g) + 1, dtype=torch.float64)  # point 0 against every value of g, the rest orthogonal
+    square[0, 1:] = square[1:, 0] = g
+    tied_to_first = ms.tie_representatives(square, tolerance)[1:] == 0
+    assert tied_to_first.tolist() == ((2.0 - 2.0 * g) <= limit).tolist()

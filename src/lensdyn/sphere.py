@@ -150,13 +150,35 @@ def tie_representatives(gram: Float[Tensor, "n n"], tolerance: float = TIE_TOLER
     """
     if not 0.0 <= tolerance < np.inf:
         raise ArgumentError(f"tie tolerance must be a finite chord distance >= 0, not {tolerance!r}")
-    tied = to_numpy((2.0 - 2.0 * gram) <= tolerance * tolerance)
+    threshold = tie_threshold(tolerance)
+    tied = to_numpy(gram >= threshold if threshold is not None else (2.0 - 2.0 * gram) <= tolerance * tolerance)
     if tied.sum() <= len(tied):  # each point tied only to itself, the usual case: no graph to search
         return np.arange(len(tied), dtype=np.int64)
     _, group = connected_components(csr_matrix(tied), directed=False)
     first = np.full(group.max() + 1, len(group), dtype=np.int64)
     np.minimum.at(first, group, np.arange(len(group)))
     return first[group]
+
+
+def tie_threshold(tolerance: float) -> float | None:
+    """The least float64 ``c`` with ``2 - 2c <= tolerance^2``, so that ``g >= c`` decides a tie exactly as
+    ``2 - 2g <= tolerance^2`` does for every float64 ``g`` in ``[0.5, 2]`` (there ``2 - 2g`` is exact,
+    Sterbenz) and below 0.5 (never a tie): one comparison of a long prompt's Gram, not two ``n x n``
+    temporaries. None where ``tolerance >= 1`` (ties reach below 0.5).
+
+    >>> c = tie_threshold(1e-4)
+    >>> 2 - 2 * c <= 1e-8 < 2 - 2 * np.nextafter(c, 0)
+    True
+    """
+    limit = tolerance * tolerance
+    if limit >= 1.0:
+        return None
+    c = 1.0 - limit / 2
+    while 2.0 - 2.0 * c > limit:
+        c = float(np.nextafter(c, np.inf))
+    while 2.0 - 2.0 * float(np.nextafter(c, -np.inf)) <= limit:
+        c = float(np.nextafter(c, -np.inf))
+    return c
 
 
 def tied_fraction(representatives: Int[np.ndarray, " n"]) -> float:
