@@ -39,6 +39,12 @@ def test_attention_patterns_and_callers_hooks_are_never_fused(tiny_llama, monkey
     cap = ld.capture(tiny_llama, PROMPTS, streams=("resid",), attention=True)
     assert cap.attention is not None and fused_attention.NAME not in fast_paths(tiny_llama)
     assert not fused_attention.use_fused_attention(tiny_llama, 10_000, needs_attention_hooks=True)
+    seen = []
+    with tiny_llama.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda pattern, hook: seen.append(1))]):
+        assert not fused_attention.use_fused_attention(tiny_llama, 10_000, needs_attention_hooks=False)
+        ld.capture(tiny_llama, PROMPTS, streams=("resid",))
+    assert seen and fused_attention.NAME not in fast_paths(tiny_llama)  # the caller's hook fired: not fused
+    assert fused_attention.use_fused_attention(tiny_llama, 10_000, needs_attention_hooks=False)
 
 
 def test_a_fused_path_that_disagrees_warns_once_and_the_capture_is_the_reconstruction(tiny_llama, monkeypatch):

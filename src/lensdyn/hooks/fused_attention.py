@@ -12,8 +12,9 @@ attention (the residual stream, the norms, the MLP): a capture reads the same ho
 
 The numbers differ from the reconstruction's by float32 round-off (another summation order), so
 a capture takes the fused path only where it pays, on batches of at least ``MIN_TOKENS`` positions
-(``use_fused_attention``), and the shorter prompts every test and report reads are computed exactly
-as before. It is a fast path (``lensdyn.fastpath``): on first use per model it runs a padded probe
+(``use_fused_attention``) where nothing is hooked inside the attention (a capture's attention patterns,
+a caller's per-head hooks, a ``model.hooks(...)`` on ``hook_pattern``: ``hooked_inside``), and the
+shorter prompts every test and report reads are computed exactly as before. It is a fast path (``lensdyn.fastpath``): on first use per model it runs a padded probe
 batch both ways and compares every block's residual output; a disagreement above ``TOLERANCE``, or
 an attention module that cannot run this way (another signature, softcapping that sdpa lacks), is
 one ``FastPathWarning`` and the reconstruction from then on.
@@ -23,6 +24,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from transformer_lens.hook_points import HookPoint
 
 from lensdyn import fastpath
 
@@ -73,10 +75,19 @@ def _fused_forward(bridge):
 def use_fused_attention(model, n_positions: int, needs_attention_hooks: bool) -> bool:
     """Whether a batch of ``n_positions`` positions takes the fused path: long enough, no attention hook wanted,
     and the path checked on this model (``check``, run here on first use)."""
-    if needs_attention_hooks or n_positions < MIN_TOKENS or not attention_bridges(model):
+    bridges = attention_bridges(model)
+    if needs_attention_hooks or n_positions < MIN_TOKENS or not bridges or any(map(hooked_inside, bridges)):
         return False
     taken = fastpath.verdict(model, NAME)
     return check(model) if taken is None else taken
+
+
+def hooked_inside(bridge) -> bool:
+    """Whether a hook is registered anywhere inside the attention but on the bridge's own ``hook_in``/``hook_out``
+    (a caller's ``model.hooks(...)`` on ``hook_pattern``, say): fused, it would never fire."""
+    return any(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
+               for name, module in bridge.named_modules()
+               if isinstance(module, HookPoint) and name not in ("hook_in", "hook_out"))
 
 
 def check(model) -> bool:
