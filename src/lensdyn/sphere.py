@@ -167,7 +167,7 @@ def tie_threshold(tolerance: float) -> float | None:
     temporaries. None where ``tolerance >= 1`` (ties reach below 0.5).
 
     >>> c = tie_threshold(1e-4)
-    >>> 2 - 2 * c <= 1e-8 < 2 - 2 * np.nextafter(c, 0)
+    >>> 2 - 2 * c <= 1e-4 * 1e-4 < 2 - 2 * float(np.nextafter(c, 0))
     True
     """
     limit = tolerance * tolerance

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 
+from lensdyn import parallel
 from lensdyn.results import Result, attach_control
 from lensdyn.verdicts import Verdict, judge
 
@@ -138,24 +140,14 @@ def measure_runs(
 ) -> Measured:
     """``measure_one(run)`` (analysis -> result) for every run, two at a time unless not ``side_by_side``.
 
-    Runs share nothing until the end: measuring two side by side overlaps one's Python-bound steps
-    (clustering, nulls, hooks) with the other's matrix work. More than two would only contend on
-    a few cores. Side by side, each run's matrix work gets half of torch's threads: two runs each
-    asking for every core oversubscribe them (on 2 cores the report measured 63 s that way, 54 s
-    with one thread a run).
+    Runs share nothing until the end: measuring two side by side (``lensdyn.parallel.side_by_side``,
+    half of torch's threads each) overlaps one's Python-bound steps (clustering, nulls, hooks) with
+    the other's matrix work. More than two would only contend on a few cores.
     """
-    import torch
-
     # The model first: a reference may wait for something of the model's capture (its massive positions).
     order = sorted(runs, key=lambda r: r.role != "model")
     if side_by_side and len(runs) > 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // 2))
-        try:
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                by_role = dict(zip((r.role for r in order), pool.map(measure_one, order)))
-        finally:
-            torch.set_num_threads(threads)
+        by_role = dict(zip((r.role for r in order), parallel.side_by_side([partial(measure_one, r) for r in order])))
     else:
         by_role = {r.role: measure_one(r) for r in order}
     model = by_role["model"]
