@@ -4,8 +4,9 @@
 
 The report runs the default analyses (all but stability and steering, which have their own
 forward passes and flags) on the built-in diverse set for the model and its untrained control,
-then writes the JSON files and the HTML page. The reference and the model are measured side by
-side (two threads; per-step times overlap, so they do not add up to the measure row).
+then writes the JSON files and the HTML page. The runs are measured two at a time (two threads with
+half of torch's threads each, ``lensdyn.parallel``; per-step times overlap, so they do not add up to
+the measure row).
 The baseline is one bare forward pass per prompt for each model the report runs (trained weights and
 one untrained control per control seed, three by default): what the report's captures replace.
 Model loading is timed apart (it is the same for any use of the model).
