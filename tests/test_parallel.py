@@ -1,12 +1,9 @@
 """Two measurements side by side: half of torch's threads each, results in order, errors raised, nothing nested."""
 import threading
 
-import numpy as np
 import pytest
 import torch
 
-import lensdyn as ld
-from lensdyn.analyses import metastability
 from lensdyn.parallel import side_by_side
 
 
@@ -49,15 +46,3 @@ def test_a_single_thread_runs_the_calls_in_this_thread():
         assert side_by_side([threading.get_ident, threading.get_ident]) == [threading.get_ident()] * 2
     finally:
         torch.set_num_threads(before)
-
-
-def test_a_control_measured_beside_its_model_equals_the_one_measured_after_it(tiny_llama, two_threads):
-    prompts = torch.randint(3, 100, (3, 20), generator=torch.Generator().manual_seed(1)).tolist()
-    beside = metastability.measure(tiny_llama, prompts, repeated=False)  # control="random": side by side
-    cap = ld.capture(tiny_llama, prompts, streams=metastability.STREAMS)
-    model_alone = metastability.measure(cap, model=tiny_llama, control=None, repeated=False)
-    control_alone = metastability.measure(ld.models.random_control(tiny_llama), prompts, control=None, repeated=False)
-    for got, expected in ((beside, model_alone), (beside.control, control_alone)):
-        for p, q in zip(got.prompts, expected.prompts):
-            np.testing.assert_allclose(p.energy, q.energy, rtol=1e-12)
-            np.testing.assert_array_equal(p.n_clusters, q.n_clusters)

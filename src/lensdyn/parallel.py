@@ -1,4 +1,4 @@
-"""Two measurements side by side: a model and its control, or the report's runs, in two threads.
+"""Two measurements side by side: the report's runs (a model and its controls) in two threads.
 
 A measurement alternates matrix work (torch, on every core it is given) with single-threaded steps
 (HDBSCAN, numpy histograms, Python bookkeeping). Two of them in two threads overlap one's
@@ -7,7 +7,10 @@ each asking for every core oversubscribe them (the report on 2 cores: 63 s so, 5
 a run). With a single torch thread there is nothing to split and the calls run one after the other;
 a call made from inside a side-by-side run does too (torch's thread count is process-wide).
 Floating-point sums may run in another order on fewer threads: results agree to round-off
-(~1e-8 relative on the report), every count and verdict equal.
+(~1e-8 relative on the report), every count and verdict equal. A single ``measure()`` with its
+control gains nothing from it (measured: metastability, expansion and the lens on the diverse set,
+within noise either way) and would hold two runs' pairwise matrices at once, so it measures the
+control after the model.
 """
 from __future__ import annotations
 

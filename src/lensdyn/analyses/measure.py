@@ -6,8 +6,7 @@
 ``measure_one(capture, model)`` measures one capture; ``measure_control`` (default: the same)
 measures the control's capture, taken from the same prompts with the same exclusions by
 ``control_capture``. ``control`` is ``"random"``, a result of the same kind, or None
-(``results.attach_control``); ``"random"`` is measured beside the model's measurement, once the
-model's capture is there (``lensdyn.parallel.side_by_side``), up to prompts of ``SIDE_BY_SIDE_TOKENS``.
+(``results.attach_control``).
 """
 from __future__ import annotations
 
@@ -15,13 +14,7 @@ from collections.abc import Callable, Sequence
 
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.capture import Capture, capture_for, control_capture
-from lensdyn.parallel import side_by_side
 from lensdyn.results import Result, attach_control
-
-
-# The longest prompt a control is measured beside its model for: past it, one after the other, so that a long
-# prompt's n x n pairwise metrics are held for one run at a time (one 4,096-token prompt: 3.7 GB peak, not 4.8).
-SIDE_BY_SIDE_TOKENS = 2048
 
 
 def measure_with_control(
@@ -45,6 +38,7 @@ def measure_with_control(
     model = captured_from if captured_from is not None else model
     if model is None and needs_model:
         raise ArgumentError(f"{analysis}.measure(capture) needs model= too: {needs_model}")
+    result = measure_one(cap, model)
 
     def measure_random() -> Result:
         if model is None:
@@ -53,9 +47,4 @@ def measure_with_control(
         control_cap, random_model = control_capture(model, cap, streams)
         return (measure_control or measure_one)(control_cap, random_model)
 
-    if isinstance(control, str) and control == "random" and model is not None and max(cap.lengths) <= SIDE_BY_SIDE_TOKENS:
-        # The control's capture and measurement beside the model's measurement (lensdyn.parallel).
-        result, control = side_by_side([lambda: measure_one(cap, model), measure_random])
-    else:
-        result = measure_one(cap, model)
     return attach_control(result, control, measure_random)
