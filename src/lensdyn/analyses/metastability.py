@@ -79,7 +79,7 @@ from lensdyn.analyses.registry import Analysis, option
 from lensdyn.resampling import prompt_counts
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.sphere import (BETAS, TIE_TOLERANCE, energy_of_terms, energy_terms, pair_histogram, pair_values, sphere,
-                            state_gram, tie_representatives, tied_fraction, upper_pairs)
+                            state_gram, tie_representatives, tied_fraction, upper_pair_indices, upper_pairs)
 from lensdyn.sphere import (BINS, cloud_grams, inner_product_histogram,  # noqa: F401 - still metastability.BINS and
                             interaction_energy)  # .cloud_grams, .inner_product_histogram, .interaction_energy, as before
 from lensdyn.verdicts import Claim, finite, judge
@@ -431,6 +431,7 @@ def cloud_metrics(
     histogram, mass, rank, n_clusters, noise, tied, cka, stability, violations = ([] for _ in range(9))
     previous = previous_nearest = previous_x = None
     terms, previous_terms = (torch.empty(n, n, dtype=torch.float64, device=states.device) for _ in range(2))
+    pair_index = upper_pair_indices(n, states.device)
     for t in range(n_states):
         gram = state_gram(states[t])
         x = sphere(states[t]) if n > d else None
@@ -449,7 +450,7 @@ def cloud_metrics(
             count, fraction, _ = clusters(gram[sample][:, sample], min_cluster_size, tie_tolerance)
         n_clusters.append(count)
         noise.append(fraction)
-        values = pair_values(gram)
+        values = pair_values(gram, pair_index)
         histogram.append(pair_histogram(values))
         mass.append(mass_of_pairs(values, threshold))
         if n <= d:
