@@ -36,8 +36,9 @@ PROBE_LENGTHS = (48, 31)  # a padded batch of two rows: the check covers the pad
 
 def attention_bridges(model) -> list[torch.nn.Module]:
     """The model's attention bridges (each block's ``attn``) whose Hugging Face module can run on its own."""
-    return [block.attn for block in model.blocks
-            if getattr(block.attn, "original_component", None) is not None and hasattr(block.attn, "hook_out")]
+    attentions = [getattr(block, "attn", None) for block in getattr(model, "blocks", ())]
+    return [attn for attn in attentions
+            if getattr(attn, "original_component", None) is not None and hasattr(attn, "hook_out")]
 
 
 @contextmanager
