@@ -12,7 +12,7 @@ from lensdyn.prompts import PromptSet
 from lensdyn.analyses import lens
 from lensdyn.errors import ArgumentError
 from lensdyn.hooks.patching import final_logits
-from lensdyn.ops import prompt_index
+from lensdyn.ops import Scratch, prompt_index
 from lensdyn.streaming import Accumulator, RegressionStats, StreamingStats, merge_all
 
 
@@ -121,6 +121,21 @@ def test_float32_logits_are_within_the_stated_tolerance_of_a_float64_decoding(ti
     float64 = lens.decode_states(tiny_model.double(), cap.tokens_of("resid").double())
     for name in ("kl", "entropy"):
         np.testing.assert_allclose(float32[name], float64[name], atol=1e-5)
+
+
+def test_statistics_through_a_reused_scratch_equal_fresh_ones_bit_for_bit():
+    """One ``Scratch`` across calls of two shapes (its tensors replaced, then reused): the same values as a call
+    with its own temporaries, and as ``torch.linalg.vecdot``'s dot products."""
+    g = torch.Generator().manual_seed(0)
+    scratch = Scratch()
+    for rows in (5, 3, 3):
+        z, target = torch.randn(rows, 50, generator=g) * 4, torch.randn(rows, 50, generator=g) * 4
+        output = lens.output_distribution(target)
+        reused, fresh = lens.lens_statistics(z, output, scratch), lens.lens_statistics(z, output)
+        assert all(torch.equal(reused[name], fresh[name]) for name in lens.STATISTICS)
+        shifted = z - z.amax(dim=1, keepdim=True)
+        kl = output.neg_entropy - torch.linalg.vecdot(output.probs, shifted).double() + shifted.exp().sum(dim=1).double().log()
+        assert torch.equal(reused["kl"], kl)
 
 
 def test_the_decoded_last_state_is_the_forward_pass(tiny_llama):
