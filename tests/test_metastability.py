@@ -360,3 +360,39 @@ def test_the_tie_threshold_decides_every_gram_entry_as_the_chord_rule_does(toler
     square[0, 1:] = square[1:, 0] = g
     tied_to_first = ms.tie_representatives(square, tolerance)[1:] == 0
     assert tied_to_first.tolist() == ((2.0 - 2.0 * g) <= limit).tolist()
+
+
+def test_a_gram_by_row_blocks_equals_the_one_product_gram_and_reuses_its_buffer(monkeypatch):
+    from lensdyn import sphere
+
+    x = ms.sphere(torch.randn(50, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    assert torch.equal(sphere.sphere_gram(x), x @ x.T)  # below 2 GRAM_BLOCK_ROWS: the one product, bit for bit
+    monkeypatch.setattr(sphere, "GRAM_BLOCK_ROWS", 8)  # 6 blocks of 8 or 9 rows
+    buffer = torch.full((50, 50), torch.nan, dtype=torch.float64)
+    blocked = sphere.sphere_gram(x, out=buffer)
+    assert blocked is buffer and not bool(blocked.isnan().any())
+    torch.testing.assert_close(blocked, x @ x.T, rtol=0, atol=1e-15)
+    edges = [50 * b // 6 for b in range(7)]
+    for start, stop in zip(edges[:-1], edges[1:]):  # each block below the diagonal blocks mirrors one above
+        assert torch.equal(blocked[stop:, start:stop], blocked[start:stop, stop:].T)
+
+
+def test_cloud_metrics_on_blocked_grams_equal_those_on_one_product_grams(monkeypatch):
+    from lensdyn import sphere
+
+    states = drifting_clusters()
+    one_product = ms.cloud_metrics(states, rtol=-np.inf)
+    monkeypatch.setattr(sphere, "GRAM_BLOCK_ROWS", 16)  # 60 tokens: 3 blocks
+    blocked = ms.cloud_metrics(states, rtol=-np.inf)
+    for name in ("histogram", "mass_near_one", "n_clusters", "noise_fraction", "tied_fraction", "nn_stability"):
+        np.testing.assert_array_equal(getattr(blocked, name), getattr(one_product, name))
+    for name in ("energy", "cka", "effective_rank"):
+        np.testing.assert_allclose(getattr(blocked, name), getattr(one_product, name), rtol=1e-13)
+    assert [(v.block, [p[:2] for p in v.pairs]) for v in blocked.energy_violations] == \
+        [(v.block, [p[:2] for p in v.pairs]) for v in one_product.energy_violations]
+
+
+def test_cka_of_centred_features_reused_across_states_equals_linear_cka_features():
+    g = torch.Generator().manual_seed(6)
+    x, y = (torch.randn(30, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    assert ms.cka_of_centred(ms.centred_features(x), ms.centred_features(y)) == ms.linear_cka_features(x, y)

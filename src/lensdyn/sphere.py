@@ -5,7 +5,7 @@ streaming accumulators ``lensdyn.streaming.HistogramStats`` / ``EnergyStats`` (o
 both call these functions, so a streamed statistic bins and weighs every pair exactly as the
 analysis does. All in float64:
 
-- ``sphere``: ``x_i = h_i / ||h_i||``; ``state_gram``: one state's Gram matrix ``<x_i, x_j>``, and
+- ``sphere``: ``x_i = h_i / ||h_i||``; ``state_gram``: one state's Gram matrix ``<x_i, x_j>`` (``sphere_gram``), and
   ``cloud_grams`` every state's (``n^2`` float64 each: a long prompt's analysis takes one state at a time).
 - ``inner_product_histogram``: fractions of pairs ``i < j`` with ``<x_i, x_j>`` in each bin of
   ``BINS`` (40 equal bins on [-1, 1]).
@@ -49,16 +49,45 @@ def sphere(x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
     return torch.nn.functional.normalize(x.to(torch.float64), dim=-1)
 
 
-def state_gram(tokens: Float[Tensor, "n d_model"]) -> Float[Tensor, "n n"]:
-    """The Gram matrix ``<x_i, x_j>`` of one state's sphere-projected tokens ``x_i = h_i / ||h_i||``.
+GRAM_BLOCK_ROWS = 1024  # from 2 x this many tokens a Gram is formed by row blocks, its upper triangle only
+
+
+def state_gram(tokens: Float[Tensor, "n d_model"], out: Float[Tensor, "n n"] | None = None) -> Float[Tensor, "n n"]:
+    """The Gram matrix ``<x_i, x_j>`` of one state's sphere-projected tokens ``x_i = h_i / ||h_i||``
+    (``sphere_gram`` of ``sphere(tokens)``), written into ``out`` where given.
 
     >>> state_gram(torch.tensor([[2., 0.], [0., 3.]])).tolist()
     [[1.0, 0.0], [0.0, 1.0]]
     """
     # One expression for every Gram: the analysis (state by state) and the accumulators (cloud_grams) form
     # bitwise-equal Grams, so every pair lands in the same histogram bin in both.
-    x = sphere(tokens)
-    return x @ x.T
+    return sphere_gram(sphere(tokens), out)
+
+
+def sphere_gram(x: Float[Tensor, "n d"], out: Float[Tensor, "n n"] | None = None) -> Float[Tensor, "n n"]:
+    """``x x^T``, into ``out`` where given (a long prompt's analysis reuses two buffers: a fresh ``n x n``
+    float64 costs its page faults, 40 ms at 4,096 tokens).
+
+    From ``2 GRAM_BLOCK_ROWS`` rows on, the product is taken by ``b`` blocks of about ``GRAM_BLOCK_ROWS``
+    rows, each against its own and the later rows only, and every block below the diagonal blocks is the
+    mirror of one above: ``(b + 1) / 2b`` of the multiplications (4,096 tokens: 0.135 s, not 0.18 s).
+    Each entry is the same sum in another blocking of the BLAS kernel: equal to the one-product Gram
+    to ~1e-15 (tested), not bit for bit.
+
+    >>> g = sphere_gram(torch.eye(3, dtype=torch.float64)[:, :2])
+    >>> g.tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    """
+    n = x.shape[0]
+    blocks = n // GRAM_BLOCK_ROWS
+    if blocks < 2:
+        return torch.matmul(x, x.T, out=out)
+    out = x.new_empty(n, n) if out is None else out
+    edges = [n * b // blocks for b in range(blocks + 1)]
+    for start, stop in zip(edges[:-1], edges[1:]):
+        torch.matmul(x[start:stop], x[start:].T, out=out[start:stop, start:])
+        out[stop:, start:stop] = out[start:stop, stop:].T
+    return out
 
 
 def cloud_grams(cloud: Float[Tensor, "state n d_model"]) -> list[Float[Tensor, "n n"]]:

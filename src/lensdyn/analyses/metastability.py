@@ -61,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ from lensdyn.analyses.registry import Analysis, option
 from lensdyn.resampling import prompt_counts
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.sphere import (BETAS, TIE_TOLERANCE, energy_of_terms, energy_terms, pair_histogram, pair_values, sphere,
-                            state_gram, tie_representatives, tied_fraction, upper_pair_indices, upper_pairs)
+                            sphere_gram, tie_representatives, tied_fraction, upper_pair_indices, upper_pairs)
 from lensdyn.sphere import (BINS, cloud_grams, inner_product_histogram,  # noqa: F401 - still metastability.BINS and
                             interaction_energy)  # .cloud_grams, .inner_product_histogram, .interaction_energy, as before
 from lensdyn.verdicts import Claim, finite, judge
@@ -114,7 +115,8 @@ def mass_of_pairs(values: Float[Tensor, " pair"], threshold: float = MASS_THRESH
     >>> mass_of_pairs(torch.tensor([0.95, 0.5]))
     0.5
     """
-    return float((values > threshold).to(torch.float64).mean())
+    # A count over the number of pairs: the mean of the 0/1 indicators bit for bit, without their n^2 / 2 float64 copy.
+    return int((values > threshold).sum()) / values.numel() if values.numel() else float("nan")
 
 
 def effective_rank(gram: Float[Tensor, "m m"]) -> float:
@@ -197,9 +199,12 @@ def clusters(
     if representatives is None:
         representatives = tie_representatives(gram, tie_tolerance)
     rep = torch.from_numpy(representatives)
-    untied = bool((rep == torch.arange(n)).all())
-    distance = to_numpy((1.0 - (gram if untied else gram[rep][:, rep])).clamp(min=0.0)).astype(np.float64)
-    distance[to_numpy(rep[:, None] == rep[None, :])] = 0.0
+    if bool((rep == torch.arange(n)).all()):  # untied, the usual case: tied only to itself, the diagonal
+        distance = to_numpy((1.0 - gram.to(torch.float64)).clamp_(min=0.0))
+        np.fill_diagonal(distance, 0.0)
+    else:
+        distance = to_numpy((1.0 - gram[rep[:, None], rep].to(torch.float64)).clamp_(min=0.0))
+        distance[to_numpy(rep[:, None] == rep[None, :])] = 0.0
     labels = hdbscan.HDBSCAN(**hdbscan_settings(min_cluster_size)).fit_predict(distance)
     return int(labels.max() + 1), float((labels < 0).mean()), labels.astype(np.int64)
 
@@ -265,8 +270,35 @@ def linear_cka_features(x: Float[Tensor, "n d"], y: Float[Tensor, "n e"]) -> flo
     >>> round(linear_cka_features(x, 2.0 * x), 12)
     1.0
     """
-    x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
-    return float((y.T @ x).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm()))
+    return cka_of_centred(centred_features(x), centred_features(y))
+
+
+class CentredFeatures(NamedTuple):
+    """A cloud's ``X_c`` (columns centred) and ``||X_c^T X_c||_F``: one state's share of ``linear_cka_features``,
+    formed once and used against the state before and the state after."""
+
+    centred: Float[Tensor, "n d"]
+    self_norm: Float[Tensor, ""]
+
+
+def centred_features(x: Float[Tensor, "n d"]) -> CentredFeatures:
+    """``X_c = X - mean_rows(X)`` and ``||X_c^T X_c||_F``.
+
+    >>> centred_features(torch.tensor([[1., 0.], [3., 0.]])).self_norm.item()
+    2.0
+    """
+    centred = x - x.mean(0, keepdim=True)
+    return CentredFeatures(centred, (centred.T @ centred).norm())
+
+
+def cka_of_centred(x: CentredFeatures, y: CentredFeatures) -> float:
+    """``||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F)`` of two ``centred_features``.
+
+    >>> f = centred_features(torch.randn(10, 4, dtype=torch.float64))
+    >>> round(cka_of_centred(f, f), 12)
+    1.0
+    """
+    return float((y.centred.T @ x.centred).square().sum() / (x.self_norm * y.self_norm))
 
 
 def plateaus(values: Float[np.ndarray, " n"], threshold: float = CKA_PLATEAU, min_length: int = 2) -> list[tuple[int, int]]:
@@ -429,12 +461,16 @@ def cloud_metrics(
     sample = cluster_subsample(n, max_cluster_tokens)
     energy = np.zeros((len(betas), n_states))
     histogram, mass, rank, n_clusters, noise, tied, cka, stability, violations = ([] for _ in range(9))
-    previous = previous_nearest = previous_x = None
-    terms, previous_terms = (torch.empty(n, n, dtype=torch.float64, device=states.device) for _ in range(2))
+    previous = previous_nearest = previous_features = None
+    # Four n x n buffers, reused state after state: this state's and the previous state's Gram and energy terms.
+    grams, terms, previous_terms = ([torch.empty(n, n, dtype=torch.float64, device=states.device) for _ in range(2)],
+                                    *(torch.empty(n, n, dtype=torch.float64, device=states.device) for _ in range(2)))
     pair_index = upper_pair_indices(n, states.device)
+    chosen = None if sample is None else torch.from_numpy(sample).to(states.device)
     for t in range(n_states):
-        gram = state_gram(states[t])
-        x = sphere(states[t]) if n > d else None
+        x = sphere(states[t])
+        gram = sphere_gram(x, out=grams[t % 2])  # state_gram's own product, from the x the features need too
+        features = centred_features(x) if n > d else None
         for bi, beta in enumerate(betas):
             energy[bi, t] = energy_of_terms(energy_terms(gram, beta, out=terms), beta)
             drop = (energy[bi, t - 1] - energy[bi, t]) / energy[bi, t - 1] if t else -np.inf
@@ -447,7 +483,7 @@ def cloud_metrics(
         if sample is None:
             count, fraction, _ = clusters(gram, min_cluster_size, representatives=ties)
         else:
-            count, fraction, _ = clusters(gram[sample][:, sample], min_cluster_size, tie_tolerance)
+            count, fraction, _ = clusters(gram[chosen[:, None], chosen], min_cluster_size, tie_tolerance)
         n_clusters.append(count)
         noise.append(fraction)
         values = pair_values(gram, pair_index)
@@ -460,9 +496,9 @@ def cloud_metrics(
         nearest = nearest_neighbours(gram)
         if previous is not None:
             # n > d: CKA from the d x d cross-covariances, the same number without the n x n centred Grams.
-            cka.append(linear_cka(previous, gram) if x is None else linear_cka_features(previous_x, x))
+            cka.append(linear_cka(previous, gram) if features is None else cka_of_centred(previous_features, features))
             stability.append(neighbour_stability(previous_nearest, nearest))
-        previous, previous_nearest, previous_x = gram, nearest, x
+        previous, previous_nearest, previous_features = gram, nearest, features
     n_clusters, noise, cka = np.array(n_clusters, dtype=np.int64), np.array(noise), np.array(cka)
     return CloudMetrics(
         histogram=np.stack(histogram),
