@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
@@ -99,15 +99,6 @@ def cloud_grams(cloud: Float[Tensor, "state n d_model"]) -> list[Float[Tensor, "
     return [state_gram(tokens) for tokens in cloud]
 
 
-def upper_pairs(n: int, device: str | torch.device = "cpu") -> Bool[Tensor, "n n"]:
-    """``[n, n]`` bool on ``device``, True where ``i < j``: each pair once (1 byte a pair where index pairs take 16).
-
-    >>> upper_pairs(3).int().tolist()
-    [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
-    """
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(diagonal=1)
-
-
 def upper_pair_indices(n: int, device: str | torch.device = "cpu") -> Int[Tensor, " pair"]:
     """Flat indices ``i n + j`` of the pairs ``i < j`` of an ``n x n`` matrix, row by row (``pair_values``).
 
@@ -118,9 +109,10 @@ def upper_pair_indices(n: int, device: str | torch.device = "cpu") -> Int[Tensor
     return i * n + j
 
 
-def pair_values(gram: Float[Tensor, "n n"], indices: Int[Tensor, " pair"] | None = None) -> Float[Tensor, " pair"]:
-    """The entries ``<x_i, x_j>`` with ``i < j`` (each pair once), row by row; ``indices``: ``upper_pair_indices``
-    of the Gram's size, where the caller reads many Grams of one size.
+def pair_values(gram: Float[Tensor, "n n"], indices: Int[Tensor, " pair"] | None = None,
+                out: Float[Tensor, " pair"] | None = None) -> Float[Tensor, " pair"]:
+    """The entries ``<x_i, x_j>`` with ``i < j`` (each pair once), row by row, into ``out`` where given;
+    ``indices``: ``upper_pair_indices`` of the Gram's size, where the caller reads many Grams of one size.
 
     >>> pair_values(torch.tensor([[1., .5, .2], [.5, 1., .3], [.2, .3, 1.]]))
     tensor([0.5000, 0.2000, 0.3000])
@@ -128,7 +120,7 @@ def pair_values(gram: Float[Tensor, "n n"], indices: Int[Tensor, " pair"] | None
     # A gather by flat index: three times faster than a boolean mask over the n^2 entries (4,096 tokens: 34 ms, 106 ms).
     if indices is None:
         indices = upper_pair_indices(gram.shape[0], gram.device)
-    return gram.reshape(-1).take(indices)
+    return torch.take(gram.reshape(-1), indices, out=out)
 
 
 def inner_product_histogram(gram: Float[Tensor, "n n"], bins: np.ndarray = BINS) -> Float[np.ndarray, " bin"]:
@@ -151,33 +143,37 @@ def pair_histogram(values: Float[Tensor, " pair"], bins: np.ndarray = BINS) -> F
     return counts / max(len(values), 1)
 
 
-def energy_terms(gram: Float[Tensor, "n n"], beta: float, out: Float[Tensor, "n n"] | None = None) -> Float[Tensor, "n n"]:
-    """The terms ``exp(beta <x_i, x_j>)`` of ``E_beta``, written into ``out`` where given (a long prompt's analysis
-    reuses one ``n x n`` buffer instead of allocating two per beta).
+def energy_terms(values: Float[Tensor, "*shape"], beta: float, out: Float[Tensor, "*shape"] | None = None
+                 ) -> Float[Tensor, "*shape"]:
+    """The terms ``exp(beta <x_i, x_j>)`` of ``E_beta`` for inner products ``values`` (pair values, a diagonal),
+    written into ``out`` where given (a long prompt's analysis reuses its buffers state after state).
 
-    >>> energy_terms(torch.zeros(1, 1, dtype=torch.float64), 2.0).tolist()
-    [[1.0]]
+    >>> energy_terms(torch.zeros(1, dtype=torch.float64), 2.0).tolist()
+    [1.0]
     """
-    return torch.mul(gram, beta, out=out).exp_()
+    return torch.mul(values, beta, out=out).exp_()
 
 
-def energy_of_terms(terms: Float[Tensor, "n n"], beta: float) -> float:
-    """``E_beta = (1 / (2 beta n^2)) sum_ij terms_ij`` from ``energy_terms``.
+def energy_of_terms(pair_terms: Float[Tensor, " pair"], diagonal_terms: Float[Tensor, " n"], beta: float) -> float:
+    """``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)`` from ``energy_terms`` of the pairs ``i < j``
+    (``pair_values``) and of the diagonal: the Gram is symmetric, so each pair's term counts twice, and a
+    long prompt's energy takes ``n (n + 1) / 2`` exponentials, not ``n^2``.
 
-    >>> round(energy_of_terms(torch.full((2, 2), np.e, dtype=torch.float64), 1.0), 6)
+    >>> e = torch.full((1,), np.e, dtype=torch.float64)       # two aligned points: every term e
+    >>> round(energy_of_terms(e, e.expand(2), 1.0), 6)       # 4 e / (2 * 4) = e / 2
     1.359141
     """
-    n = terms.shape[0]
-    return float(terms.sum() / (2.0 * beta * n * n))
+    n = diagonal_terms.shape[0]
+    return float((diagonal_terms.sum() + 2.0 * pair_terms.sum()) / (2.0 * beta * n * n))
 
 
 def interaction_energy(gram: Float[Tensor, "n n"], beta: float) -> float:
-    """``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)``: ``energy_of_terms(energy_terms(gram, beta))``.
+    """``E_beta = (1 / (2 beta n^2)) sum_ij exp(beta <x_i, x_j>)`` of one Gram (``energy_of_terms``).
 
     >>> round(interaction_energy(torch.ones(2, 2, dtype=torch.float64), 1.0), 6)   # all aligned: e / 2
     1.359141
     """
-    return energy_of_terms(energy_terms(gram, beta), beta)
+    return energy_of_terms(energy_terms(pair_values(gram), beta), energy_terms(gram.diagonal(), beta), beta)
 
 
 def tie_representatives(gram: Float[Tensor, "n n"], tolerance: float = TIE_TOLERANCE) -> Int[np.ndarray, " n"]:

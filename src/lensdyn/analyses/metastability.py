@@ -80,7 +80,7 @@ from lensdyn.analyses.registry import Analysis, option
 from lensdyn.resampling import prompt_counts
 from lensdyn.results import Conventions, Provenance, Result
 from lensdyn.sphere import (BETAS, TIE_TOLERANCE, energy_of_terms, energy_terms, pair_histogram, pair_values, sphere,
-                            sphere_gram, tie_representatives, tied_fraction, upper_pair_indices, upper_pairs)
+                            sphere_gram, tie_representatives, tied_fraction, upper_pair_indices)
 from lensdyn.sphere import (BINS, cloud_grams, inner_product_histogram,  # noqa: F401 - still metastability.BINS and
                             interaction_energy)  # .cloud_grams, .inner_product_histogram, .interaction_energy, as before
 from lensdyn.verdicts import Claim, finite, judge
@@ -318,21 +318,16 @@ def plateaus(values: Float[np.ndarray, " n"], threshold: float = CKA_PLATEAU, mi
     return runs
 
 
-def smallest_pairs(change: Float[Tensor, "n n"], k: int = 5) -> list[tuple[int, int, float]]:
-    """The ``k`` pairs ``i < j`` with the smallest ``change[i, j]``, smallest first: ``(i, j, change)``.
-    ``change`` is overwritten (the pairs ``i >= j`` set to ``inf``): it is a long prompt's ``n x n`` temporary.
+def smallest_pairs(change: Float[Tensor, " pair"], indices: Int[Tensor, " pair"], n: int, k: int = 5
+                   ) -> list[tuple[int, int, float]]:
+    """The ``k`` pairs with the smallest ``change``, smallest first: ``(i, j, change)``. ``change[p]`` is the pair at
+    flat index ``indices[p] = i n + j`` of an ``n x n`` matrix (``lensdyn.sphere.upper_pair_indices``).
 
-    >>> smallest_pairs(torch.tensor([[0., -2., 1.], [-9., 0., -1.], [0., 0., 0.]]), k=2)
+    >>> smallest_pairs(torch.tensor([-2., 1., -1.]), upper_pair_indices(3), 3, k=2)     # pairs (0,1), (0,2), (1,2)
     [(0, 1, -2.0), (1, 2, -1.0)]
     """
-    n = change.shape[0]
-    k = min(k, n * (n - 1) // 2)
-    change.masked_fill_(~upper_pairs(n, change.device), torch.inf)
-    # The k smallest entries lie in the k rows of smallest minimum: a top-k over k rows, not over n^2 entries.
-    rows = torch.topk(change.amin(dim=1), min(k, n), largest=False).indices
-    order = torch.topk(change[rows].view(-1), k, largest=False).indices
-    pairs = [(int(rows[o // n]), int(o % n)) for o in order]
-    return [(i, j, float(change[i, j])) for i, j in pairs]
+    order = torch.topk(change, min(k, change.numel()), largest=False).indices
+    return [(int(indices[o]) // n, int(indices[o]) % n, float(change[o])) for o in order]
 
 
 def cluster_subsample(n: int, max_tokens: int = MAX_CLUSTER_TOKENS, seed: int = CLUSTER_SEED) -> Int[np.ndarray, " m"] | None:
@@ -453,8 +448,9 @@ def cloud_metrics(
 ) -> CloudMetrics:
     """All metrics of a trajectory ``states[t]`` of ``n`` tokens, each state projected to the sphere.
 
-    State by state: one ``n x n`` Gram and the previous state's (for the block metrics: CKA, neighbour
-    stability, the pairs of an energy violation) are held at a time, ``2 n^2`` float64 whatever the depth.
+    State by state: one ``n x n`` Gram and its pair values ``i < j``, and the previous state's (for the block
+    metrics: CKA, neighbour stability, the pairs of an energy violation), are held at a time, about ``4 n^2``
+    float64 with the energy terms, whatever the depth.
     HDBSCAN clusters ``cluster_subsample(n, max_cluster_tokens)``: every token up to that many.
     """
     n_states, n, d = states.shape
@@ -462,22 +458,27 @@ def cloud_metrics(
     energy = np.zeros((len(betas), n_states))
     histogram, mass, rank, n_clusters, noise, tied, cka, stability, violations = ([] for _ in range(9))
     previous = previous_nearest = previous_features = None
-    # Four n x n buffers, reused state after state: this state's and the previous state's Gram and energy terms.
-    grams, terms, previous_terms = ([torch.empty(n, n, dtype=torch.float64, device=states.device) for _ in range(2)],
-                                    *(torch.empty(n, n, dtype=torch.float64, device=states.device) for _ in range(2)))
+    # Reused state after state (a fresh n x n float64 costs its page faults): this state's and the previous state's
+    # Gram and pair values, and two vectors of energy terms.
     pair_index = upper_pair_indices(n, states.device)
+
+    def buffers(*shape: int) -> list[Tensor]:
+        return [torch.empty(*shape, dtype=torch.float64, device=states.device) for _ in range(2)]
+
+    grams, pairs, (terms, previous_terms) = buffers(n, n), buffers(len(pair_index)), buffers(len(pair_index))
     chosen = None if sample is None else torch.from_numpy(sample).to(states.device)
     for t in range(n_states):
         x = sphere(states[t])
         gram = sphere_gram(x, out=grams[t % 2])  # state_gram's own product, from the x the features need too
+        values = pair_values(gram, pair_index, out=pairs[t % 2])
         features = centred_features(x) if n > d else None
         for bi, beta in enumerate(betas):
-            energy[bi, t] = energy_of_terms(energy_terms(gram, beta, out=terms), beta)
+            energy[bi, t] = energy_of_terms(energy_terms(values, beta, out=terms), energy_terms(gram.diagonal(), beta), beta)
             drop = (energy[bi, t - 1] - energy[bi, t]) / energy[bi, t - 1] if t else -np.inf
             if drop > rtol:  # the pairs that fell most: this state's terms less the previous state's
-                change = torch.sub(terms, energy_terms(previous, beta, out=previous_terms), out=previous_terms)
+                change = torch.sub(terms, energy_terms(pairs[(t - 1) % 2], beta, out=previous_terms), out=previous_terms)
                 violations.append((bi, EnergyViolation(beta=float(beta), block=t - 1, relative_drop=float(drop),
-                                                        pairs=tuple(smallest_pairs(change)))))
+                                                        pairs=tuple(smallest_pairs(change, pair_index, n)))))
         ties = tie_representatives(gram, tie_tolerance)
         tied.append(tied_fraction(ties))
         if sample is None:
@@ -486,7 +487,6 @@ def cloud_metrics(
             count, fraction, _ = clusters(gram[chosen[:, None], chosen], min_cluster_size, tie_tolerance)
         n_clusters.append(count)
         noise.append(fraction)
-        values = pair_values(gram, pair_index)
         histogram.append(pair_histogram(values))
         mass.append(mass_of_pairs(values, threshold))
         if n <= d:
