@@ -334,7 +334,7 @@ def test_cka_from_features_equals_cka_from_grams(spread):
     assert ms.linear_cka_features(x, x) == pytest.approx(1.0, rel=1e-12)
 
 
-def test_smallest_pairs_are_the_brute_force_k_smallest_of_the_upper_triangle():
+def test_smallest_pairs_are_the_brute_force_k_smallest_of_the_upper_triangle(monkeypatch):
     g = torch.Generator().manual_seed(4)
     for n, k in ((2, 5), (4, 5), (7, 3), (40, 5), (40, 40)):
         change = torch.randn(n, n, generator=g, dtype=torch.float64)
@@ -342,6 +342,9 @@ def test_smallest_pairs_are_the_brute_force_k_smallest_of_the_upper_triangle():
         indices = ms.upper_pair_indices(n)
         got = ms.smallest_pairs(change.reshape(-1)[indices], indices, n, k)
         assert [(i, j, c) for c, i, j in brute] == got
+        monkeypatch.setattr(ms, "PAIR_CHUNK", 7)  # chunks of 7 pairs, the last one padded
+        assert ms.smallest_pairs(change.reshape(-1)[indices], indices, n, k) == got
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 1e-4, 3e-3, 0.7, 1.0, 1.2])  # below sqrt(2): orthogonal points never tie

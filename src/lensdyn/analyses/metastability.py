@@ -318,6 +318,9 @@ def plateaus(values: Float[np.ndarray, " n"], threshold: float = CKA_PLATEAU, mi
     return runs
 
 
+PAIR_CHUNK = 4096  # pair changes per chunk of smallest_pairs' two-step top-k
+
+
 def smallest_pairs(change: Float[Tensor, " pair"], indices: Int[Tensor, " pair"], n: int, k: int = 5
                    ) -> list[tuple[int, int, float]]:
     """The ``k`` pairs with the smallest ``change``, smallest first: ``(i, j, change)``. ``change[p]`` is the pair at
@@ -326,7 +329,15 @@ def smallest_pairs(change: Float[Tensor, " pair"], indices: Int[Tensor, " pair"]
     >>> smallest_pairs(torch.tensor([-2., 1., -1.]), upper_pair_indices(3), 3, k=2)     # pairs (0,1), (0,2), (1,2)
     [(0, 1, -2.0), (1, 2, -1.0)]
     """
-    order = torch.topk(change, min(k, change.numel()), largest=False).indices
+    k = min(k, change.numel())
+    # The k smallest entries lie in the k chunks of smallest minimum: a top-k over k chunks, not over all n^2 / 2
+    # entries (4,096 tokens: 12 ms, not 75).
+    chunk = max(k, PAIR_CHUNK)
+    whole = change.numel() // chunk  # whole chunks; the rest of the entries are candidates as they are
+    rows = torch.topk(change[: whole * chunk].view(whole, chunk).amin(dim=1), min(k, whole), largest=False).indices
+    candidates = torch.cat([(rows[:, None] * chunk + torch.arange(chunk, device=change.device)).view(-1),
+                            torch.arange(whole * chunk, change.numel(), device=change.device)])
+    order = candidates[torch.topk(change[candidates], k, largest=False).indices]
     return [(int(indices[o]) // n, int(indices[o]) % n, float(change[o])) for o in order]
 
 
