@@ -57,6 +57,20 @@ def test_comoving_reduction_of_persistent_tokens_beats_the_permutation_null():
     assert reduction > null.max()
 
 
+def test_nulls_drawn_together_equal_each_metric_permuted_alone():
+    """One draw of permutations for several metrics: each null is the one its own permuted copies give, bit for bit."""
+    rng = np.random.default_rng(2)
+    norms = [torch.from_numpy(rng.lognormal(size=(6, 40))) for _ in range(3)]
+    together = expansion.cv_reduction_nulls(norms, n_permutations=70, seed=3)
+    for values, null in zip(norms, together):
+        draws, alone = np.random.default_rng(3), []
+        for size in (64, 6):  # NULL_BATCH, then the rest
+            permuted = draws.permuted(np.broadcast_to(values.numpy(), (size, 6, 40)), axis=2)
+            alone.append(expansion._comoving_cvs(torch.from_numpy(permuted), "ratio_of_means")[2].numpy())
+        np.testing.assert_array_equal(null, np.concatenate(alone))
+    assert expansion.cv_reduction_nulls(norms, n_permutations=0)[0].shape == (0,)
+
+
 def test_a_planted_per_token_permutation_shows_the_null():
     """Shuffle token identity within each layer and the 'comoving' reduction falls to the null."""
     rng = np.random.default_rng(1)

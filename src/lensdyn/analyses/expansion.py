@@ -46,6 +46,7 @@ Definitions (``n_lt`` is the norm of token ``t`` at state ``l``; tokens are the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,13 +147,30 @@ def cv_reduction_null(
     Each state keeps its distribution of norms (so ``a(l)`` is unchanged under ratio of means);
     only the identity of a token across states is lost.
     """
+    return cv_reduction_nulls([norms], aggregation, n_permutations, seed)[0]
+
+
+def cv_reduction_nulls(
+    norms: Sequence[Float[Tensor, "state token"]], aggregation: str = "ratio_of_means", n_permutations: int = 400,
+    seed: int = 0,
+) -> list[Float[np.ndarray, " permutation"]]:
+    """``cv_reduction_null`` of each of several ``[state, token]`` norm matrices of one shape (one per metric), under
+    the same permutations: drawing them is a third of the null's work, so they are drawn once.
+    """
     rng = np.random.default_rng(seed)
-    values = to_numpy(norms.to(torch.float64))
-    out = []  # 0 draws: a resample, judged against the data's null
+    values = [to_numpy(n.to(torch.float64)) for n in norms]
+    states, tokens = values[0].shape
+    out = [[] for _ in values]  # 0 draws: a resample, judged against the data's null
     for start in range(0, n_permutations, NULL_BATCH):  # permutations in batches: a few array operations each
-        batch = np.broadcast_to(values, (min(NULL_BATCH, n_permutations - start), *values.shape))
-        out.append(to_numpy(_comoving_cvs(torch.from_numpy(rng.permuted(batch, axis=2)), aggregation)[2]))
-    return np.concatenate(out) if out else np.empty(0)
+        size = min(NULL_BATCH, n_permutations - start)
+        # rng.permuted lays its copy out [state][token][permutation]; each batch is gathered in that layout too, so
+        # the reductions below sum in the order they do on a permuted copy of the values themselves.
+        order = rng.permuted(np.broadcast_to(np.arange(tokens), (size, states, tokens)), axis=2)
+        flat = np.ascontiguousarray(order.transpose(1, 2, 0)).reshape(states, tokens * size)
+        for drawn, v in zip(out, values):
+            batch = np.take_along_axis(v, flat, axis=1).reshape(states, tokens, size).transpose(2, 0, 1)
+            drawn.append(to_numpy(_comoving_cvs(torch.from_numpy(batch), aggregation)[2]))
+    return [np.concatenate(drawn) if drawn else np.empty(0) for drawn in out]
 
 
 def growth_terms(
@@ -301,8 +319,10 @@ def expansion_track(
     fit_space: FitSpace = "log",
     n_permutations: int = 400,
     seed: int = 0,
+    null: Float[np.ndarray, " permutation"] | None = None,
 ) -> ExpansionTrack:
-    """All of the track's numbers from one ``[state, token]`` matrix of norms."""
+    """All of the track's numbers from one ``[state, token]`` matrix of norms; ``null``: its ``cv_reduction_null``
+    where drawn already (``cv_reduction_nulls``, for several tracks at once)."""
     a = scale_factor(norms, aggregation)
     fit = fit_h0(a, fit_space)
     rates = per_token_h(norms, fit_space)
@@ -335,7 +355,7 @@ def expansion_track(
         physical_cv=physical,
         comoving_cv=comoving,
         cv_reduction=reduction,
-        cv_reduction_null=cv_reduction_null(norms, aggregation, n_permutations, seed),
+        cv_reduction_null=cv_reduction_null(norms, aggregation, n_permutations, seed) if null is None else null,
         redshift=redshift_table(a),
     )
 
@@ -682,7 +702,8 @@ def _measure_capture(
     prompts = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
     norms = {"euclidean": token_norms(vectors)} | {m.name: metric_norms(vectors, m) for m in metrics}
     fields = {"euclidean": "euclidean"} | {name: field for field, name in CAUSAL_TRACKS}
-    tracks = {fields[name]: expansion_track(n, positions, name, aggregation, fit_space, n_permutations, seed)
+    nulls = dict(zip(norms, cv_reduction_nulls(list(norms.values()), aggregation, n_permutations, seed)))
+    tracks = {fields[name]: expansion_track(n, positions, name, aggregation, fit_space, n_permutations, seed, nulls[name])
               for name, n in norms.items()}
     attn_in_norms = token_norms(cap.tokens_of("attn_in"))
     post_ln = to_numpy(attn_in_norms.mean(dim=1))
