@@ -131,6 +131,29 @@ def test_massive_from_must_hold_the_same_tokens(tiny_model):
         ld.capture(tiny_model, IDS, exclude=("massive",), streams=("resid",), massive_from=without_rule)
 
 
+def test_massive_from_a_future_is_waited_for_after_the_forward_passes_and_checked_the_same(tiny_llama):
+    """The report's controls pass the model's capture as a Future: the same mask as the capture itself, its checks
+    once it resolves, and a failed model capture fails the control's too."""
+    from concurrent.futures import Future
+
+    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    cap = ld.capture(tiny_llama, ids, exclude=("massive",), streams=("resid",))
+    done = Future()
+    done.set_result(cap)
+    control = ld.capture(tiny_llama, ids, exclude=("massive",), streams=("resid",), massive_from=done)
+    assert torch.equal(control.mask, ld.capture(tiny_llama, ids, exclude=("massive",), streams=("resid",),
+                                                massive_from=cap).mask)
+    assert control.massive_positions == cap.massive_positions and control.massive_source == cap.massive_source
+    with pytest.raises(ArgumentError, match="other tokens"):
+        ld.capture(tiny_llama, ids[:1], exclude=("massive",), streams=("resid",), massive_from=done)
+    with pytest.raises(ArgumentError, match="must name 'massive'"):
+        ld.capture(tiny_llama, ids, streams=("resid",), massive_from=done)
+    failed = Future()
+    failed.set_exception(RuntimeError("the model's capture failed"))
+    with pytest.raises(RuntimeError, match="model's capture failed"):
+        ld.capture(tiny_llama, ids, exclude=("massive",), streams=("resid",), massive_from=failed)
+
+
 @pytest.mark.slow
 def test_census_on_smollm2_diverse(smollm2_diverse):
     """What the paper's rule finds on smollm2-135m: printed for the record, checked against the raw states."""

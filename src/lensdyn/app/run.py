@@ -102,7 +102,7 @@ def measure_prompt_set(
                     for analysis, parameters in chosen}
         needs = {k: v for analysis, _ in chosen for k, v in analysis.capture_options(keywords[analysis.name]).items()}
         if massive_from is not None and r in controls:
-            needs["massive_from"] = massive_from.result()
+            needs["massive_from"] = massive_from  # waited for after this run's own forward passes
         began = time.perf_counter()
         try:
             cap = capture(model, prompts, exclude=exclude, batch_size=batch_size, streams=streams, truncate=truncate,

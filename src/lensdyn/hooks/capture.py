@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -263,7 +264,7 @@ def capture(
     progress: bool = False,
     store_device: str | torch.device = "auto",
     fwd_hooks: Sequence[tuple[str, Callable]] = (),
-    massive_from: Capture | None = None,
+    massive_from: Capture | Future | None = None,
 ) -> Capture:
     """Run ``prompts`` through ``model`` once, batch by batch, and return the activations.
 
@@ -301,7 +302,9 @@ def capture(
             (e.g. ``lensdyn.hooks.temperature.temperature_hooks``); they run before the capture's own.
         massive_from: with ``exclude`` naming ``"massive"``, leave out that capture's massive
             positions instead of finding this model's own (it must hold the same tokens):
-            ``control_capture`` passes the trained model's capture.
+            ``control_capture`` passes the trained model's capture. A ``concurrent.futures.Future``
+            of one is waited for after this capture's forward passes, which need nothing of it (a
+            report's controls run theirs while the model's capture is still running).
 
     Example:
         >>> model = ld.load_model("smollm2-135m")                          # doctest: +SKIP
@@ -317,9 +320,8 @@ def capture(
     bad_rules = set(exclude) - set(EXCLUDE_RULES)
     if bad_rules:
         raise ArgumentError(f"unknown exclude rule(s) {sorted(bad_rules)}: choose from {', '.join(EXCLUDE_RULES)}")
-    if massive_from is not None and not ("massive" in exclude and "massive" in massive_from.exclude):
-        raise ArgumentError("massive_from= leaves out another capture's massive positions: exclude must name 'massive', "
-                            "and so must that capture's (else it found none)")
+    if massive_from is not None:  # a Future's capture is checked once it is there
+        _check_massive_from(massive_from if isinstance(massive_from, Capture) else None, exclude)
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be at least 1, not {batch_size}")
     if model.training:
@@ -337,9 +339,8 @@ def capture(
     for i, ids in enumerate(token_lists):
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         token_mask[i, : len(ids)] = True
-    if massive_from is not None and not torch.equal(massive_from.tokens, tokens):
-        raise ArgumentError(f"massive_from= holds other tokens ({massive_from.prompts.name!r}, shape "
-                            f"{tuple(massive_from.tokens.shape)}): its massive positions would not be these prompts'")
+    if isinstance(massive_from, Capture):
+        _check_massive_from(massive_from, exclude, tokens)
 
     mask = token_mask & ~_excluded(model, tokens, token_mask, exclude)
     if not bool(mask.any()):
@@ -370,6 +371,8 @@ def capture(
         massive_positions = tuple(map(tuple, token_mask.nonzero()[buffers.massive.cpu()].tolist()))
         massive_source = f"{info.name} ({info.weights})"
     elif massive_from is not None:
+        if not isinstance(massive_from, Capture):
+            massive_from = _check_massive_from(massive_from.result(), exclude, tokens)
         massive_positions, massive_source = massive_from.massive_positions, massive_from.massive_source
     for prompt, position in massive_positions:
         mask[prompt, position] = False
@@ -394,6 +397,18 @@ def capture(
         massive_positions=massive_positions,
         massive_source=massive_source,
     )
+
+
+def _check_massive_from(source: Capture | None, exclude: Sequence[str], tokens: Tensor | None = None) -> Capture | None:
+    """``capture``'s ``massive_from``, once it leaves out massive positions found on the same ``tokens`` (None: only
+    ``exclude`` is checked)."""
+    if "massive" not in exclude or (source is not None and "massive" not in source.exclude):
+        raise ArgumentError("massive_from= leaves out another capture's massive positions: exclude must name 'massive', "
+                            "and so must that capture's (else it found none)")
+    if source is not None and tokens is not None and not torch.equal(source.tokens, tokens):
+        raise ArgumentError(f"massive_from= holds other tokens ({source.prompts.name!r}, shape "
+                            f"{tuple(source.tokens.shape)}): its massive positions would not be these prompts'")
+    return source
 
 
 def resolve_store_device(model, store_device: str | torch.device = "auto") -> torch.device:
