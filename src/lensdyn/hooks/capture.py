@@ -320,8 +320,6 @@ def capture(
     bad_rules = set(exclude) - set(EXCLUDE_RULES)
     if bad_rules:
         raise ArgumentError(f"unknown exclude rule(s) {sorted(bad_rules)}: choose from {', '.join(EXCLUDE_RULES)}")
-    if massive_from is not None:  # a Future's capture is checked once it is there
-        _check_massive_from(massive_from if isinstance(massive_from, Capture) else None, exclude)
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be at least 1, not {batch_size}")
     if model.training:
@@ -339,8 +337,8 @@ def capture(
     for i, ids in enumerate(token_lists):
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         token_mask[i, : len(ids)] = True
-    if isinstance(massive_from, Capture):
-        _check_massive_from(massive_from, exclude, tokens)
+    if massive_from is not None:  # a Future's capture is checked once it is there, after the forward passes
+        _check_massive_from(massive_from if isinstance(massive_from, Capture) else None, exclude, tokens)
 
     mask = token_mask & ~_excluded(model, tokens, token_mask, exclude)
     if not bool(mask.any()):
